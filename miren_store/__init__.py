@@ -1,0 +1,1 @@
+"""miren_store."""

@@ -1,0 +1,132 @@
+"""The one JSON converter for entities (store values, admin API bodies, CLI output).
+
+- datetimes: RFC 3339 in UTC with a `Z` (naive input is taken as UTC);
+- durations (`timedelta`): Go-style strings (`90s` -> "1m30s"); a number is read as seconds;
+- an entity's `revision` is never written: the store supplies it when reading.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+import attrs
+import cattrs
+from cattrs.gen import make_dict_unstructure_fn, override
+from cattrs.preconf.json import make_converter
+
+from miren_store.durations import DurationError, format_duration, parse_duration
+from miren_store.entities import KINDS
+
+T = TypeVar("T")
+
+
+def format_time(value: datetime) -> str:
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    text = value.astimezone(UTC).isoformat()
+    return text.replace("+00:00", "Z")
+
+
+def parse_time(value: Any, _: Any = None) -> datetime:
+    if isinstance(value, datetime):
+        parsed = value
+    elif isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
+        except ValueError as exc:
+            raise ValueError(f"invalid time {value!r}: expected RFC 3339") from exc
+    else:
+        raise ValueError(f"invalid time {value!r}: expected an RFC 3339 string")
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.astimezone(UTC)
+
+
+def _structure_duration(value: Any, _: Any) -> timedelta:
+    if isinstance(value, bool):
+        raise ValueError(f"invalid duration {value!r}")
+    if isinstance(value, int | float):
+        return timedelta(seconds=value)
+    if isinstance(value, str):
+        try:
+            return parse_duration(value)
+        except DurationError as exc:
+            raise ValueError(str(exc)) from exc
+    raise ValueError(f'invalid duration {value!r}: expected a string like "90s"')
+
+
+def _make() -> cattrs.Converter:
+    conv = make_converter(forbid_extra_keys=True)
+    conv.register_unstructure_hook(datetime, format_time)
+    conv.register_structure_hook(datetime, parse_time)
+    conv.register_unstructure_hook(timedelta, format_duration)
+    conv.register_structure_hook(timedelta, _structure_duration)
+    for kind in KINDS.values():
+        conv.register_unstructure_hook(
+            kind, make_dict_unstructure_fn(kind, conv, revision=override(omit=True))
+        )
+    return conv
+
+
+converter = _make()
+
+
+def to_data(value: Any) -> Any:
+    """An entity (or any attrs value) as JSON-ready data."""
+    return converter.unstructure(value)
+
+
+def from_data(cls: type[T], data: Any) -> T:
+    """Data to an instance of `cls`; raises cattrs' errors (ClassValidationError) on bad input."""
+    return converter.structure(data, cls)
+
+
+def encode(entity: Any) -> bytes:
+    """An entity as the compact JSON the store keeps."""
+    return json.dumps(converter.unstructure(entity), separators=(",", ":")).encode()
+
+
+def decode(cls: type[T], raw: bytes | str, revision: int) -> T:
+    """Stored JSON back to an entity carrying `revision`."""
+    value = converter.structure(json.loads(raw), cls)
+    return attrs.evolve(value, revision=revision)  # type: ignore[misc]
+
+
+def describe_error(exc: BaseException) -> str:
+    """A one-line, user-facing description of a structuring error (paths like `spec.command`)."""
+    if isinstance(exc, cattrs.ClassValidationError | cattrs.IterableValidationError):
+        parts: list[str] = []
+        for err, path in _flatten(exc, ""):
+            parts.append(f"{path or '(body)'}: {_short(err)}")
+        return "; ".join(parts) if parts else str(exc)
+    return _short(exc)
+
+
+def _flatten(exc: BaseException, path: str) -> list[tuple[BaseException, str]]:
+    if isinstance(exc, cattrs.BaseValidationError):
+        out: list[tuple[BaseException, str]] = []
+        for sub in exc.exceptions:
+            notes = getattr(sub, "__notes__", [])
+            note = next((n for n in notes if hasattr(n, "name") or hasattr(n, "index")), None)
+            seg = ""
+            if note is not None:
+                seg = str(getattr(note, "name", "") or getattr(note, "index", ""))
+            sub_path = f"{path}.{seg}" if path and seg else (seg or path)
+            out.extend(_flatten(sub, sub_path))
+        return out
+    if isinstance(exc, cattrs.ForbiddenExtraKeysError):
+        return [(exc, path)]
+    return [(exc, path)]
+
+
+def _short(exc: BaseException) -> str:
+    if isinstance(exc, cattrs.ForbiddenExtraKeysError):
+        return "unknown field(s) " + ", ".join(sorted(exc.extra_fields))
+    if isinstance(exc, KeyError):
+        return "required field missing"
+    if isinstance(exc, TypeError | ValueError):
+        msg = str(exc)
+        return msg.split("\n", maxsplit=1)[0] or type(exc).__name__
+    return type(exc).__name__
