@@ -8,6 +8,8 @@ from typing import Any
 import pytest
 import uvloop
 
+pytest_plugins = ["tests.etcd_fixtures"]
+
 
 def pytest_asyncio_loop_factories(
     config: pytest.Config, item: pytest.Item
