@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import socket
 import tomllib
+import typing
 from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any
 
 import attrs
 
+from miren_store.deploys import EphemeralConfig
 from miren_store.durations import DurationError, parse_duration
 
 
@@ -32,13 +34,6 @@ class ConfigError(ValueError):
 class StoreConfig:
     etcd_prefix: str = "/miren"
     timeout: timedelta = timedelta(seconds=2)
-
-
-@attrs.frozen(kw_only=True)
-class EphemeralConfig:
-    default_ttl: timedelta = timedelta(hours=24)
-    max_ttl: timedelta = timedelta(days=30)
-    max_per_app: int = 10
 
 
 @attrs.frozen(kw_only=True)
@@ -69,8 +64,6 @@ class Config:
     store: str = "embedded"  # memory | embedded | etcd://host:port[,host:port...]
     data_dir: str = "./.miren"
     admin_token: str = attrs.field(default="", repr=False)
-    cluster_hostname: str = ""
-    url_scheme: str = "https"
     node_name: str = attrs.field(factory=socket.gethostname)
     log_level: str = "info"
     store_options: StoreConfig = StoreConfig()
@@ -100,6 +93,11 @@ def _fields(cls: type[Any]) -> dict[str, attrs.Attribute[Any]]:
 
 def _convert(key: str, value: Any, typ: Any) -> Any:
     """A TOML value or an environment/flag string, as the field's type."""
+    args = [a for a in typing.get_args(typ) if a is not type(None)]
+    if len(args) == 1 and type(None) in typing.get_args(typ):  # `X | None`
+        if value is None or value == "":
+            return None
+        typ = args[0]
     try:
         if typ is timedelta:
             if isinstance(value, int | float) and not isinstance(value, bool):
@@ -140,7 +138,10 @@ def _apply(base: Config, values: Mapping[str, Any], origin: str) -> Config:
                 if k not in fields:
                     raise ConfigError(f"{origin}: unknown key {key}.{k}")
                 sub[k] = _convert(f"{key}.{k}", v, fields[k].type)
-            changes[key] = attrs.evolve(changes.get(key, getattr(base, key)), **sub)
+            try:
+                changes[key] = attrs.evolve(changes.get(key, getattr(base, key)), **sub)
+            except ValueError as exc:
+                raise ConfigError(f"{origin}: [{key}]: {exc}") from None
         elif key in top:
             changes[key] = _convert(key, value, top[key].type)
         else:
@@ -232,13 +233,10 @@ def validate(cfg: Config) -> None:
         )
     if not (cfg.store in ("memory", "embedded") or cfg.store.startswith("etcd://")):
         raise ConfigError(f"store: {cfg.store!r} is not memory, embedded or etcd://host:port")
-    if cfg.url_scheme not in ("http", "https"):
-        raise ConfigError(f"url_scheme: {cfg.url_scheme!r} is not http or https")
-    e = cfg.ephemeral
-    if e.max_ttl <= timedelta(0) or not timedelta(0) < e.default_ttl <= e.max_ttl:
-        raise ConfigError("ephemeral: need 0 < default_ttl <= max_ttl")
-    if e.max_per_app < 1:
-        raise ConfigError("ephemeral.max_per_app: must be at least 1")
+    if cfg.ephemeral.url_scheme not in ("http", "https"):
+        raise ConfigError(
+            f"ephemeral.url_scheme: {cfg.ephemeral.url_scheme!r} is not http or https"
+        )
     if cfg.gc.sweep_interval <= timedelta(0):
         raise ConfigError("gc.sweep_interval: must be greater than 0")
     if cfg.ingress.max_waiters < 1:

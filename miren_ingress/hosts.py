@@ -78,3 +78,25 @@ def wildcard_for(host: str) -> str | None:
     if parts is None or "." not in parts[1]:
         return None
     return "*." + parts[1]
+
+
+def validate_route_host(raw: str) -> str:
+    """A route's host: lowercase, exact (`app.example.com`) or `*.<base>` where base has a dot.
+
+    Returns the stored form; raises BadHost with a message naming the input.
+    """
+    if not isinstance(raw, str) or not raw:
+        raise BadHost("route host must be a non-empty string")
+    host = raw.lower()
+    if host.endswith("."):
+        host = host[:-1]
+    base = host[2:] if host.startswith("*.") else host
+    if "*" in base:
+        raise BadHost(f"route host {raw!r}: '*' is only allowed as the whole first label ('*.')")
+    if host.startswith("*.") and "." not in base:
+        raise BadHost(
+            f"route host {raw!r}: a wildcard needs a base with a dot (like *.example.com)"
+        )
+    if len(host) > MAX_HOST or not base.isascii() or not _NAME.fullmatch(base):
+        raise BadHost(f"route host {raw!r} is not a valid host name (no port, no scheme)")
+    return host

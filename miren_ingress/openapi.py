@@ -1,0 +1,355 @@
+"""The admin API's OpenAPI 3.0 document, served at `/openapi.json`.
+
+Written by hand next to the handlers it describes; `tests/admin/test_openapi.py` checks that every
+route of the aiohttp app is documented and runs a property-based client over it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_STR = {"type": "string"}
+_TIME = {"type": "string", "format": "date-time"}
+_NSTR = {"type": "string", "nullable": True}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _errors(*statuses: int) -> dict[str, Any]:
+    text = {
+        400: "malformed request (bad JSON, wrong type, unknown field)",
+        401: "missing or wrong bearer token",
+        404: "not found",
+        405: "method not allowed",
+        409: "conflict with the current state",
+        413: "request body too large",
+        422: "invalid value (label, TTL, spec, host, name)",
+        503: "the store is unavailable; nothing was changed",
+    }
+    return {str(s): _json(_ref("Error"), text[s]) for s in (401, 503, *statuses)}
+
+
+_APP = {"name": "app", "in": "path", "required": True, "schema": _STR}
+
+SCHEMAS: dict[str, Any] = {
+    "Error": {
+        "type": "object",
+        "required": ["error"],
+        "properties": {
+            "error": {
+                "type": "object",
+                "required": ["code", "message"],
+                "properties": {"code": _STR, "message": _STR},
+            }
+        },
+    },
+    "App": {
+        "type": "object",
+        "required": ["name", "active_version", "created_at"],
+        "properties": {"name": _STR, "active_version": _NSTR, "created_at": _TIME},
+    },
+    "NewApp": {
+        "type": "object",
+        "required": ["name"],
+        "additionalProperties": False,
+        "properties": {
+            "name": {"type": "string", "pattern": "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"}
+        },
+    },
+    "Route": {
+        "type": "object",
+        "required": ["host", "app", "default", "service", "request_timeout"],
+        "properties": {
+            "host": _STR,
+            "app": _STR,
+            "default": {"type": "boolean"},
+            "service": _STR,
+            "request_timeout": _NSTR,
+        },
+    },
+    "RouteBody": {
+        "type": "object",
+        "required": ["app"],
+        "additionalProperties": False,
+        "properties": {
+            "app": _STR,
+            "default": {"type": "boolean"},
+            "service": _STR,
+            "request_timeout": {"type": "string", "description": "Go duration, e.g. 60s"},
+        },
+    },
+    "Concurrency": {
+        "type": "object",
+        "properties": {
+            "requests_per_instance": {"type": "integer", "minimum": 1},
+            "max_instances": {"type": "integer", "nullable": True},
+            "min_instances": {"type": "integer", "minimum": 0},
+            "scale_down_delay": _NSTR,
+        },
+    },
+    "VersionSpec": {
+        "type": "object",
+        "required": ["runtime"],
+        "properties": {
+            "runtime": {"type": "string", "enum": ["process", "upstream"]},
+            "command": {"type": "array", "items": _STR},
+            "env": {"type": "object", "additionalProperties": _STR},
+            "cwd": _NSTR,
+            "health_path": _NSTR,
+            "boot_timeout": _STR,
+            "urls": {"type": "array", "items": _STR},
+            "concurrency": _ref("Concurrency"),
+        },
+    },
+    "Source": {
+        "type": "object",
+        "properties": {"branch": _NSTR, "commit": _NSTR, "message": _NSTR},
+    },
+    "Version": {
+        "type": "object",
+        "required": ["id", "app", "created_at", "status", "spec"],
+        "properties": {
+            "id": _STR,
+            "app": _STR,
+            "created_at": _TIME,
+            "status": {"type": "string", "enum": ["active", "ephemeral", "expired", "replaced"]},
+            "spec": _ref("VersionSpec"),
+            "source": _ref("Source"),
+            "ephemeral_label": _STR,
+            "ephemeral_ttl": _STR,
+            "expires_at": _TIME,
+        },
+    },
+    "DeployBody": {
+        "type": "object",
+        "description": "exactly one of spec or from_version; ephemeral makes a preview",
+        "properties": {
+            "spec": _ref("VersionSpec"),
+            "from_version": _STR,
+            "ephemeral": {
+                "type": "object",
+                "properties": {
+                    "label": _STR,
+                    "branch": _STR,
+                    "ttl": {"type": "string", "description": "e.g. 24h, 90m, 7d"},
+                },
+            },
+            "source": _ref("Source"),
+        },
+    },
+    "Deploy": {
+        "type": "object",
+        "required": ["version", "status", "urls"],
+        "properties": {
+            "version": _ref("Version"),
+            "status": {"type": "string", "enum": ["active", "ephemeral"]},
+            "urls": {"type": "array", "items": _STR},
+            "expires_at": _TIME,
+        },
+    },
+    "Sandbox": {
+        "type": "object",
+        "required": ["id", "version", "status"],
+        "properties": {
+            "id": _STR,
+            "version": _STR,
+            "status": {"type": "string", "enum": ["pending", "running", "stopped", "dead"]},
+            "url": _NSTR,
+            "pid": {"type": "integer", "nullable": True},
+            "started_at": {"type": "string", "format": "date-time", "nullable": True},
+            "last_activity": {"type": "string", "format": "date-time", "nullable": True},
+        },
+    },
+    "Logs": {
+        "type": "object",
+        "required": ["sandbox", "lines"],
+        "properties": {"sandbox": _STR, "lines": {"type": "array", "items": _STR}},
+    },
+}
+
+
+def _body(name: str) -> dict[str, Any]:
+    return {"required": True, "content": {"application/json": {"schema": _ref(name)}}}
+
+
+def document() -> dict[str, Any]:
+    label = {"name": "label", "in": "path", "required": True, "schema": _STR}
+    vid = {"name": "id", "in": "path", "required": True, "schema": _STR}
+    host = {"name": "host", "in": "path", "required": True, "schema": _STR}
+    paths: dict[str, Any] = {
+        "/healthz": {
+            "get": {
+                "summary": "store, watch and route-table health",
+                "responses": {
+                    "200": _json({"type": "object"}, "healthy"),
+                    "503": _json({"type": "object"}, "degraded"),
+                },
+            }
+        },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics",
+                "responses": {"200": {"description": "text exposition format"}},
+            }
+        },
+        "/v1/apps": {
+            "get": {
+                "summary": "list apps",
+                "responses": {
+                    "200": _json({"type": "array", "items": _ref("App")}, "apps"),
+                    **_errors(),
+                },
+            },
+            "post": {
+                "summary": "create an app",
+                "requestBody": _body("NewApp"),
+                "responses": {
+                    "201": _json(_ref("App"), "created"),
+                    **_errors(400, 409, 422),
+                },
+            },
+        },
+        "/v1/apps/{app}": {
+            "parameters": [_APP],
+            "get": {
+                "summary": "one app",
+                "responses": {"200": _json(_ref("App"), "the app"), **_errors(404)},
+            },
+            "delete": {
+                "summary": "delete an app with its routes, versions and pools",
+                "responses": {"204": {"description": "deleted"}, **_errors(404, 409)},
+            },
+        },
+        "/v1/routes": {
+            "get": {
+                "summary": "list routes",
+                "responses": {
+                    "200": _json({"type": "array", "items": _ref("Route")}, "routes"),
+                    **_errors(),
+                },
+            }
+        },
+        "/v1/routes/{host}": {
+            "parameters": [host],
+            "put": {
+                "summary": "create or replace the route for a host (exact or *.base)",
+                "requestBody": _body("RouteBody"),
+                "responses": {
+                    "200": _json(_ref("Route"), "replaced"),
+                    "201": _json(_ref("Route"), "created"),
+                    **_errors(400, 404, 409, 422),
+                },
+            },
+            "delete": {
+                "summary": "delete a route",
+                "responses": {"204": {"description": "deleted"}, **_errors(404)},
+            },
+        },
+        "/v1/apps/{app}/deploys": {
+            "parameters": [_APP],
+            "post": {
+                "summary": "deploy: normal (activates), rollback, or ephemeral preview",
+                "requestBody": _body("DeployBody"),
+                "responses": {
+                    "201": _json(_ref("Deploy"), "deployed"),
+                    **_errors(400, 404, 409, 422),
+                },
+            },
+        },
+        "/v1/apps/{app}/versions": {
+            "parameters": [_APP],
+            "get": {
+                "summary": "versions, newest first",
+                "parameters": [
+                    {"name": "ephemeral", "in": "query", "schema": {"type": "boolean"}},
+                    {"name": "limit", "in": "query", "schema": {"type": "integer"}},
+                ],
+                "responses": {
+                    "200": _json({"type": "array", "items": _ref("Version")}, "versions"),
+                    **_errors(400, 404),
+                },
+            },
+        },
+        "/v1/apps/{app}/versions/{id}": {
+            "parameters": [_APP, vid],
+            "get": {
+                "summary": "one version",
+                "responses": {"200": _json(_ref("Version"), "the version"), **_errors(404)},
+            },
+            "delete": {
+                "summary": "delete a version with its pools (not the active one)",
+                "responses": {"204": {"description": "deleted"}, **_errors(404, 409)},
+            },
+        },
+        "/v1/apps/{app}/ephemeral/{label}": {
+            "parameters": [_APP, label],
+            "patch": {
+                "summary": "replace a preview's TTL (expiry = now + ttl)",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["ttl"],
+                                "additionalProperties": False,
+                                "properties": {"ttl": _STR},
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "200": _json(_ref("Version"), "extended"),
+                    **_errors(400, 404, 409, 422),
+                },
+            },
+            "delete": {
+                "summary": "delete every version carrying the label",
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["deleted"],
+                            "properties": {"deleted": {"type": "array", "items": _STR}},
+                        },
+                        "deleted",
+                    ),
+                    **_errors(404, 409, 422),
+                },
+            },
+        },
+        "/v1/apps/{app}/sandboxes": {
+            "parameters": [_APP],
+            "get": {
+                "summary": "sandboxes of the app's versions",
+                "responses": {
+                    "200": _json({"type": "array", "items": _ref("Sandbox")}, "sandboxes"),
+                    **_errors(404),
+                },
+            },
+        },
+        "/v1/sandboxes/{id}/logs": {
+            "parameters": [vid],
+            "get": {
+                "summary": "the tail of a sandbox's stdout/stderr log",
+                "parameters": [{"name": "tail", "in": "query", "schema": {"type": "integer"}}],
+                "responses": {"200": _json(_ref("Logs"), "log lines"), **_errors(400, 404)},
+            },
+        },
+    }
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "Miren edge admin API", "version": "1"},
+        "components": {
+            "schemas": SCHEMAS,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+        "security": [{"bearer": []}],
+        "paths": paths,
+    }

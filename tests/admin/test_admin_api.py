@@ -1,0 +1,257 @@
+"""The admin API over a real memory store: auth, the error contract, deploy and preview flows."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from prometheus_client import CollectorRegistry
+
+from miren_ingress.admin_api import AdminContext, make_admin_app
+from miren_ingress.config import load_config
+from miren_store.entities import App
+from miren_store.memory import MemoryStore
+
+TOKEN = "t0ken-for-tests"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+SPEC = {"runtime": "upstream", "urls": ["http://127.0.0.1:9"]}
+ClientFactory = Callable[[web.Application], Awaitable[TestClient[Any, Any]]]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = datetime(2026, 6, 1, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.t
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+async def store() -> AsyncIterator[MemoryStore]:
+    s = MemoryStore()
+    yield s
+    await s.close()
+
+
+@pytest.fixture
+async def client(
+    aiohttp_client: ClientFactory, store: MemoryStore, clock: Clock
+) -> TestClient[Any, Any]:
+    cfg = load_config(env={"MIREN_ADMIN_TOKEN": TOKEN, "MIREN_EPHEMERAL_CLUSTER_HOSTNAME": ""})
+    ctx = AdminContext(store=store, config=cfg, registry=CollectorRegistry(), now=clock)
+    return await aiohttp_client(make_admin_app(ctx))
+
+
+async def call(
+    client: TestClient[Any, Any], method: str, path: str, body: Any = None, *, raw: bytes | None = None
+) -> tuple[int, Any]:
+    kwargs: dict[str, Any] = {"headers": AUTH}
+    if raw is not None:
+        kwargs["data"] = raw
+    elif body is not None:
+        kwargs["json"] = body
+    resp = await client.request(method, path, **kwargs)
+    text = await resp.text()
+    if resp.status >= 400:
+        assert resp.content_type == "application/json", text
+    import json
+
+    return resp.status, (json.loads(text) if text else None)
+
+
+async def setup_app(client: TestClient[Any, Any]) -> None:
+    assert (await call(client, "POST", "/v1/apps", {"name": "web"}))[0] == 201
+    assert (await call(client, "PUT", "/v1/routes/app.example.com", {"app": "web"}))[0] == 201
+    assert (await call(client, "PUT", "/v1/routes/*.apps.example.com", {"app": "web"}))[0] == 201
+
+
+ENDPOINTS = [
+    ("POST", "/v1/apps"),
+    ("GET", "/v1/apps"),
+    ("GET", "/v1/apps/web"),
+    ("DELETE", "/v1/apps/web"),
+    ("PUT", "/v1/routes/a.example.com"),
+    ("GET", "/v1/routes"),
+    ("DELETE", "/v1/routes/a.example.com"),
+    ("POST", "/v1/apps/web/deploys"),
+    ("GET", "/v1/apps/web/versions"),
+    ("GET", "/v1/apps/web/versions/x"),
+    ("DELETE", "/v1/apps/web/versions/x"),
+    ("PATCH", "/v1/apps/web/ephemeral/pr-1"),
+    ("DELETE", "/v1/apps/web/ephemeral/pr-1"),
+    ("GET", "/v1/apps/web/sandboxes"),
+    ("GET", "/v1/sandboxes/sb-1/logs"),
+]
+
+
+@pytest.mark.parametrize(("method", "path"), ENDPOINTS)
+@pytest.mark.parametrize("header", [None, "Bearer wrong", "Basic x", TOKEN])
+async def test_every_v1_endpoint_needs_the_token(
+    client: TestClient[Any, Any], store: MemoryStore, method: str, path: str, header: str | None
+) -> None:
+    await store.create(App(name="web"))
+    headers = {} if header is None else {"Authorization": header}
+    resp = await client.request(method, path, headers=headers, json={"name": "x"})
+    assert resp.status == 401
+    body = await resp.json()
+    assert body["error"]["code"] == "unauthorized"
+    assert TOKEN not in await resp.text()
+    assert (await store.get(App, "web")).name == "web"  # nothing happened
+
+
+async def test_healthz_and_metrics_need_no_token(client: TestClient[Any, Any]) -> None:
+    assert (await client.get("/healthz")).status == 200
+    resp = await client.get("/metrics")
+    assert resp.status == 200
+
+
+async def test_app_lifecycle(client: TestClient[Any, Any]) -> None:
+    status, app = await call(client, "POST", "/v1/apps", {"name": "web"})
+    assert status == 201 and app["name"] == "web" and app["active_version"] is None
+    assert (await call(client, "POST", "/v1/apps", {"name": "web"}))[0] == 409
+    status, apps = await call(client, "GET", "/v1/apps")
+    assert [a["name"] for a in apps] == ["web"]
+    assert (await call(client, "GET", "/v1/apps/web"))[1]["name"] == "web"
+    assert (await call(client, "DELETE", "/v1/apps/web"))[0] == 204
+    assert (await call(client, "GET", "/v1/apps/web"))[0] == 404
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "raw", "status", "code"),
+    [
+        ("POST", "/v1/apps", None, b"{not json", 400, "bad_json"),
+        ("POST", "/v1/apps", None, b"[1,2]", 400, "bad_json"),
+        ("POST", "/v1/apps", {"name": 5}, None, 400, "bad_request"),
+        ("POST", "/v1/apps", {}, None, 400, "bad_request"),
+        ("POST", "/v1/apps", {"name": "web", "x": 1}, None, 400, "bad_request"),
+        ("POST", "/v1/apps", {"name": "Not_Valid"}, None, 422, "invalid_name"),
+        ("PUT", "/v1/routes/*.com", {"app": "web"}, None, 422, "invalid_host"),
+        ("PUT", "/v1/routes/a.example.com", {"app": "nope"}, None, 404, "app_not_found"),
+        ("PUT", "/v1/routes/a.example.com", {"app": "web", "default": "yes"}, None, 400, "bad_request"),
+        ("PUT", "/v1/routes/a.example.com", {"app": "web", "request_timeout": "0s"}, None, 422, "invalid_timeout"),
+        ("POST", "/v1/apps/nope/deploys", {"spec": SPEC}, None, 404, "app_not_found"),
+        ("POST", "/v1/apps/web/deploys", {"spec": {"runtime": "process"}}, None, 422, "invalid_spec"),
+        ("POST", "/v1/apps/web/deploys", {"spec": {"runtime": 7}}, None, 422, "invalid_spec"),
+        ("POST", "/v1/apps/web/deploys", {"spec": SPEC, "ephemeral": {"label": "Feat_X"}}, None, 422, "invalid_label"),
+        ("POST", "/v1/apps/web/deploys", {"spec": SPEC, "ephemeral": {"label": "x", "ttl": "0s"}}, None, 422, "invalid_ttl"),
+        ("POST", "/v1/apps/web/deploys", {"spec": SPEC, "ephemeral": {"label": "x", "ttl": "31d"}}, None, 422, "invalid_ttl"),
+        ("POST", "/v1/apps/web/deploys", {"from_version": "ghost"}, None, 404, "version_not_found"),
+        ("POST", "/v1/apps/web/deploys", {"spec": SPEC, "from_version": "x"}, None, 422, "invalid_request"),
+        ("GET", "/v1/apps/web/versions?limit=lots", None, None, 400, "bad_request"),
+        ("GET", "/v1/apps/web/versions?ephemeral=maybe", None, None, 400, "bad_request"),
+        ("GET", "/v1/apps/nope/versions", None, None, 404, "app_not_found"),
+        ("PATCH", "/v1/apps/web/ephemeral/pr-9", {"ttl": "1h"}, None, 404, "label_not_found"),
+        ("PATCH", "/v1/apps/web/ephemeral/pr-9", {"ttl": 5}, None, 400, "bad_request"),
+        ("DELETE", "/v1/apps/web/ephemeral/pr-9", None, None, 404, "label_not_found"),
+        ("GET", "/v1/nothing-here", None, None, 404, "not_found"),
+        ("PATCH", "/v1/apps", None, None, 405, "method_not_allowed"),
+    ],
+)
+async def test_bad_input_gets_a_json_4xx(
+    client: TestClient[Any, Any],
+    method: str,
+    path: str,
+    body: Any,
+    raw: bytes | None,
+    status: int,
+    code: str,
+) -> None:
+    await call(client, "POST", "/v1/apps", {"name": "web"})
+    got, data = await call(client, method, path, body, raw=raw)
+    assert (got, data["error"]["code"]) == (status, code), data
+    assert data["error"]["message"]
+
+
+async def test_deploy_active_then_preview_then_list(client: TestClient[Any, Any], clock: Clock) -> None:
+    await setup_app(client)
+    status, active = await call(client, "POST", "/v1/apps/web/deploys", {"spec": SPEC})
+    assert status == 201 and active["status"] == "active"
+    assert sorted(active["urls"]) == ["https://app.example.com"]
+    clock.t += timedelta(seconds=1)
+    body = {"spec": SPEC, "ephemeral": {"branch": "Feature/Login", "ttl": "1h"}}
+    status, pr = await call(client, "POST", "/v1/apps/web/deploys", body)
+    assert status == 201 and pr["status"] == "ephemeral"
+    assert pr["version"]["ephemeral_label"] == "feature-login"
+    assert sorted(pr["urls"]) == [
+        "https://feature-login.app.example.com",
+        "https://feature-login.apps.example.com",
+    ]
+    assert pr["expires_at"] == "2026-06-01T01:00:01Z"
+    _, versions = await call(client, "GET", "/v1/apps/web/versions")
+    assert [v["status"] for v in versions] == ["ephemeral", "active"]
+    assert "ephemeral_label" not in versions[1]
+    _, only = await call(client, "GET", "/v1/apps/web/versions?ephemeral=true")
+    assert [v["id"] for v in only] == [pr["version"]["id"]]
+    status, one = await call(client, "GET", f"/v1/apps/web/versions/{pr['version']['id']}")
+    assert status == 200 and one["status"] == "ephemeral"
+    # delete the active version: refused
+    got, err = await call(client, "DELETE", f"/v1/apps/web/versions/{active['version']['id']}")
+    assert (got, err["error"]["code"]) == (409, "active_version")
+
+
+async def test_extend_and_delete_preview(client: TestClient[Any, Any], clock: Clock) -> None:
+    await setup_app(client)
+    body = {"spec": SPEC, "ephemeral": {"label": "pr-1", "ttl": "1h"}}
+    await call(client, "POST", "/v1/apps/web/deploys", body)
+    clock.t += timedelta(minutes=30)
+    status, v = await call(client, "PATCH", "/v1/apps/web/ephemeral/pr-1", {"ttl": "2h"})
+    assert status == 200 and v["expires_at"] == "2026-06-01T02:30:00Z" and v["ephemeral_ttl"] == "2h"
+    clock.t += timedelta(hours=3)
+    got, err = await call(client, "PATCH", "/v1/apps/web/ephemeral/pr-1", {"ttl": "2h"})
+    assert (got, err["error"]["code"]) == (404, "label_expired")
+    _, versions = await call(client, "GET", "/v1/apps/web/versions")
+    assert versions[0]["status"] == "expired"
+    status, out = await call(client, "DELETE", "/v1/apps/web/ephemeral/pr-1")
+    assert status == 200 and len(out["deleted"]) == 1
+    assert (await call(client, "GET", "/v1/apps/web/versions"))[1] == []
+
+
+async def test_only_one_default_route(client: TestClient[Any, Any]) -> None:
+    await call(client, "POST", "/v1/apps", {"name": "web"})
+    assert (await call(client, "PUT", "/v1/routes/a.example.com", {"app": "web", "default": True}))[0] == 201
+    got, err = await call(client, "PUT", "/v1/routes/b.example.com", {"app": "web", "default": True})
+    assert (got, err["error"]["code"]) == (409, "default_route_exists")
+    # re-putting the default route itself is fine (an update)
+    assert (await call(client, "PUT", "/v1/routes/a.example.com", {"app": "web", "default": True}))[0] == 200
+
+
+async def test_store_outage_is_503_store_unavailable(client: TestClient[Any, Any], store: MemoryStore) -> None:
+    await call(client, "POST", "/v1/apps", {"name": "web"})
+    store.unavailable = True
+    for method, path, body in [
+        ("GET", "/v1/apps", None),
+        ("POST", "/v1/apps", {"name": "other"}),
+        ("POST", "/v1/apps/web/deploys", {"spec": SPEC, "ephemeral": {"label": "x"}}),
+        ("GET", "/v1/apps/web/versions", None),
+    ]:
+        got, err = await call(client, method, path, body)
+        assert (got, err["error"]["code"]) == (503, "store_unavailable"), (path, err)
+
+
+async def test_sandbox_list_and_logs(
+    client: TestClient[Any, Any], store: MemoryStore, tmp_path: Any
+) -> None:
+    from miren_store.entities import Sandbox, SandboxStatus
+
+    await call(client, "POST", "/v1/apps", {"name": "web"})
+    await store.create(
+        Sandbox(id="sb-1", pool="p", app="web", version="web-1", status=SandboxStatus.RUNNING,
+                url="http://127.0.0.1:5", pid=42)
+    )
+    status, boxes = await call(client, "GET", "/v1/apps/web/sandboxes")
+    assert status == 200 and boxes[0]["id"] == "sb-1" and boxes[0]["status"] == "running"
+    assert (await call(client, "GET", "/v1/apps/nope/sandboxes"))[0] == 404
+    got, err = await call(client, "GET", "/v1/sandboxes/sb-1/logs")
+    assert (got, err["error"]["code"]) == (404, "sandbox_not_found")
+    got, err = await call(client, "GET", "/v1/sandboxes/..%2Fetc%2Fpasswd/logs")
+    assert got == 404
+    assert (await call(client, "GET", "/v1/sandboxes/sb-1/logs?tail=-1"))[0] == 400
