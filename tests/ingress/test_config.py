@@ -73,7 +73,9 @@ def test_set_flag_parses_sections() -> None:
 
 def test_shipped_configs_load() -> None:
     root = Path(__file__).resolve().parents[2] / "configs"
-    for name in ("dev.toml", "production.toml"):
-        path = root / name
-        if path.exists():
-            load_config(path, env={"MIREN_ADMIN_TOKEN": "t"})
+    dev = load_config(root / "dev.toml", env={})
+    assert dev.store == "embedded" and dev.admin_listen.startswith("127.0.0.1")
+    prod = load_config(root / "production.toml", env={"MIREN_ADMIN_TOKEN": "t"})
+    assert prod.store.count(",") == 2  # a three-endpoint etcd cluster
+    with pytest.raises(ConfigError, match="without a token"):
+        load_config(root / "production.toml", env={})
