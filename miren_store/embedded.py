@@ -542,9 +542,27 @@ class EmbeddedEtcd:
 
     # -- fault injection (tests) -------------------------------------------------------------
 
-    def freeze(self) -> None:
-        """SIGSTOP: etcd keeps its sockets but answers nothing (a hung server)."""
-        _send(self._require_proc(), signal.SIGSTOP)
+    def freeze(self, timeout: float = 5.0) -> None:
+        """SIGSTOP: etcd keeps its sockets but answers nothing (a hung server).
+
+        Returns once every thread of etcd is stopped (state `T` in /proc), so a request sent
+        right after this call can no longer be answered.
+        """
+        proc = self._require_proc()
+        _send(proc, signal.SIGSTOP)
+        deadline = time.monotonic() + timeout
+        task_dir = Path(f"/proc/{proc.pid}/task")
+        while time.monotonic() < deadline:
+            try:
+                states = [
+                    (t / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                    for t in task_dir.iterdir()
+                ]
+            except (FileNotFoundError, ProcessLookupError, IndexError):
+                return  # gone or not on Linux: nothing more to wait for
+            if all(st in ("T", "t", "Z", "X") for st in states):
+                return
+            time.sleep(0.001)
 
     def thaw(self) -> None:
         """SIGCONT: undo `freeze()`."""

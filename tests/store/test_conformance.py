@@ -171,6 +171,16 @@ async def test_commit_applies_all_ops_at_one_revision(store: Store) -> None:
     assert (await store.get(AppVersion, "v1")).revision == rev
 
 
+async def test_commit_create_with_check_on_existing_entity(store: Store) -> None:
+    app = await store.create(App(name="a"))
+    rev = await store.commit([Create(version("v1")), Check(App, "a", app.revision)])
+    assert (await store.get(AppVersion, "v1")).revision == rev
+    with pytest.raises(Conflict):
+        await store.commit([Create(version("v2")), Check(App, "a", app.revision + 1000)])
+    with pytest.raises(NotFound):
+        await store.get(AppVersion, "v2")
+
+
 @pytest.mark.parametrize("failing", ["stale-update", "exists", "check", "missing-delete"])
 async def test_commit_whose_condition_fails_changes_nothing(store: Store, failing: str) -> None:
     app = await store.create(App(name="a"))
