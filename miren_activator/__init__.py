@@ -1,1 +1,54 @@
-"""miren_activator."""
+"""miren_activator: leases on sandboxes, pools on demand, process and upstream runtimes."""
+
+from miren_activator.activator import (
+    Activator,
+    ActivatorConfig,
+    Lease,
+    PoolSnapshot,
+    SandboxInfo,
+)
+from miren_activator.clock import Clock, ManualClock, SystemClock
+from miren_activator.errors import (
+    ActivationTimeout,
+    ActivatorClosed,
+    ActivatorError,
+    BootFailed,
+    CrashBackoff,
+    IllegalTransition,
+    Overloaded,
+    PoolCreationFailed,
+    VersionRemoved,
+)
+from miren_activator.policy import CrashPolicy, PoolParams, pool_id_for
+from miren_activator.process import ProcessRuntime
+from miren_activator.runtime import PollSchedule, SandboxHandle, SandboxRuntime, SandboxSpec
+from miren_activator.upstream import UpstreamRuntime
+
+__all__ = [
+    "ActivationTimeout",
+    "Activator",
+    "ActivatorClosed",
+    "ActivatorConfig",
+    "ActivatorError",
+    "BootFailed",
+    "Clock",
+    "CrashBackoff",
+    "CrashPolicy",
+    "IllegalTransition",
+    "Lease",
+    "ManualClock",
+    "Overloaded",
+    "PollSchedule",
+    "PoolCreationFailed",
+    "PoolParams",
+    "PoolSnapshot",
+    "ProcessRuntime",
+    "SandboxHandle",
+    "SandboxInfo",
+    "SandboxRuntime",
+    "SandboxSpec",
+    "SystemClock",
+    "UpstreamRuntime",
+    "VersionRemoved",
+    "pool_id_for",
+]

@@ -1,0 +1,56 @@
+"""The sandbox lifecycle as one (state, event) -> state table.
+
+States are the store's `SandboxStatus`. A sandbox is PENDING from spawn until its health check
+passes (BOOTED -> RUNNING). It ends STOPPED when the activator asked it to stop (idle, close,
+version removed) and DEAD when it ended on its own or never booted (EXITED, BOOT_FAILED).
+Both end states absorb the events that can still arrive after them (the process exit that follows
+a stop request, a second stop), so callers never need to special-case ordering; every other pair
+is a bug and raises `IllegalTransition` naming both.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from miren_activator.errors import IllegalTransition
+from miren_store.entities import SandboxStatus
+
+
+class SandboxEvent(enum.StrEnum):
+    BOOTED = "booted"  # the health check passed
+    BOOT_FAILED = "boot_failed"  # spawn failed or boot_timeout passed
+    EXITED = "exited"  # the process ended (or the upstream went away)
+    STOP_REQUESTED = "stop_requested"  # idle scale-down, shutdown, version removed
+
+
+P, R, S, D = (
+    SandboxStatus.PENDING,
+    SandboxStatus.RUNNING,
+    SandboxStatus.STOPPED,
+    SandboxStatus.DEAD,
+)
+E = SandboxEvent
+
+TRANSITIONS: dict[tuple[SandboxStatus, SandboxEvent], SandboxStatus] = {
+    (P, E.BOOTED): R,
+    (P, E.BOOT_FAILED): D,
+    (P, E.EXITED): D,
+    (P, E.STOP_REQUESTED): S,
+    (R, E.EXITED): D,
+    (R, E.STOP_REQUESTED): S,
+    # End states absorb late events: the exit that follows a stop, a repeated stop.
+    (S, E.EXITED): S,
+    (S, E.STOP_REQUESTED): S,
+    (D, E.EXITED): D,
+    (D, E.STOP_REQUESTED): D,
+}
+
+FINAL = frozenset({S, D})
+
+
+def transition(state: SandboxStatus, event: SandboxEvent) -> SandboxStatus:
+    """The state after `event`; IllegalTransition when the table has no such pair."""
+    try:
+        return TRANSITIONS[(state, event)]
+    except KeyError:
+        raise IllegalTransition(state, event) from None

@@ -1,0 +1,185 @@
+"""Writes the activator's state changes to the store, off the request path.
+
+The activator marks an entity dirty (`put`) or gone (`delete`) on a state change; one background
+task writes the latest wish per entity, in order of marking. So:
+- no request ever waits on the store (a store outage delays the record, not the traffic);
+- a burst of changes to one entity coalesces into one write of its latest state;
+- a write that fails with StoreUnavailable is retried with back-off (0.1 s doubling to 5 s),
+  unless a newer wish for that entity replaced it meanwhile.
+
+Writes are optimistic like every store write: `put` carries a `build(current)` function that
+returns the entity to store given the stored one (None when absent), so a pool written by two
+nodes keeps the other's fields. A Conflict re-reads and rebuilds (at most 5 times). An entity
+someone else deleted is never re-created by an update (the GC owns deletions).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+
+from miren_store.errors import Conflict, NotFound, StoreError, StoreUnavailable
+from miren_store.store import Store
+
+log = logging.getLogger("miren.activator")
+
+Key = tuple[str, str]  # (kind name, id)
+Build = Callable[[Any | None], Any]
+
+_MAX_CONFLICTS = 5
+_BACKOFF_MIN = 0.1
+_BACKOFF_MAX = 5.0
+
+
+@attrs.frozen
+class _Wish:
+    kind: type[Any]
+    id: str
+    build: Build | None  # None: delete
+
+
+class StateWriter:
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._pending: dict[Key, _Wish] = {}
+        self._known: dict[Key, Any] = {}  # last stored version (with its revision)
+        self._gone: set[Key] = set()  # deleted by someone else: never re-create by update
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._busy = False
+        self._failures = 0
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return (
+            f"<StateWriter pending={len(self._pending)} known={len(self._known)} "
+            f"failures={self._failures}>"
+        )
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(), name="miren-activator-writer"
+            )
+
+    def know(self, entity: Any) -> None:
+        """Record an entity the caller wrote or read itself (so updates carry its revision)."""
+        key = (entity.KIND, entity.id)
+        self._known[key] = entity
+        self._gone.discard(key)
+
+    def put(self, kind: type[Any], id: str, build: Build) -> None:
+        self._mark(_Wish(kind, id, build))
+
+    def delete(self, kind: type[Any], id: str) -> None:
+        self._mark(_Wish(kind, id, None))
+
+    def _mark(self, wish: _Wish) -> None:
+        if self._closed:
+            return  # after close: nothing will write it
+        key = (wish.kind.KIND, wish.id)
+        self._pending.pop(key, None)  # re-insert: written after the ones marked before it
+        self._pending[key] = wish
+        self._idle.clear()
+        self._wake.set()
+
+    async def flush(self, timeout: float | None = None) -> bool:
+        """Wait until everything marked so far is written (or given up); False on timeout."""
+        if self._task is None:
+            return not self._pending  # not running: nothing will change
+        try:
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    async def close(self, timeout: float) -> None:
+        """Write what is pending for at most `timeout` seconds, then stop."""
+        if self._task is None:
+            self._closed = True
+            return
+        await self.flush(timeout)
+        self._task.cancel()
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise
+        finally:
+            self._task = None
+            self._closed = True
+
+    async def _run(self) -> None:
+        while True:
+            if not self._pending:
+                self._idle.set()
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            key = next(iter(self._pending))
+            wish = self._pending.pop(key)
+            try:
+                await self._write(key, wish)
+            except StoreUnavailable as exc:
+                if key not in self._pending:
+                    self._pending[key] = wish
+                self._failures += 1
+                delay = min(_BACKOFF_MAX, _BACKOFF_MIN * 2 ** min(self._failures - 1, 10))
+                log.warning("store unavailable writing %s %s (%s); retry in %.1fs", *key, exc, delay)
+                await asyncio.sleep(delay)
+            except StoreError as exc:
+                log.error("giving up writing %s %s: %s", key[0], key[1], exc)
+            except Exception:
+                log.exception("bug writing %s %s", key[0], key[1])
+            else:
+                self._failures = 0
+
+    async def _write(self, key: Key, wish: _Wish) -> None:
+        if wish.build is None:
+            self._known.pop(key, None)
+            with contextlib.suppress(NotFound):
+                await self._store.delete(wish.kind, wish.id)
+            return
+        if key in self._gone:
+            return
+        cur = self._known.get(key)
+        for _ in range(_MAX_CONFLICTS):
+            if cur is None:
+                try:
+                    self._known[key] = await self._store.create(wish.build(None))
+                    return
+                except Conflict:
+                    cur = await self._read(wish.kind, wish.id)
+                    continue
+            new = attrs.evolve(wish.build(cur), revision=cur.revision)
+            try:
+                self._known[key] = await self._store.update(new)
+                return
+            except Conflict:
+                cur = await self._read(wish.kind, wish.id)
+                if cur is None:
+                    self._forget(key)
+                    return
+            except NotFound:
+                self._forget(key)
+                return
+        raise Conflict(f"{key[0]} {key[1]}: still conflicting after {_MAX_CONFLICTS} attempts")
+
+    def _forget(self, key: Key) -> None:
+        self._known.pop(key, None)
+        self._gone.add(key)
+
+    async def _read(self, kind: type[Any], id: str) -> Any | None:
+        try:
+            return await self._store.get(kind, id)
+        except NotFound:
+            return None

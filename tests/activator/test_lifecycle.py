@@ -1,0 +1,48 @@
+"""The sandbox lifecycle table, tested directly: every (state, event) pair."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from miren_activator.errors import IllegalTransition
+from miren_activator.lifecycle import TRANSITIONS, SandboxEvent, transition
+from miren_store.entities import SandboxStatus as S
+
+E = SandboxEvent
+
+EXPECTED = {
+    (S.PENDING, E.BOOTED): S.RUNNING,
+    (S.PENDING, E.BOOT_FAILED): S.DEAD,
+    (S.PENDING, E.EXITED): S.DEAD,
+    (S.PENDING, E.STOP_REQUESTED): S.STOPPED,
+    (S.RUNNING, E.EXITED): S.DEAD,
+    (S.RUNNING, E.STOP_REQUESTED): S.STOPPED,
+    (S.STOPPED, E.EXITED): S.STOPPED,
+    (S.STOPPED, E.STOP_REQUESTED): S.STOPPED,
+    (S.DEAD, E.EXITED): S.DEAD,
+    (S.DEAD, E.STOP_REQUESTED): S.DEAD,
+}
+
+
+@pytest.mark.parametrize(("state", "event"), list(itertools.product(S, E)))
+def test_every_pair(state: S, event: SandboxEvent) -> None:
+    if (state, event) in EXPECTED:
+        assert transition(state, event) is EXPECTED[(state, event)]
+    else:
+        with pytest.raises(IllegalTransition) as info:
+            transition(state, event)
+        assert info.value.state is state
+        assert info.value.event is event
+        assert str(state) in str(info.value) and str(event) in str(info.value)
+
+
+def test_table_is_exactly_the_expected_one() -> None:
+    assert TRANSITIONS == EXPECTED
+
+
+def test_only_pending_boots_and_end_states_are_absorbing() -> None:
+    assert [s for s in S if (s, E.BOOTED) in TRANSITIONS] == [S.PENDING]
+    for end in (S.STOPPED, S.DEAD):
+        assert {TRANSITIONS[(end, e)] for e in E if (end, e) in TRANSITIONS} == {end}
