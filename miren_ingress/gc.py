@@ -40,7 +40,7 @@ from datetime import datetime, timedelta
 import attrs
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from miren_store.cascade import Deleted, delete_version
+from miren_store.cascade import Deleted, delete_orphan_pools, delete_version
 from miren_store.deploy_errors import ActiveVersion, StoreFailure
 from miren_store.entities import AppVersion, utcnow
 from miren_store.errors import NotFound, StoreUnavailable
@@ -223,6 +223,13 @@ class ExpiryGC:
                 self._arm(version.id, expires, t)
             per_app[version.app] += 1
         self._set_gauge(per_app)
+        try:
+            orphans = await delete_orphan_pools(self.store)
+        except StoreUnavailable as exc:
+            log.warning("expiry GC: orphan pool sweep failed, retrying next pass: %s", exc)
+            orphans = 0
+        if orphans:
+            log.info("expiry GC: deleted %d orphan pool(s)", orphans)
         if deleted or failed:
             log.info(
                 "expiry GC sweep: deleted=%d failed=%d scanned=%d", deleted, failed, len(versions)

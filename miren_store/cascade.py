@@ -119,3 +119,28 @@ async def delete_version(
         "the version is kept for a retry",
         version.id,
     )
+
+
+def orphan_pools(pools: Iterable[SandboxPool], versions: Collection[str]) -> list[SandboxPool]:
+    """Pools none of whose referenced versions exist (pure)."""
+    return [p for p in pools if not any(v in versions for v in p.referenced_by_versions)]
+
+
+async def delete_orphan_pools(store: Store) -> int:
+    """Delete pools left behind by a race (a pool created for a version being deleted).
+
+    Versions and pools are read in one snapshot, so a version and its pool created between two
+    reads are never mistaken for an orphan; each delete is revision-checked, so a pool that gained
+    a reference meanwhile is kept. Returns how many were deleted; raises StoreUnavailable.
+    """
+    snap = await store.snapshot([AppVersion, SandboxPool])
+    versions = {e.id for e in snap.entities if isinstance(e, AppVersion)}
+    pools = [e for e in snap.entities if isinstance(e, SandboxPool)]
+    deleted = 0
+    for pool in orphan_pools(pools, versions):
+        try:
+            await store.delete(SandboxPool, pool.id, revision=pool.revision)
+        except (Conflict, NotFound):
+            continue
+        deleted += 1
+    return deleted

@@ -307,3 +307,26 @@ async def test_gc_ignores_notify_for_normal_versions(store: MemoryStore, clock: 
     gc = ExpiryGC(store, now=clock)
     gc.notify(result.version)
     assert gc.armed() == {}
+
+
+async def test_sweep_deletes_orphan_pools_and_keeps_referenced_ones() -> None:
+    from miren_ingress.gc import ExpiryGC
+    from miren_store.entities import AppVersion, Runtime, SandboxPool, VersionSpec
+    from miren_store.memory import MemoryStore
+
+    spec = VersionSpec(runtime=Runtime.UPSTREAM, urls=("http://127.0.0.1:9",))
+    store = MemoryStore()
+    await store.create(AppVersion(id="v-live", app="a", spec=spec))
+    await store.create(
+        SandboxPool(id="p-live", app="a", spec=spec, referenced_by_versions=("v-live",))
+    )
+    await store.create(
+        SandboxPool(id="p-shared", app="a", spec=spec, referenced_by_versions=("v-gone", "v-live"))
+    )
+    await store.create(
+        SandboxPool(id="p-orphan", app="a", spec=spec, referenced_by_versions=("v-gone",))
+    )
+    gc = ExpiryGC(store)
+    await gc.run_once()
+    assert [p.id for p in await store.list(SandboxPool)] == ["p-live", "p-shared"]
+    await store.close()
