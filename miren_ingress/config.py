@@ -67,7 +67,7 @@ class Config:
     node_name: str = attrs.field(factory=socket.gethostname)
     log_level: str = "info"
     store_options: StoreConfig = StoreConfig()
-    ephemeral: EphemeralConfig = EphemeralConfig()
+    ephemeral: EphemeralConfig = attrs.field(factory=EphemeralConfig)
     gc: GcConfig = GcConfig()
     ingress: IngressConfig = IngressConfig()
     activator: ActivatorConfig = ActivatorConfig()

@@ -1,0 +1,108 @@
+"""Header classification for both directions.
+
+Headers are kept as raw bytes (as httptools reports them). Each header name is classified once
+per distinct spelling and the answer is cached, so the per-header cost on the hot path is one dict
+lookup and no lower-casing.
+"""
+
+from __future__ import annotations
+
+# Kinds of header. ORDINARY headers are forwarded verbatim; every other kind is handled by code.
+# Kinds above ACCEPT set request fields that the inbound connection resets lazily.
+ORDINARY = 0
+HOP = 1  # hop-by-hop: never forwarded
+HOST = 2  # forwarded; also the routing key and X-Forwarded-Host
+FORWARDED_SET = 3  # X-Forwarded-Proto / -Host: replaced by the engine's value
+ACCEPT = 4  # forwarded; also negotiates the body of an error answered by the proxy
+CONNECTION = 5  # hop-by-hop, and names more hop-by-hop headers
+CONTENT_LENGTH = 6  # framing: re-emitted by the engine
+TRANSFER_ENCODING = 7  # framing: re-emitted by the engine
+UPGRADE = 8  # hop-by-hop except on an upgrade request / 101 response
+FORWARDED_FOR = 9  # appended to
+
+
+_COMMON = {
+    b"connection": CONNECTION,
+    b"keep-alive": HOP,
+    b"proxy-connection": HOP,
+    b"te": HOP,
+    b"trailer": HOP,
+    b"trailers": HOP,
+    b"transfer-encoding": TRANSFER_ENCODING,
+    b"upgrade": UPGRADE,
+    b"proxy-authorization": HOP,
+    b"proxy-authenticate": HOP,
+    b"content-length": CONTENT_LENGTH,
+}
+_REQUEST = {
+    **_COMMON,
+    b"host": HOST,
+    b"x-forwarded-for": FORWARDED_FOR,
+    b"x-forwarded-proto": FORWARDED_SET,
+    b"x-forwarded-host": FORWARDED_SET,
+    b"accept": ACCEPT,
+}
+_RESPONSE = dict(_COMMON)
+
+_CACHE_LIMIT = 4096  # distinct spellings remembered; beyond it names are classified uncached
+
+
+class NameTable:
+    """Raw header name -> kind, memoized per spelling (bounded)."""
+
+    __slots__ = ("_table", "cache")
+
+    def __init__(self, table: dict[bytes, int]) -> None:
+        self._table = table
+        self.cache: dict[bytes, int] = {}
+
+    def kind(self, name: bytes) -> int:
+        kind = self.cache.get(name)
+        if kind is None:
+            kind = self._table.get(name.lower(), ORDINARY)
+            if len(self.cache) < _CACHE_LIMIT:
+                self.cache[name] = kind
+        return kind
+
+
+REQUEST_NAMES = NameTable(_REQUEST)
+RESPONSE_NAMES = NameTable(_RESPONSE)
+
+# Connection tokens that name nothing beyond what is dropped anyway.
+_PLAIN_CONNECTION_TOKENS = frozenset((b"close", b"keep-alive", b"upgrade", b""))
+
+
+_connection_cache: dict[bytes, tuple[frozenset[bytes], bool]] = {}
+
+
+def connection_tokens(value: bytes) -> tuple[frozenset[bytes], bool]:
+    """Parse a Connection value: (extra lowercased header names to drop, has 'upgrade').
+    Memoized: clients and servers send the same few values over and over."""
+    parsed = _connection_cache.get(value)
+    if parsed is None:
+        parsed = _parse_connection(value)
+        if len(_connection_cache) < _CACHE_LIMIT:
+            _connection_cache[value] = parsed
+    return parsed
+
+
+def _parse_connection(value: bytes) -> tuple[frozenset[bytes], bool]:
+    extra: set[bytes] = set()
+    upgrade = False
+    for raw in value.split(b","):
+        token = raw.strip().lower()
+        if token == b"upgrade":
+            upgrade = True
+        elif token not in _PLAIN_CONNECTION_TOKENS:
+            extra.add(token)
+    return frozenset(extra), upgrade
+
+
+def drop_named(lines: list[bytes], names: frozenset[bytes]) -> list[bytes]:
+    """Remove rendered header lines (`Name: value\\r\\n`) whose name is in `names` (lowercase)."""
+    return [line for line in lines if line.split(b":", 1)[0].lower() not in names]
+
+
+def is_chunked_only(value: bytes) -> bool:
+    """Transfer-Encoding accepted from clients: exactly one coding, `chunked`."""
+    return value.strip().lower() == b"chunked"

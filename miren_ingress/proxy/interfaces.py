@@ -1,0 +1,73 @@
+"""The narrow interface between the proxy engine and the routing / lease layer.
+
+The engine never reads the store or the activator directly: it asks a `Router`, which answers from
+memory (`resolve`, `cached_lease`) or, on a lease-cache miss only, awaits (`acquire`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from typing import Protocol, runtime_checkable
+
+import attrs
+
+
+@attrs.frozen(slots=True, cache_hash=True)
+class Target:
+    """Where a request goes. Built once per route/version by the router and cached by it: the
+    engine receives the same object for every request to that version (never one per request)."""
+
+    app: str  # app name: the `app` metric label (bounded by the number of apps)
+    version: str  # version id: the scope of leases
+    service: str = "web"
+    ephemeral: bool = False  # responses get `X-Robots-Tag` (value from ProxyConfig.robots_tag)
+    request_timeout: float = 60.0  # idle timeout on the upstream connection, seconds
+
+
+@attrs.frozen(slots=True)
+class Refusal:
+    """A routing answer that is an error. `message` is public: it must carry no internal ids."""
+
+    status: int  # 400 bad Host, 404 no route/version/label, 410 expired label, 503 not loaded
+    message: str
+    retry_after: int | None = None  # seconds; sent as Retry-After (with 503)
+
+
+@attrs.define(slots=True, eq=False)
+class Lease:
+    """A reservation of capacity on one sandbox. Identity equality: two leases on one sandbox
+    are two reservations. `token` is the router's own bookkeeping (opaque to the engine)."""
+
+    host: str
+    port: int
+    key: Hashable  # identifies the sandbox
+    token: object = None
+
+
+@runtime_checkable
+class Router(Protocol):
+    """What the engine needs from routing and the lease cache.
+
+    Contract:
+    - `resolve` is pure, synchronous and in memory. It gets the raw `Host` header value (bytes;
+      b"" when absent) and normalizes it itself (port, one trailing dot, case). It returns a
+      Target or a Refusal and never raises.
+    - `cached_lease` is synchronous: a cache hit counts one use on the lease and returns it; a
+      miss returns None and the engine calls `acquire`.
+    - `acquire` may await (cold start) and raises the typed errors of `errors.py`
+      (BootFailed, ActivationTimeout, Overloaded, NotReady). It must be cancellation-safe: the
+      engine cancels it when the client goes away.
+    - Every lease the engine obtained is handed back exactly once: `release` when the request
+      finished (whatever its outcome), or `discard` instead when connecting to its address was
+      refused (drop it from the cache; the engine then calls `acquire` once more).
+    """
+
+    def resolve(self, host: bytes | str) -> Target | Refusal: ...
+
+    def cached_lease(self, target: Target) -> Lease | None: ...
+
+    async def acquire(self, target: Target) -> Lease: ...
+
+    def release(self, lease: Lease) -> None: ...
+
+    def discard(self, lease: Lease) -> None: ...

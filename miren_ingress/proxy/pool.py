@@ -1,0 +1,72 @@
+"""Keep-alive pools of upstream connections, one per upstream address.
+
+Invariants:
+- a connection is in `idle` only while no exchange uses it, its last response was read to the
+  end, the upstream did not ask to close, and its transport is open;
+- `idle` is a LIFO stack (hot connections are reused first, surplus ones idle out), at most
+  `max_idle` long; a connection returned to a full pool is closed;
+- `take()` never awaits: it pops an idle connection or returns None, and only then does the
+  caller `await connect()` (off the hit path).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import TYPE_CHECKING
+
+from .upstream import UpstreamConnection
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+
+class UpstreamPool:
+    __slots__ = ("_engine", "closed", "host", "idle", "open", "port")
+
+    def __init__(self, engine: Engine, host: str, port: int) -> None:
+        self._engine = engine
+        self.host = host
+        self.port = port
+        self.idle: list[UpstreamConnection] = []
+        self.open = 0  # connections of this pool with an open transport (idle or busy)
+        self.closed = False
+
+    def __repr__(self) -> str:
+        return f"<UpstreamPool {self.host}:{self.port} open={self.open} idle={len(self.idle)}>"
+
+    def take(self) -> UpstreamConnection | None:
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
+            if not conn.lost and not conn.transport.is_closing():
+                return conn
+        return None
+
+    async def connect(self) -> UpstreamConnection:
+        """Open a new connection (raises OSError / TimeoutError on failure)."""
+        engine = self._engine
+        async with asyncio.timeout(engine.config.connect_timeout):
+            _, conn = await engine.loop.create_connection(
+                lambda: UpstreamConnection(self, engine), self.host, self.port
+            )
+        return conn
+
+    def put(self, conn: UpstreamConnection) -> None:
+        """Return a connection whose exchange finished cleanly."""
+        if self.closed or len(self.idle) >= self._engine.config.pool_max_idle:
+            conn.close()
+        else:
+            conn.park()
+            self.idle.append(conn)
+
+    def forget(self, conn: UpstreamConnection) -> None:
+        """A connection was lost; drop it from the idle stack if it is there."""
+        with contextlib.suppress(ValueError):
+            self.idle.remove(conn)
+
+    def close(self) -> None:
+        self.closed = True
+        idle, self.idle = self.idle, []
+        for conn in idle:
+            conn.close()

@@ -1,0 +1,257 @@
+"""`miren serve`: wires the store, route table, activator, proxy, GC and admin API together.
+
+Start-up order: store (starting the embedded etcd first when it is the store) -> route table sync
+-> activator -> proxy listener -> GC -> admin listener; "ready" is logged when all listen.
+Shutdown (SIGTERM / SIGINT) runs in reverse under a deadline: stop accepting on the proxy and let
+in-flight requests finish up to the grace, stop the admin listener, the GC and the table sync,
+stop every sandbox (SIGTERM, then SIGKILL), close the store, stop the embedded etcd. Every child
+process is also tied to this process's life (PR_SET_PDEATHSIG), so none outlives a SIGKILL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc as pygc
+import logging
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import uvloop
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter
+
+from miren_activator.activator import Activator, ActivatorConfig
+from miren_ingress.admin_api import AdminContext, make_admin_app
+from miren_ingress.config import Config, split_hostport
+from miren_ingress.gc import ExpiryGC
+from miren_ingress.proxy.config import ProxyConfig
+from miren_ingress.proxy.server import ProxyServer
+from miren_ingress.router import EdgeRouter
+from miren_ingress.routes import RouteTable
+from miren_ingress.table_sync import TableSync
+from miren_store.embedded import EmbeddedEtcd
+from miren_store.entities import AppVersion
+from miren_store.memory import MemoryStore
+from miren_store.store import Change, Store, StoreStats
+
+log = logging.getLogger("miren")
+
+
+@contextlib.asynccontextmanager
+async def open_configured_store(
+    config: Config, stats: StoreStats
+) -> AsyncIterator[tuple[Store, EmbeddedEtcd | None]]:
+    """The configured store; for `embedded`, a private etcd under `<data_dir>/etcd`."""
+    etcd: EmbeddedEtcd | None = None
+    timeout = config.store_options.timeout.total_seconds()
+    prefix = config.store_options.etcd_prefix
+    if config.store == "memory":
+        store: Store = MemoryStore()
+        store.stats = stats
+    else:
+        from miren_store.backends import open_store
+
+        url = config.store
+        if config.store == "embedded":
+            etcd = EmbeddedEtcd(Path(config.data_dir) / "etcd")
+            await etcd.start()
+            url = etcd.url
+        store = open_store(url, timeout=timeout, prefix=prefix, stats=stats)
+    try:
+        yield store, etcd
+    finally:
+        await store.close()
+        if etcd is not None:
+            await etcd.stop()
+
+
+class Edge:
+    """The running pieces of one `miren serve` process (handy for in-process tests)."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.registry = CollectorRegistry(auto_describe=True)
+        ops = Counter(
+            "miren_store_operations_total",
+            "Store calls by operation and result",
+            ["op", "result"],
+            registry=self.registry,
+        )
+        self.stats = StoreStats(observer=lambda op, result: ops.labels(op, result).inc())
+        self.table = RouteTable()
+        self.proxy_address: tuple[str, int] | None = None
+        self.admin_address: tuple[str, int] | None = None
+        self.started_at = time.monotonic()
+        self.ready_after: float | None = None
+        self._stop = asyncio.Event()
+        self._sync: TableSync | None = None
+        self.store: Store | None = None
+        self._removals: set[asyncio.Task[None]] = set()
+
+    def health(self) -> dict[str, Any]:
+        store_ok = self.store is not None and self.store.healthy
+        sync = self._sync
+        watch_ok = sync is not None and sync.watch_ok
+        ok = store_ok and watch_ok and self.table.loaded
+        report: dict[str, Any] = {
+            "status": "ok" if ok else "degraded",
+            "store": {"ok": store_ok, "backend": self.config.store.split("://")[0]},
+            "watch": {
+                "ok": watch_ok,
+                "revision": self.table.revision,
+                "error": sync.last_error if sync is not None else "",
+            },
+            "routes": {
+                "loaded": self.table.loaded,
+                "routes": len(self.table.routes),
+                "apps": len(self.table.apps),
+                "versions": len(self.table.versions),
+            },
+        }
+        return report
+
+    def proxy_health(self) -> tuple[int, dict[str, Any]]:
+        report = self.health()
+        # The data path keeps serving from its table during a store outage: only an unloaded
+        # table makes the proxy itself unhealthy.
+        return (200 if self.table.loaded else 503), report
+
+    def _forget_removed(self, activator: Activator, change: Change | None) -> None:
+        """Stop the sandboxes of versions that left the store (deleted, expired and collected)."""
+        if change is None:  # the table was re-listed: drop every pool whose version is gone
+            gone = {v for v, _ in activator.pools() if v not in self.table.versions}
+        elif change.kind is AppVersion and change.deleted:
+            gone = {change.id}
+        else:
+            return
+        for version_id in gone:
+            task = asyncio.create_task(activator.remove_version(version_id))
+            self._removals.add(task)
+            task.add_done_callback(self._removals.discard)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def run(self, on_ready: Callable[[Edge], None] | None = None) -> None:
+        cfg = self.config
+        await asyncio.to_thread(Path(cfg.data_dir).mkdir, parents=True, exist_ok=True)
+        async with open_configured_store(cfg, self.stats) as (store, _etcd):
+            self.store = store
+            activator = Activator(
+                store,
+                config=ActivatorConfig(
+                    node=cfg.node_name,
+                    log_dir=cfg.log_dir,
+                    max_waiters=cfg.ingress.max_waiters,
+                    stop_grace=cfg.activator.stop_grace.total_seconds(),
+                ),
+                registry=self.registry,
+            )
+            await activator.start()
+            sync = self._sync = TableSync(
+                store, self.table, on_change=lambda change: self._forget_removed(activator, change)
+            )
+            sync.start()
+            router = EdgeRouter(
+                self.table, activator, request_timeout=cfg.ingress.request_timeout.total_seconds()
+            )
+            proxy = ProxyServer(
+                router,
+                config=ProxyConfig(
+                    header_timeout=cfg.ingress.header_timeout.total_seconds(),
+                    keepalive_timeout=cfg.ingress.keepalive_timeout.total_seconds(),
+                    robots_tag=cfg.ingress.robots_tag,
+                ),
+                registry=self.registry,
+                health=self.proxy_health,
+            )
+            gc = ExpiryGC(
+                store,
+                sweep_interval=cfg.gc.sweep_interval.total_seconds(),
+                registry=self.registry,
+            )
+            runner: web.AppRunner | None = None
+            try:
+                host, port = split_hostport(cfg.listen, "listen")
+                self.proxy_address = await proxy.start(host, port)
+                gc.start()
+                ctx = AdminContext(
+                    store=store,
+                    config=cfg,
+                    registry=self.registry,
+                    health=self.health,
+                    now=lambda: datetime.now(UTC),
+                    extra={"gc": gc, "activator": activator},
+                )
+                runner = web.AppRunner(make_admin_app(ctx), access_log=None)
+                await runner.setup()
+                host, port = split_hostport(cfg.admin_listen, "admin_listen")
+                site = web.TCPSite(runner, host, port, reuse_address=True)
+                await site.start()
+                self.admin_address = _bound_address(runner, (host, port))
+                await sync.wait_loaded(cfg.store_options.timeout.total_seconds() * 5)
+                self.ready_after = time.monotonic() - self.started_at
+                pygc.collect()
+                pygc.freeze()  # start-up objects never need scanning again
+                log.info(
+                    "miren serve ready in %.2fs: proxy on %s:%d, admin API on %s:%d, store %s",
+                    self.ready_after,
+                    *self.proxy_address,
+                    *self.admin_address,
+                    cfg.store,
+                )
+                if on_ready is not None:
+                    on_ready(self)
+                await self._stop.wait()
+                log.info("shutting down")
+            finally:
+                grace = cfg.ingress.shutdown_grace.total_seconds()
+                await proxy.close(grace)
+                if runner is not None:
+                    await runner.cleanup()
+                await gc.stop()
+                await sync.stop()
+                if self._removals:
+                    await asyncio.wait(list(self._removals))
+                await activator.close()
+                log.info("stopped")
+
+
+def _bound_address(runner: web.AppRunner, fallback: tuple[str, int]) -> tuple[str, int]:
+    """The admin listener's real address (port 0 picks a free one)."""
+    for addr in runner.addresses:
+        if isinstance(addr, tuple):
+            return str(addr[0]), int(addr[1])
+    return fallback
+
+
+def run(config: Config) -> int:
+    """Run until SIGTERM / SIGINT; returns the process exit status."""
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    edge = Edge(config)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, edge.request_stop)
+        await edge.run()
+
+    try:
+        uvloop.run(main())
+    except OSError as exc:
+        log.error("miren serve: %s", exc)
+        return 1
+    except Exception as exc:
+        log.error("miren serve failed: %s", exc, exc_info=config.log_level == "debug")
+        return 1
+    return 0
