@@ -41,6 +41,7 @@ from miren_store.codec import format_time, to_data
 from miren_store.deploy_errors import (
     DeployError,
     InvalidInput,
+    MalformedRequest,
     Missing,
     StateConflict,
     StoreFailure,
@@ -122,6 +123,7 @@ def translate(exc: BaseException) -> ApiError | None:
 
 # The deploy domain groups its errors by how the caller reacts; each group has one status.
 _DEPLOY_STATUS: tuple[tuple[type[DeployError], int], ...] = (
+    (MalformedRequest, 400),
     (InvalidInput, 422),
     (Missing, 404),
     (StateConflict, 409),

@@ -204,6 +204,7 @@ def cmd_route(args: argparse.Namespace, c: Client) -> None:
 
 
 def cmd_deploy(args: argparse.Namespace, c: Client) -> None:
+    from miren_store.deploy_errors import InvalidLabel
     from miren_store.labels import normalize_branch
 
     body: dict[str, Any] = {}
@@ -233,8 +234,8 @@ def cmd_deploy(args: argparse.Namespace, c: Client) -> None:
     if args.ephemeral is not None:
         try:
             label = normalize_branch(args.ephemeral)
-        except ValueError as exc:
-            raise CliError(f"invalid ephemeral label: {exc}") from None
+        except InvalidLabel as exc:
+            raise CliError(str(exc)) from None
         body["ephemeral"] = {"label": label, "ttl": args.ttl}
     answer = c.call("POST", f"/v1/apps/{q(args.app)}/deploys", body)
     print_deploy(answer, args.format)

@@ -39,6 +39,7 @@ class StoreConfig:
 @attrs.frozen(kw_only=True)
 class GcConfig:
     sweep_interval: timedelta = timedelta(seconds=60)
+    expiry_grace: timedelta = timedelta(seconds=1)  # 410 "expired" this long, then collected
 
 
 @attrs.frozen(kw_only=True)
@@ -231,7 +232,14 @@ def validate(cfg: Config) -> None:
             f"admin_listen: refusing to open the admin API on non-loopback {cfg.admin_listen} "
             "without a token: set MIREN_ADMIN_TOKEN (or admin_token in the config)"
         )
-    if not (cfg.store in ("memory", "embedded") or cfg.store.startswith("etcd://")):
+    if cfg.store.startswith("etcd://"):
+        from miren_store.backends import parse_endpoints, parse_etcd_url
+
+        try:
+            parse_endpoints(parse_etcd_url(cfg.store)[0])
+        except ValueError as exc:
+            raise ConfigError(f"store: {exc}") from None
+    elif cfg.store not in ("memory", "embedded"):
         raise ConfigError(f"store: {cfg.store!r} is not memory, embedded or etcd://host:port")
     if cfg.ephemeral.url_scheme not in ("http", "https"):
         raise ConfigError(
@@ -239,6 +247,8 @@ def validate(cfg: Config) -> None:
         )
     if cfg.gc.sweep_interval <= timedelta(0):
         raise ConfigError("gc.sweep_interval: must be greater than 0")
+    if not timedelta(0) <= cfg.gc.expiry_grace <= timedelta(seconds=60):
+        raise ConfigError("gc.expiry_grace: must be between 0s and 60s")
     if cfg.ingress.max_waiters < 1:
         raise ConfigError("ingress.max_waiters: must be at least 1")
     if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):

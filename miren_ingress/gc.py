@@ -95,6 +95,7 @@ class ExpiryGC:
         horizon: float | None = None,
         retry_delay: float = 5.0,
         max_armed: int = 10_000,
+        grace: float = 1.0,
         registry: CollectorRegistry | None = None,
     ) -> None:
         if sweep_interval <= 0 or retry_delay <= 0 or max_armed < 1:
@@ -105,6 +106,9 @@ class ExpiryGC:
         self.horizon = timedelta(seconds=horizon if horizon is not None else 2 * sweep_interval)
         self.retry_delay = timedelta(seconds=retry_delay)
         self.max_armed = max_armed
+        # Collect a preview this long after its expiry: routing stops at the expiry instant
+        # (410, "expired"), and for this moment a client still learns why before it is gone (404).
+        self.grace = timedelta(seconds=grace)
         self.metrics = GCMetrics(registry) if registry is not None else None
         self.deleted_total = 0
         self.failed_total = 0
@@ -152,7 +156,7 @@ class ExpiryGC:
         if (
             version.is_ephemeral
             and expires is not None
-            and self._arm(version.id, expires, self._now())
+            and self._arm(version.id, expires + self.grace, self._now())
         ):
             self._wake.set()
 
@@ -211,7 +215,7 @@ class ExpiryGC:
             expires = version.ephemeral_expires_at
             if not version.is_ephemeral or expires is None:
                 continue  # never touch a normal version, whatever the index says
-            if version.expired(t):
+            if version.expired(t - self.grace):
                 outcome = await self._delete(version)
                 if outcome is Deleted.DELETED:
                     deleted += 1
@@ -220,7 +224,7 @@ class ExpiryGC:
                 if outcome is None:
                     failed += 1
             else:
-                self._arm(version.id, expires, t)
+                self._arm(version.id, expires + self.grace, t)
             per_app[version.app] += 1
         self._set_gauge(per_app)
         try:
@@ -259,8 +263,8 @@ class ExpiryGC:
             expires = version.ephemeral_expires_at
             if not version.is_ephemeral or expires is None:
                 continue
-            if not version.expired(self._now()):
-                self._arm(vid, expires, t)  # extended meanwhile
+            if not version.expired(self._now() - self.grace):
+                self._arm(vid, expires + self.grace, t)  # extended meanwhile
                 continue
             outcome = await self._delete(version)
             if outcome is Deleted.DELETED:

@@ -185,6 +185,7 @@ def document() -> dict[str, Any]:
     paths: dict[str, Any] = {
         "/healthz": {
             "get": {
+                "security": [],
                 "summary": "store, watch and route-table health",
                 "responses": {
                     "200": _json({"type": "object"}, "healthy"),
@@ -194,6 +195,7 @@ def document() -> dict[str, Any]:
         },
         "/metrics": {
             "get": {
+                "security": [],
                 "summary": "Prometheus metrics",
                 "responses": {"200": {"description": "text exposition format"}},
             }

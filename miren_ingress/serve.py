@@ -174,6 +174,7 @@ class Edge:
             gc = ExpiryGC(
                 store,
                 sweep_interval=cfg.gc.sweep_interval.total_seconds(),
+                grace=cfg.gc.expiry_grace.total_seconds(),
                 registry=self.registry,
             )
             runner: web.AppRunner | None = None
@@ -195,7 +196,12 @@ class Edge:
                 site = web.TCPSite(runner, host, port, reuse_address=True)
                 await site.start()
                 self.admin_address = _bound_address(runner, (host, port))
-                await sync.wait_loaded(cfg.store_options.timeout.total_seconds() * 5)
+                if not await sync.wait_loaded(cfg.store_options.timeout.total_seconds() * 5):
+                    log.warning(
+                        "the store is not reachable yet (%s): the proxy answers 503 until the "
+                        "route table loads",
+                        sync.last_error or "no answer",
+                    )
                 self.ready_after = time.monotonic() - self.started_at
                 pygc.collect()
                 pygc.freeze()  # start-up objects never need scanning again

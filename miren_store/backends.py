@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from miren_store.store import Store, StoreStats
@@ -87,3 +88,19 @@ async def open_embedded(
     except BaseException:
         await etcd.stop()
         raise
+
+
+def parse_endpoints(endpoints: str | Sequence[str]) -> tuple[tuple[str, int], ...]:
+    """`"h1:2379,h2:2379"` or `["h1:2379", ...]` -> ((host, port), ...).
+
+    Raises ValueError naming the bad endpoint."""
+    items = endpoints.split(",") if isinstance(endpoints, str) else list(endpoints)
+    out: list[tuple[str, int]] = []
+    for item in (i.strip() for i in items):
+        host, sep, port = item.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"invalid etcd endpoint {item!r}: expected host:port")
+        out.append((host, int(port)))
+    if not out:
+        raise ValueError("no etcd endpoint given")
+    return tuple(out)

@@ -7,7 +7,9 @@
 
 from __future__ import annotations
 
+import enum
 import json
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
@@ -17,7 +19,7 @@ from cattrs.gen import make_dict_unstructure_fn, override
 from cattrs.preconf.json import make_converter
 
 from miren_store.durations import DurationError, format_duration, parse_duration
-from miren_store.entities import KINDS
+from miren_store.entities import KINDS, Runtime, SandboxStatus
 
 T = TypeVar("T")
 
@@ -57,8 +59,78 @@ def _structure_duration(value: Any, _: Any) -> timedelta:
     raise ValueError(f'invalid duration {value!r}: expected a string like "90s"')
 
 
+def _strict(typ: type[Any], name: str) -> Any:
+    """A structure hook that accepts only JSON values of `typ` (no coercion: 5 is not "5")."""
+
+    def hook(value: Any, _: Any) -> Any:
+        if isinstance(value, typ) and not (typ is not bool and isinstance(value, bool)):
+            return value
+        raise TypeError(f"expected {name}, got {_json_type(value)}")
+
+    return hook
+
+
+def _strict_float(value: Any, _: Any) -> float:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    raise TypeError(f"expected a number, got {_json_type(value)}")
+
+
+def _str_tuple(value: Any, _: Any) -> tuple[str, ...]:
+    if not isinstance(value, list | tuple):
+        raise TypeError(f"expected an array of strings, got {_json_type(value)}")
+    for item in value:
+        if not isinstance(item, str):
+            raise TypeError(f"expected an array of strings, got an item that is {_json_type(item)}")
+    return tuple(value)
+
+
+def _str_map(value: Any, _: Any) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise TypeError(f"expected an object of strings, got {_json_type(value)}")
+    for key, item in value.items():
+        if not isinstance(item, str):
+            raise TypeError(f"expected string values, got {_json_type(item)} for {key!r}")
+    return dict(value)
+
+
+def _enum(value: Any, cls: type[enum.Enum]) -> enum.Enum:
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {_json_type(value)}")
+    try:
+        return cls(value)
+    except ValueError:
+        allowed = ", ".join(str(m.value) for m in cls)
+        raise ValueError(f"{value!r} is not one of: {allowed}") from None
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list | tuple):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
 def _make() -> cattrs.Converter:
     conv = make_converter(forbid_extra_keys=True)
+    conv.register_structure_hook(str, _strict(str, "a string"))
+    conv.register_structure_hook(int, _strict(int, "an integer"))
+    conv.register_structure_hook(bool, _strict(bool, "true or false"))
+    conv.register_structure_hook(float, _strict_float)
+    # A StrEnum is also a str: without its own hook the strict str hook would return a plain str.
+    for enum_cls in (Runtime, SandboxStatus):
+        conv.register_structure_hook(enum_cls, _enum)
+    conv.register_structure_hook_func(lambda t: t == tuple[str, ...], _str_tuple)
+    conv.register_structure_hook_func(lambda t: t == Mapping[str, str], _str_map)
     conv.register_unstructure_hook(datetime, format_time)
     conv.register_structure_hook(datetime, parse_time)
     conv.register_unstructure_hook(timedelta, format_duration)
@@ -121,7 +193,22 @@ def _flatten(exc: BaseException, path: str) -> list[tuple[BaseException, str]]:
     return [(exc, path)]
 
 
+def is_shape_error(exc: BaseException) -> bool:
+    """True when a structuring error is about the request's shape (a wrong JSON type, a missing or
+    unknown field: answered 400), False when every failure is an invalid value (422)."""
+    leaves = (
+        [e for e, _ in _flatten(exc, "")] if isinstance(exc, cattrs.BaseValidationError) else [exc]
+    )
+    return any(not _is_value_error(e) for e in leaves)
+
+
+def _is_value_error(exc: BaseException) -> bool:
+    return isinstance(exc, ValueError) and not isinstance(exc, cattrs.ForbiddenExtraKeysError)
+
+
 def _short(exc: BaseException) -> str:
+    if isinstance(exc, AttributeError):
+        return "expected an object"
     if isinstance(exc, cattrs.ForbiddenExtraKeysError):
         return "unknown field(s) " + ", ".join(sorted(exc.extra_fields))
     if isinstance(exc, KeyError):

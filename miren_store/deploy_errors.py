@@ -33,6 +33,12 @@ class InvalidInput(DeployError):
     code = "invalid_request"
 
 
+class MalformedRequest(InvalidInput):
+    """The request's shape is wrong: a wrong JSON type, a missing or unknown field (400)."""
+
+    code = "bad_request"
+
+
 class InvalidLabel(InvalidInput):
     code = "invalid_label"
 

@@ -62,13 +62,14 @@ import cattrs
 
 from miren_store.access import access_urls
 from miren_store.cascade import Deleted, delete_version, plan_pool_ops, pools_of
-from miren_store.codec import describe_error, format_time, from_data, to_data
+from miren_store.codec import describe_error, format_time, from_data, is_shape_error, to_data
 from miren_store.deploy_errors import (
     AppNotFound,
     InvalidInput,
     InvalidSpec,
     LabelExpired,
     LabelNotFound,
+    MalformedRequest,
     StoreFailure,
     TooManyConflicts,
     VersionAppMismatch,
@@ -147,7 +148,11 @@ class DeployRequest:
             return from_data(cls, data)
         except (cattrs.BaseValidationError, ValueError, TypeError) as exc:
             text = describe_error(exc)
-            err = InvalidSpec if text.startswith("spec") else InvalidInput
+            err: type[InvalidInput]
+            if is_shape_error(exc):
+                err = MalformedRequest
+            else:
+                err = InvalidSpec if text.startswith("spec") else InvalidInput
             raise err(f"invalid deploy request: {text}") from None
 
 

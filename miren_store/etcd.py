@@ -64,6 +64,7 @@ import aetcd
 import attrs
 from aetcd import rpc
 
+from miren_store.backends import parse_endpoints
 from miren_store.codec import decode, encode
 from miren_store.entities import (
     KINDS,
@@ -378,22 +379,6 @@ def _translate(exc: BaseException) -> StoreError:
     if isinstance(exc, aetcd.exceptions.ClientError | OSError):
         return StoreUnavailable(f"etcd client error: {exc}")
     return StoreError(f"unexpected etcd client failure: {exc!r}")
-
-
-def parse_endpoints(endpoints: str | Sequence[str]) -> tuple[tuple[str, int], ...]:
-    """`"h1:2379,h2:2379"` or `["h1:2379", ...]` -> ((host, port), ...).
-
-    Raises ValueError naming the bad endpoint."""
-    items = endpoints.split(",") if isinstance(endpoints, str) else list(endpoints)
-    out: list[tuple[str, int]] = []
-    for item in (i.strip() for i in items):
-        host, sep, port = item.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"invalid etcd endpoint {item!r}: expected host:port")
-        out.append((host, int(port)))
-    if not out:
-        raise ValueError("no etcd endpoint given")
-    return tuple(out)
 
 
 # -- gRPC message builders --------------------------------------------------------------------

@@ -61,7 +61,7 @@ async def test_case67_expired_preview_and_its_pool_go_everything_else_stays(
     await add_pool(store, "p-valid", valid.id)
     await add_pool(store, "p-shared", expired.id, active.id)
     clock.advance(minutes=5)
-    gc = ExpiryGC(store, now=clock)
+    gc = ExpiryGC(store, now=clock, grace=0)
     assert await gc.run_once() == GCResult(deleted=1, failed=0, scanned=2)
     assert not await exists(store, expired.id)
     for vid in (active.id, old_normal.id, valid.id):
@@ -77,7 +77,7 @@ async def test_non_ephemeral_versions_are_never_touched(
     await setup_app(store)
     versions = [(await deploy(store, "app", normal(), now=clock)).version for _ in range(3)]
     clock.advance(days=400)
-    gc = ExpiryGC(store, now=clock)
+    gc = ExpiryGC(store, now=clock, grace=0)
     assert await gc.run_once() == GCResult(scanned=0)
     assert [v.id for v in await store.list(AppVersion)] == sorted(v.id for v in versions)
 
@@ -97,7 +97,7 @@ async def test_an_active_ephemeral_version_is_not_deleted(
         )
     )
     clock.advance(minutes=2)
-    gc = ExpiryGC(store, now=clock)
+    gc = ExpiryGC(store, now=clock, grace=0)
     assert (await gc.run_once()).failed == 1
     assert await exists(store, preview.id)
 
@@ -111,7 +111,7 @@ async def test_r9_gc_deletes_only_the_clone_of_the_active_version(
         await deploy(store, "app", eph("feat-x", ttl="1h", from_version=active.id), now=clock)
     ).version
     clock.advance(hours=2)
-    assert (await ExpiryGC(store, now=clock).run_once()).deleted == 1
+    assert (await ExpiryGC(store, now=clock, grace=0).run_once()).deleted == 1
     assert not await exists(store, clone.id)
     assert await store.get(AppVersion, active.id) == active
     assert (await store.get(App, "app")).active_version == active.id
@@ -128,7 +128,7 @@ async def test_r2_pool_failure_keeps_the_version_and_the_next_pass_retries(
     faulty = FaultyStore(mem)
     faulty.fail("list", SandboxPool)  # listing the version's pools fails once
     registry = CollectorRegistry()
-    gc = ExpiryGC(faulty, now=clock, registry=registry)
+    gc = ExpiryGC(faulty, now=clock, registry=registry, grace=0)
     assert await gc.run_once() == GCResult(deleted=0, failed=1, scanned=1)
     assert await exists(mem, expired.id)
     assert [p.id for p in await mem.list(SandboxPool)] == ["p"]
@@ -151,7 +151,7 @@ async def test_case68_failed_listing_is_retried_and_covers_every_app(clock: Fake
     clock.advance(minutes=2)
     faulty = FaultyStore(mem)
     faulty.fail("range")
-    gc = ExpiryGC(faulty, now=clock)
+    gc = ExpiryGC(faulty, now=clock, grace=0)
     first = await gc.run_once()
     assert first.failed == 1 and first.deleted == 0 and first.error
     assert all([await exists(mem, v.id) for v in expired])
@@ -163,7 +163,7 @@ async def test_timer_fires_for_a_notified_version_and_is_rearmed_after_extend(
     store: MemoryStore, clock: FakeClock
 ) -> None:
     await setup_app(store)
-    gc = ExpiryGC(store, now=clock, sweep_interval=60)
+    gc = ExpiryGC(store, now=clock, sweep_interval=60, grace=0)
     made = (await deploy(store, "app", eph("x", ttl="90s"), now=clock)).version
     gc.notify(made)
     assert gc.armed() == {made.id: made.ephemeral_expires_at}
@@ -187,7 +187,7 @@ async def test_timer_failure_is_retried_after_the_retry_delay(clock: FakeClock) 
     await setup_app(mem)
     made = (await deploy(mem, "app", eph("x", ttl="1m"), now=clock)).version
     faulty = FaultyStore(mem)
-    gc = ExpiryGC(faulty, now=clock, retry_delay=5)
+    gc = ExpiryGC(faulty, now=clock, retry_delay=5, grace=0)
     gc.notify(made)
     clock.advance(minutes=1)
     faulty.fail("commit")
@@ -200,7 +200,7 @@ async def test_timer_failure_is_retried_after_the_retry_delay(clock: FakeClock) 
 
 async def test_replaced_version_timer_is_a_no_op(store: MemoryStore, clock: FakeClock) -> None:
     await setup_app(store)
-    gc = ExpiryGC(store, now=clock)
+    gc = ExpiryGC(store, now=clock, grace=0)
     first = (await deploy(store, "app", eph("x", ttl="1m"), now=clock)).version
     gc.notify(first)
     second = (await deploy(store, "app", eph("x", ttl="1h"), now=clock)).version
@@ -304,7 +304,7 @@ async def test_loop_survives_an_unavailable_store(store: MemoryStore, gcs: list[
 async def test_gc_ignores_notify_for_normal_versions(store: MemoryStore, clock: FakeClock) -> None:
     await setup_app(store)
     result = await deploy(store, "app", DeployRequest(spec=SPEC), now=clock)
-    gc = ExpiryGC(store, now=clock)
+    gc = ExpiryGC(store, now=clock, grace=0)
     gc.notify(result.version)
     assert gc.armed() == {}
 
@@ -330,3 +330,22 @@ async def test_sweep_deletes_orphan_pools_and_keeps_referenced_ones() -> None:
     await gc.run_once()
     assert [p.id for p in await store.list(SandboxPool)] == ["p-live", "p-shared"]
     await store.close()
+
+
+async def test_expired_preview_is_collected_after_the_grace_not_before(
+    store: MemoryStore, clock: FakeClock
+) -> None:
+    """Routing stops at the expiry instant (410); collection waits `grace` so clients can see why."""
+    await setup_app(store)
+    gc = ExpiryGC(store, now=clock, grace=1.0)
+    made = (await deploy(store, "app", eph("x", ttl="60s"), now=clock)).version
+    gc.notify(made)
+    assert made.ephemeral_expires_at is not None
+    assert gc.armed() == {made.id: made.ephemeral_expires_at + timedelta(seconds=1)}
+    clock.advance(seconds=60)  # expired now, within the grace
+    assert (await gc.fire_due()).deleted == 0
+    assert (await gc.run_once()).deleted == 0
+    assert await exists(store, made.id)
+    clock.advance(seconds=1)
+    assert (await gc.fire_due()).deleted == 1
+    assert not await exists(store, made.id)

@@ -1,0 +1,32 @@
+"""Fixtures for the end-to-end tests: real `miren serve` subprocesses (see `harness.py`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.e2e.harness import TOKEN, MirenServer
+
+CLUSTER_HOSTNAME = "c.miren.systems"
+
+
+@pytest.fixture(scope="package")
+def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MirenServer]:
+    """One shared server for the CLI-output and admin-error tests: memory store (the store does
+    not matter there), a token from `MIREN_ADMIN_TOKEN`, and a cluster hostname for previews of
+    apps without routes. Tests stay independent by each using its own app names and hosts."""
+    with MirenServer(
+        tmp_path_factory.mktemp("edge"),
+        store="memory",
+        token=TOKEN,
+        settings={"ephemeral.cluster_hostname": CLUSTER_HOSTNAME},
+    ) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def bare_edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MirenServer]:
+    """A server with neither a token nor a cluster hostname (memory store)."""
+    with MirenServer(tmp_path_factory.mktemp("bare"), store="memory") as server:
+        yield server

@@ -1,0 +1,73 @@
+"""SIGTERM during load on the embedded store: the listener closes, the requests in flight finish
+within the grace, then the sandboxes and the embedded etcd stop and `miren serve` exits 0 with no
+process left behind."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from tests.e2e.harness import ECHO_CMD, MirenServer, Reply, is_alive, wait_for
+
+GRACE = 5.0
+SLOW_MS = 2000
+IN_FLIGHT = 5
+HOST = "load.example.com"
+
+
+def refuses_connections(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return False
+    except OSError:
+        return True
+
+
+def test_sigterm_drains_in_flight_requests_and_stops_everything(tmp_path: Path) -> None:
+    edge = MirenServer(
+        tmp_path,
+        store="embedded",
+        shutdown_grace=GRACE,
+        settings={"activator.stop_grace": "2s"},
+    )
+    with edge, ThreadPoolExecutor(IN_FLIGHT) as pool:
+        edge.cli("app", "create", "load")
+        edge.cli("route", "set", HOST, "--app", "load")
+        edge.cli("deploy", "--app", "load", "--", *ECHO_CMD)
+        version = edge.get_routed(HOST).json()["version"]  # boots the sandbox
+        sandboxes = edge.record_sandboxes()
+        assert len(sandboxes) == 1, sandboxes
+        edge.observe()
+        etcd = edge.etcd_pids()
+        assert len(etcd) == 1, edge.tracked()
+
+        futures = [
+            pool.submit(edge.get, HOST, f"/slow?ms={SLOW_MS}", timeout=GRACE + 10)
+            for _ in range(IN_FLIGHT)
+        ]
+        wait_for(
+            f"{IN_FLIGHT} requests in flight",
+            lambda: edge.metric("miren_ingress_in_flight_requests") == IN_FLIGHT,
+            timeout=5,
+        )
+        sent = time.monotonic()
+        edge.send_signal(signal.SIGTERM)
+
+        # New connections are refused while the old requests are still being served.
+        wait_for("the proxy to stop accepting", lambda: refuses_connections(edge.proxy_port), 3)
+        assert not all(f.done() for f in futures), "the slow requests finished before the close"
+
+        replies: list[Reply] = [f.result() for f in futures]
+        assert [r.status for r in replies] == [200] * IN_FLIGHT, replies
+        assert {r.json()["version"] for r in replies} == {version}
+
+        rc = edge.wait_exit(timeout=GRACE + 10)
+        took = time.monotonic() - sent
+        assert rc == 0, edge.log_tail()
+        assert took < GRACE + 5, f"exit took {took:.1f}s"
+        # Sandboxes and etcd stopped with it (the context exit checks every tracked process too).
+        wait_for("sandbox and etcd to stop", lambda: not any(map(is_alive, edge.tracked())), 5)
+        assert "stopped" in edge.log_tail(5)
