@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Final, Literal
 
 from miren_activator.errors import BootFailed
-from miren_activator.runtime import PollSchedule, SandboxSpec, probe
+from miren_activator.runtime import PollSchedule, SandboxSpec, wait_healthy
 
 # How the child is made to die with us: "auto" (setpriv if usable, else python), or forced.
 Launcher = Literal["auto", "setpriv", "python", "none"]
@@ -128,14 +128,18 @@ class ProcessHandle:
         return self._proc.returncode
 
     async def wait_ready(self) -> None:
-        interval = self._schedule.initial
-        while True:
-            if self._proc.returncode is not None:
-                raise BootFailed(f"process exited with status {self._proc.returncode}")
-            if await probe(self._host, self._port, self._health_path, self._probe_timeout):
-                return
-            await asyncio.sleep(interval)
-            interval = self._schedule.next(interval)
+        await wait_healthy(
+            self._host,
+            self._port,
+            self._health_path,
+            schedule=self._schedule,
+            probe_timeout=self._probe_timeout,
+            alive=self._check_alive,
+        )
+
+    def _check_alive(self) -> None:
+        if self._proc.returncode is not None:
+            raise BootFailed(f"process exited with status {self._proc.returncode}")
 
     async def wait_exit(self) -> int:
         rc = await self._proc.wait()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -109,9 +110,16 @@ async def wait_healthy(
     *,
     schedule: PollSchedule = PollSchedule(),
     probe_timeout: float = 1.0,
+    alive: Callable[[], None] | None = None,
 ) -> None:
-    """Poll `probe` until it passes. Never returns otherwise: the caller bounds it."""
+    """Poll `probe` until it passes. Never returns otherwise: the caller bounds it.
+
+    `alive`, called before each probe, raises to abandon the wait (the process ended)."""
     interval = schedule.initial
-    while not await probe(host, port, path, probe_timeout):
+    while True:
+        if alive is not None:
+            alive()
+        if await probe(host, port, path, probe_timeout):
+            return
         await asyncio.sleep(interval)
         interval = schedule.next(interval)
