@@ -111,18 +111,20 @@ def idle_victims(
 @attrs.frozen
 class CrashPolicy:
     """Quick-crash back-off: a sandbox that dies within `window` seconds of its start is a quick
-    crash; the n-th consecutive one blocks new sandboxes for `base * 2**(n-1)` seconds, at most
-    `cap`. A sandbox that dies or is stopped after living at least `window` resets the count."""
+    crash. The first one is replaced at once (a sandbox killed or lost once, or a stale lease
+    reported unreachable, must not take its version down); the n-th consecutive one (n >= 2)
+    blocks new sandboxes for `base * 2**(n-2)` seconds, at most `cap`: 0, 10 s, 20 s, ... 15 min.
+    A sandbox that dies or is stopped after living at least `window` resets the count."""
 
     window: float = 60.0
     base: float = 10.0
     cap: float = 900.0
 
     def backoff(self, consecutive: int) -> float:
-        if consecutive <= 0:
+        if consecutive <= 1:
             return 0.0
         # Bounded exponent: 2**60 would be a float overflow hazard for nothing.
-        return min(self.cap, self.base * 2.0 ** min(consecutive - 1, 40))
+        return min(self.cap, self.base * 2.0 ** min(consecutive - 2, 40))
 
 
 @attrs.frozen

@@ -19,6 +19,10 @@ _PORT = re.compile(r"[0-9]{1,5}")
 MAX_HOST = 253
 
 
+def _valid_port(text: str) -> bool:
+    return _PORT.fullmatch(text) is not None and int(text) <= 65535
+
+
 class BadHost(ValueError):
     """The Host header cannot name anything we serve (answered with 400)."""
 
@@ -44,14 +48,15 @@ def normalize_host(raw: str | bytes | None) -> str:
         if end < 0:
             raise BadHost("malformed IPv6 literal in Host header")
         host, rest = text[: end + 1], text[end + 1 :]
-        if rest and not (rest[0] == ":" and _PORT.fullmatch(rest[1:])):
+        if rest and not (rest[0] == ":" and (rest == ":" or _valid_port(rest[1:]))):
             raise BadHost("malformed port in Host header")
         if not _IPV6.fullmatch(host):
             raise BadHost("malformed IPv6 literal in Host header")
         return host
     host, sep, port = text.rpartition(":")
     if sep:
-        if not _PORT.fullmatch(port):
+        # RFC 3986 allows an empty port ("host:"); a given one must be a real port number.
+        if port and not _valid_port(port):
             raise BadHost("malformed port in Host header")
     else:
         host = text

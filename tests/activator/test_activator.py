@@ -220,11 +220,15 @@ async def test_exit_during_boot_fails_waiters_fast_then_backs_off(
     assert isinstance(err, BootFailed) and err.http_status == 502
     log_path = act.log_path(err.sandbox_id or "")
     assert log_path is not None and "failing at boot" in log_path.read_text()
-    # A quick crash: the next acquire fails at once, without starting anything.
+    # The first quick crash is replaced at once: the next acquire boots (and fails) again...
+    with pytest.raises(BootFailed) as again:
+        await act.acquire(version)
+    assert type(again.value) is BootFailed
+    # ...a crash loop: now the next acquire fails at once, without starting anything.
     with pytest.raises(CrashBackoff) as info:
         await act.acquire(version)
     assert 9.0 < info.value.retry_after <= 10.0
-    assert sample(act, "miren_activator_cold_starts_total", app="app") == 1
+    assert sample(act, "miren_activator_cold_starts_total", app="app") == 2
 
 
 async def test_never_healthy_fails_waiters_at_boot_timeout_and_stops_it(
@@ -312,11 +316,12 @@ async def test_quick_crashes_back_off_doubling_and_fail_fast(
         act.release(lease)
         return lease.sandbox_id
 
-    first = await crash_one()
+    await crash_one()  # the first quick crash is replaced at once (no back-off)
+    second = await crash_one()
     with pytest.raises(CrashBackoff) as info:
         await act.acquire(version)
     assert info.value.retry_after == 10.0
-    assert info.value.sandbox_id == first
+    assert info.value.sandbox_id == second
     clock.advance(10.0)
     await crash_one()
     with pytest.raises(CrashBackoff) as info:
@@ -753,11 +758,12 @@ async def test_backoff_recorded_in_the_pool_is_honoured_by_another_activator(
 ) -> None:
     first = await make_activator(node="node-a")
     version = make_version("app-v1", env={"ECHO_FAIL_BOOT": "1"})
-    with pytest.raises(BootFailed):
-        await first.acquire(version)
+    for _ in range(2):  # the second consecutive quick crash starts a back-off
+        with pytest.raises(BootFailed):
+            await first.acquire(version)
     await first.flush()
     (pool,) = await store.list(SandboxPool)
-    assert pool.consecutive_crashes == 1 and pool.cooldown_until is not None
+    assert pool.consecutive_crashes == 2 and pool.cooldown_until is not None
     assert pool.last_crash_at is not None
     second = await make_activator(node="node-b")
     with pytest.raises(CrashBackoff) as info:

@@ -117,7 +117,8 @@ def test_idle_exactly_at_the_delay_counts() -> None:
 
 def test_crash_backoff_doubles_from_10s_to_15min() -> None:
     policy = CrashPolicy()
-    assert [policy.backoff(n) for n in range(1, 9)] == [10, 20, 40, 80, 160, 320, 640, 900]
+    # The first quick crash is replaced at once; a crash loop then backs off 10 s doubling.
+    assert [policy.backoff(n) for n in range(1, 10)] == [0, 10, 20, 40, 80, 160, 320, 640, 900]
     assert policy.backoff(10_000) == 900
     assert policy.backoff(0) == 0
 
@@ -126,11 +127,12 @@ def test_quick_crashes_accumulate_and_a_long_life_resets() -> None:
     policy = CrashPolicy()
     s = CrashState()
     s = after_death(s, uptime=1.0, now=100.0, policy=policy)
-    assert (s.consecutive, s.cooldown_until) == (1, 110.0)
-    assert s.remaining(105.0) == 5.0
-    assert s.remaining(111.0) == 0.0
+    assert (s.consecutive, s.cooldown_until) == (1, 100.0)  # the first is replaced at once
+    assert s.remaining(100.0) == 0.0
     s = after_death(s, uptime=30.0, now=200.0, policy=policy)
-    assert (s.consecutive, s.cooldown_until) == (2, 220.0)
+    assert (s.consecutive, s.cooldown_until) == (2, 210.0)
+    assert s.remaining(205.0) == 5.0
+    assert s.remaining(211.0) == 0.0
     assert after_death(s, uptime=60.0, now=300.0, policy=policy) == CrashState()
     assert after_clean_stop(s, uptime=59.0, policy=policy) == s
     assert after_clean_stop(s, uptime=61.0, policy=policy) == CrashState()
