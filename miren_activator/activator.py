@@ -71,7 +71,7 @@ import socket
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import attrs
 from prometheus_client import CollectorRegistry
@@ -119,6 +119,16 @@ DEAD: Final = SandboxStatus.DEAD
 InvalidationCallback = Callable[[str], None]
 
 
+class VersionRef(Protocol):
+    """What `Activator.try_acquire_for` reads: a (version id, service) pair."""
+
+    @property
+    def version(self) -> str: ...
+
+    @property
+    def service(self) -> str: ...
+
+
 @attrs.frozen(kw_only=True)
 class ActivatorConfig:
     node: str = attrs.field(factory=socket.gethostname)  # written as pool owner / sandbox node
@@ -139,16 +149,34 @@ class Lease:
     Give it back with `Activator.release` exactly once (a second release is ignored).
     """
 
-    __slots__ = ("_released", "_sandbox", "host", "port", "sandbox_id", "service", "version_id")
+    # One is made per proxied request: only what the ingress reads per request is copied; the
+    # rest is read from the sandbox, whose id, version and service never change.
+    __slots__ = ("_released", "_sandbox", "addr")
 
     def __init__(self, sandbox: _Sandbox) -> None:
         self._sandbox = sandbox
         self._released = False
-        self.sandbox_id = sandbox.id
-        self.host = sandbox.host
-        self.port = sandbox.port
-        self.version_id = sandbox.version_id
-        self.service = sandbox.service
+        self.addr = sandbox.addr  # (host, port): the ingress's key for its connection pools
+
+    @property
+    def host(self) -> str:
+        return self.addr[0]
+
+    @property
+    def port(self) -> int:
+        return self.addr[1]
+
+    @property
+    def sandbox_id(self) -> str:
+        return self._sandbox.id
+
+    @property
+    def version_id(self) -> str:
+        return self._sandbox.version_id
+
+    @property
+    def service(self) -> str:
+        return self._sandbox.service
 
     @property
     def url(self) -> str:
@@ -167,8 +195,12 @@ class Lease:
         )
 
 
+_new_lease = Lease.__new__
+
+
 class _Sandbox:
     __slots__ = (
+        "addr",
         "boot_task",
         "capacity",
         "error",
@@ -207,6 +239,7 @@ class _Sandbox:
         self.started_at = clock.now()
         self.host = ""
         self.port = 0
+        self.addr = ("", 0)  # (host, port), set with them
         self.pid: int | None = None
         self.handle: SandboxHandle | None = None
         self.log_path: Path | None = None
@@ -409,16 +442,44 @@ class Activator:
 
     # -- the warm path (no await) ----------------------------------------------------------------
 
+    # `last_used` matters only while a sandbox holds no lease (the idle policy never stops one
+    # that does): it is set when the last lease is given back, so a busy sandbox costs no clock
+    # read per request; the sweep refreshes it on busy sandboxes for `last_activity`.
+
     def try_acquire(self, version_id: str, service: str = WEB) -> Lease | None:
         """A lease on a running sandbox with spare capacity, or None (then call `acquire`)."""
-        pool = self._pools.get((version_id, service))
+        return self._try_acquire(self._pools.get((version_id, service)))
+
+    def try_acquire_for(self, ref: VersionRef) -> Lease | None:
+        """`try_acquire(ref.version, ref.service)`, for a caller that keeps such an object per
+        route (the ingress's Target) and calls this once per request."""
+        pool = self._pools.get((ref.version, ref.service))
+        # _try_acquire() written out (one frame less per proxied request).
         if pool is None or pool.waiters:
             return None
         for sb in pool.running:
             if sb.in_use < sb.capacity:
                 sb.in_use += 1
-                sb.last_used = self._mono()
-                return Lease(sb)
+                lease = _new_lease(Lease)
+                lease._sandbox = sb
+                lease._released = False
+                lease.addr = sb.addr
+                return lease
+        return None
+
+    @staticmethod
+    def _try_acquire(pool: _Pool | None) -> Lease | None:
+        if pool is None or pool.waiters:
+            return None
+        for sb in pool.running:
+            if sb.in_use < sb.capacity:
+                sb.in_use += 1
+                # Lease(sb) written out (no __init__ frame: this runs once per request).
+                lease = _new_lease(Lease)
+                lease._sandbox = sb
+                lease._released = False
+                lease.addr = sb.addr
+                return lease
         return None
 
     def release(self, lease: Lease) -> None:
@@ -428,10 +489,10 @@ class Activator:
         lease._released = True
         sb = lease._sandbox
         sb.in_use -= 1
-        sb.last_used = self._mono()
-        pool = sb.pool
-        if pool.waiters and sb.state is RUNNING:
-            self._grant(pool)
+        if not sb.in_use:
+            sb.last_used = self._mono()
+        if sb.pool.waiters and sb.state is RUNNING:
+            self._grant(sb.pool)
 
     def report_unreachable(self, lease: Lease) -> None:
         """The ingress could not connect to the lease's sandbox: release the lease and take the
@@ -721,6 +782,7 @@ class Activator:
             return
         sb.handle = handle
         sb.host, sb.port, sb.pid = handle.host, handle.port, handle.pid
+        sb.addr = (sb.host, sb.port)
         if sb.state is not PENDING:
             # Stopped while spawning (close, version removed): it must not outlive that.
             sb.stop_task = self._spawn(self._stop_handle(sb, 0.0), f"stop {sb.id}")
@@ -894,6 +956,8 @@ class Activator:
                 self._request_stop(sb, self._config.stop_grace)
                 stopped += 1
             for sb in pool.running:
+                if sb.in_use:
+                    sb.last_used = now  # busy now (leases do not read the clock)
                 if sb.last_used - sb.persisted_activity >= self._config.activity_persist_interval:
                     sb.persisted_activity = sb.last_used
                     self._persist_sandbox(sb)

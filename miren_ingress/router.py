@@ -1,13 +1,16 @@
 """`EdgeRouter`: the proxy engine's Router over the route table and the activator.
 
 Per request on the warm path this is two dict lookups and a float compare:
-- `resolve(raw Host)` answers from a cache keyed by the raw header value. An entry holds the
-  Target (or Refusal) and the instant it stops being valid: the expiry of the preview it serves
-  (an expired label must stop routing at its expiry instant), else never. The whole cache is
-  dropped when the route table changes (its `generation` moved), so no entry outlives the data it
-  was computed from. The cache is bounded (random Host values cannot grow it without limit).
-- `cached_lease(target)` is the activator's synchronous `try_acquire` on (version id, service):
-  leases are scoped by version id, so a preview and the active version never share a sandbox.
+- `resolve(raw Host, now)` answers from a cache keyed by the raw header value. An entry holds
+  the Target (or Refusal) and the instant it stops being valid: the expiry of the preview it
+  serves (an expired label must stop routing at its expiry instant), compared with the engine's
+  monotonic `now`, else never (then nothing is compared). The whole cache is dropped when the route table changes (its `generation` moved), so no
+  entry outlives the data it was computed from. The cache is bounded (random Host values cannot
+  grow it without limit).
+- `cached_lease(target)` is the activator's synchronous `try_acquire_for` on the target's
+  (version id, service): leases are scoped by version id, so a preview and the active version
+  never share a sandbox. It, `release` and `discard` are the activator's own bound methods (no
+  wrapper frame per request).
 - `acquire` (a miss) awaits the activator, translating its errors into the engine's, in one
   place.
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,6 +31,8 @@ from miren_ingress.proxy.interfaces import Lease, Refusal, Target
 from miren_ingress.routes import Refused, Resolved, RouteTable
 
 BAD_HOST = Refusal(400, "The Host header is missing or invalid.")
+_INF = math.inf
+_REVALIDATE = 1.0  # seconds: an expiring entry is re-resolved at least this often
 _REFUSALS: dict[Refused, Refusal] = {}
 
 
@@ -38,6 +44,12 @@ def _refusal(r: Refused) -> Refusal:
 
 
 class EdgeRouter:
+    # The Router's `cached_lease`, `release` and `discard`: the activator's methods, bound once
+    # (see __init__).
+    cached_lease: Callable[[Target], Lease | None]
+    release: Callable[[Lease], None]
+    discard: Callable[[Lease], None]
+
     def __init__(
         self,
         table: RouteTable,
@@ -51,27 +63,51 @@ class EdgeRouter:
         self.request_timeout = request_timeout
         self.max_cached_hosts = max_cached_hosts
         self._generation = -1
-        self._hosts: dict[bytes | str, tuple[Target | Refusal, float]] = {}
+        # Answers valid until the table changes, and the others with the instant they expire.
+        self._hosts: dict[bytes | str, Target | Refusal] = {}
+        self._expiring: dict[bytes | str, tuple[Target | Refusal, float]] = {}
         self._targets: dict[tuple[str, str, bool], Target] = {}
+        if activator is not None:  # (None: resolution only, e.g. benchmarks/resolve_bench.py)
+            # A Target is the activator's VersionRef (version id, service): no wrapper frame.
+            self.cached_lease = activator.try_acquire_for  # type: ignore[assignment]
+            self.release = activator.release  # type: ignore[assignment]
+            self.discard = activator.report_unreachable  # type: ignore[assignment]
 
     def __repr__(self) -> str:
-        return f"<EdgeRouter hosts={len(self._hosts)} targets={len(self._targets)} {self.table!r}>"
+        hosts = len(self._hosts) + len(self._expiring)
+        return f"<EdgeRouter hosts={hosts} targets={len(self._targets)} {self.table!r}>"
 
     # -- resolution -----------------------------------------------------------------------------
 
-    def resolve(self, host: bytes | str) -> Target | Refusal:
+    def resolve(self, host: bytes | str, now: float | None = None) -> Target | Refusal:
         if self.table.generation != self._generation:
             self._hosts.clear()
+            self._expiring.clear()
             self._targets.clear()
             self._generation = self.table.generation
-        entry = self._hosts.get(host)
-        now = time.time()
-        if entry is not None and now < entry[1]:
+        answer = self._hosts.get(host)
+        if answer is not None:
+            return answer
+        entry = self._expiring.get(host)
+        if entry is not None and (time.monotonic() if now is None else now) < entry[1]:
             return entry[0]
-        answer, until = self._resolve(host, now)
-        if len(self._hosts) >= self.max_cached_hosts:
+        return self._resolve_miss(host)
+
+    def _resolve_miss(self, host: bytes | str) -> Target | Refusal:
+        mono = time.monotonic()  # read first: the deadline below errs early (a re-check)
+        wall = time.time()
+        answer, until = self._resolve(host, wall)
+        if len(self._hosts) + len(self._expiring) >= self.max_cached_hosts:
             self._hosts.clear()
-        self._hosts[host] = (answer, until)
+            self._expiring.clear()
+        if until == _INF:
+            self._expiring.pop(host, None)
+            self._hosts[host] = answer
+        else:
+            # The expiry instant is wall time; the entry keeps it as a monotonic deadline (the
+            # engine passes its monotonic `now`), at most _REVALIDATE ahead, so a step of the
+            # wall clock is noticed within that.
+            self._expiring[host] = (answer, mono + min(until - wall, _REVALIDATE))
         return answer
 
     def _resolve(self, raw: bytes | str, now: float) -> tuple[Target | Refusal, float]:
@@ -109,10 +145,6 @@ class EdgeRouter:
 
     # -- leases ---------------------------------------------------------------------------------
 
-    def cached_lease(self, target: Target) -> Lease | None:
-        lease: Any = self.activator.try_acquire(target.version, target.service)
-        return lease  # type: ignore[no-any-return]
-
     async def acquire(self, target: Target) -> Lease:
         version = self.table.versions.get(target.version)
         if version is None:
@@ -122,12 +154,6 @@ class EdgeRouter:
         except act_errors.ActivatorError as exc:
             raise _translate(exc) from exc
         return lease  # type: ignore[no-any-return]
-
-    def release(self, lease: Lease) -> None:
-        self.activator.release(lease)  # type: ignore[arg-type]
-
-    def discard(self, lease: Lease) -> None:
-        self.activator.report_unreachable(lease)  # type: ignore[arg-type]
 
 
 def _translate(exc: act_errors.ActivatorError) -> proxy_errors.ProxyError:

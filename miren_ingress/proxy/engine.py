@@ -14,6 +14,17 @@ Objects
 - `UpstreamPool` (pool.py): parked keep-alive connections per upstream address.
 - `Engine` (this module): what all of them share: router, config, metrics, pools, counters.
 
+The hit path's cost (CPU per request) is the design constraint: a request through it is two
+reads and two writes on sockets plus about 15 parser callbacks into Python, and the rest is
+kept to plain attribute and dict operations. Habits that follow from measuring it (see the
+"Proxy" section of benchmarks/README.md): one clock read when an exchange starts and one when
+it finishes, shared by the duration metric and every deadline; no per-request Task, closure,
+timer call or bound-method object; request heads are rendered with one join of parts; response
+heads are spliced from the upstream's raw bytes (upstream.py); counters a scrape can compute
+(in-flight requests) are not kept per request; the hit path is written out where a call
+would cost more than it abstracts (`UpstreamPool.take`/`put` inline in exchange.py and
+upstream.py), and each such place says so.
+
 Data flow and back-pressure
   client --data_received--> parser callbacks --> exchange.pending --one write--> upstream
   upstream --data_received--> parser callbacks --> out list --one write--> client
@@ -26,7 +37,15 @@ Timeouts
 One timer per connection, lazily re-armed (see upstream.py and inbound.py): the upstream side
 enforces the route's request_timeout as an idle timeout (504 before a response head, close
 after) and the pool idle timeout; the client side enforces the header and keep-alive timeouts.
-Upgraded (101) connections become raw byte tunnels with no timeout.
+Upgraded (101) connections become raw byte tunnels with no timeout. Deadlines are
+`time.monotonic()` values, which are valid `loop.call_at` instants: asyncio's loop clock is
+`time.monotonic()` and uvloop's is the same CLOCK_MONOTONIC truncated to milliseconds (a timer
+may fire up to a millisecond early; it re-checks and re-arms).
+
+Shutdown
+`drain` closes idle client connections at once and marks busy ones: their active exchange's
+response says `Connection: close` and the connection closes after it (pipelined requests behind
+it are not served); then it waits up to the grace and aborts what is left.
 
 Failure rules
 - Connect refused on a cached lease: `discard` it, `acquire` once more, retry once.
@@ -69,12 +88,12 @@ class Engine:
         "closing",
         "config",
         "connections",
+        "head_lines",
+        "head_tails",
         "health",
-        "in_flight",
         "loop",
         "metrics",
         "pools",
-        "robots_line",
         "router",
         "tasks",
         "upstream_open",
@@ -96,11 +115,23 @@ class Engine:
         self.pools: dict[tuple[str, int], UpstreamPool] = {}
         self.connections: set[InboundConnection] = set()
         self.tasks: set[asyncio.Task[None]] = set()
-        self.in_flight = 0  # exchanges started and not finished
         self.upstream_open = 0  # upstream connections with an open transport
         self.closing = False
         self._drained: asyncio.Event | None = None
-        self.robots_line = b"X-Robots-Tag: " + config.robots_tag.encode("latin-1") + b"\r\n"
+        # The end of a response head, after the upstream's own header lines:
+        # head_tails[ephemeral][keep_alive].
+        robots = b"X-Robots-Tag: " + config.robots_tag.encode("latin-1") + b"\r\n"
+        close = b"Connection: close\r\n"
+        self.head_tails = (
+            (close + b"\r\n", b"\r\n"),
+            (robots + close + b"\r\n", robots + b"\r\n"),
+        )
+        # The same lines to insert after a header line (each starts with CRLF, none ends with
+        # it): head_lines[ephemeral][keep_alive].
+        self.head_lines = (
+            (b"\r\n" + close[:-2], b""),
+            (b"\r\n" + robots + close[:-2], b"\r\n" + robots[:-2]),
+        )
 
     def __repr__(self) -> str:
         return (
@@ -108,11 +139,21 @@ class Engine:
             f"upstream_open={self.upstream_open} pools={len(self.pools)}>"
         )
 
+    @property
+    def in_flight(self) -> int:
+        """Exchanges started and not finished. Counted when asked (scrapes, tests), not kept
+        per request: each connection has at most one started exchange, its active one."""
+        n = 0
+        for conn in self.connections:
+            if conn.busy:
+                n += 1
+        return n
+
     def pool_for(self, lease: Lease) -> UpstreamPool:
-        key = (lease.host, lease.port)
+        key = lease.addr
         pool = self.pools.get(key)
         if pool is None:
-            pool = self.pools[key] = UpstreamPool(self, lease.host, lease.port)
+            pool = self.pools[key] = UpstreamPool(self, key[0], key[1])
         return pool
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
@@ -137,7 +178,7 @@ class Engine:
         self.closing = True
         self._drained = asyncio.Event()
         for conn in list(self.connections):
-            conn.close_if_idle()
+            conn.stop_after_active()  # closes it now if it is idle
         if self.connections:
             try:
                 async with asyncio.timeout(grace):

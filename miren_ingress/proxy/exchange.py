@@ -5,9 +5,14 @@ when it becomes the connection's active exchange (requests are answered strictly
 finished exactly once (`done`): then its metrics are recorded, its lease is handed back and the
 inbound connection moves on to the next request or closes.
 
-Request bytes for the upstream (head, then framed body) collect in `pending` and are written
-when an upstream connection is attached and after each parsed segment; nothing is written for a
+The request head for the upstream is rendered once (`head`, kept for a replay) and written when
+an upstream connection is attached, together with any framed body bytes collected in `pending`
+meanwhile; later body bytes are written after each parsed segment. Nothing is written for a
 segment that fails to parse.
+
+On the hit path an exchange reads the clock twice: at `start` (the duration's origin and the
+upstream deadline) and when it finishes (the duration's end, the parked connection's and the
+client connection's idle deadlines), both `time.monotonic()`.
 """
 
 from __future__ import annotations
@@ -15,11 +20,12 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-from time import perf_counter
+from time import monotonic
 from typing import TYPE_CHECKING
 
 from .errorpage import render_json, render_response
 from .errors import ProxyError, UpstreamConnectError, UpstreamReset
+from .headers import accept_of
 from .interfaces import Lease, Refusal, Target
 
 if TYPE_CHECKING:
@@ -32,7 +38,11 @@ log = logging.getLogger(__name__)
 RESERVED_PREFIX = b"/.well-known/miren/"
 HEALTH_PATH = b"/.well-known/miren/health"
 _REPLAYABLE = frozenset((b"GET", b"HEAD", b"OPTIONS"))
-_RETRY_ERRNOS = frozenset((errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH))
+# Connecting failed before any request byte was sent: safe to retry on a fresh lease. A reset
+# while connecting is a dying sandbox's listener (it accepted, then the process went away).
+_RETRY_ERRNOS = frozenset(
+    (errno.ECONNREFUSED, errno.ECONNRESET, errno.EHOSTUNREACH, errno.ENETUNREACH)
+)
 # Request properties passed to Exchange() as one int.
 F_KEEP_ALIVE = 1
 F_HTTP10 = 2
@@ -41,6 +51,7 @@ F_BODY = 8
 F_CHUNKED = 16
 F_RESERVED = 32  # the target is under RESERVED_PREFIX: answered by the proxy
 F_HEALTH = 64  # ... and it is the health endpoint
+F_HEAD = 128  # a HEAD request
 
 
 def reserved_flags(url: bytes) -> int:
@@ -49,16 +60,18 @@ def reserved_flags(url: bytes) -> int:
 
 class Exchange:
     # No __slots__: most fields keep their class-level default for the whole exchange, so an
-    # exchange is built with a handful of stores (measured: cheaper than 30 slot stores).
-    accept = b""
+    # exchange is built with a handful of stores (measured: cheaper than 30 slot stores). The
+    # defaults describe the common request: HTTP/1.1, keep-alive, no body, not HEAD. Fields
+    # read on every request are set in __init__ even so: reading a class default costs about
+    # four times an instance attribute (CPython 3.11 does not specialize that lookup).
     app = "unknown"
     conn: UpstreamConnection | None = None
     done = False  # finished: recorded, lease handed back
-    ephemeral = False
     head_sent = False  # the final response head was written to the client
     lease: Lease | None = None
-    lease_cached = False
+    lease_cached = True  # `lease` came from the router's cache (see the retry rule)
     local = False  # answered by the proxy itself: request body bytes are dropped
+    pending: list[bytes] | None = None  # framed body bytes not written upstream yet
     pending_size = 0
     replayed = False  # the one replay after a stale keep-alive connection was used
     request_complete = False  # the whole request was read from the client
@@ -68,29 +81,59 @@ class Exchange:
     target: Target | None = None
     task: asyncio.Task[None] | None = None
     timeout = 60.0
+    # Properties of the request, set from its head (see `set_flags`):
+    keep_alive = True  # the client connection stays open
+    http10 = False
+    upgrade = False
+    has_body = False
+    chunked_in = False
+    reserved = 0
+    head_only = False
 
-    def __init__(
+    def __init__(  # noqa: PLR0917  (positional: keywords cost per request, measured)
         self,
         inbound: InboundConnection,
         method: bytes,
         host: bytes,
         head: bytes,
-        flags: int,
+        complete: bool,  # a request without body: complete with its head
+        head_only: bool,  # a HEAD request
     ) -> None:
         self.inbound = inbound
         self.engine: Engine = inbound.engine
         self.method = method
         self.host = host
         self.head = head  # the request head for the upstream (kept for a replay)
-        self.pending: list[bytes] = [head]
-        # Set once from the request head (see the F_* flags):
-        self.keep_alive = bool(flags & F_KEEP_ALIVE)  # the client connection stays open
+        self.request_complete = complete  # (True: a request without body, complete already)
+        self.head_only = head_only
+        self.keep_alive = True
+        self.reserved = 0
+        self.started = 0.0
+        self.pending: list[bytes] | None = None
+
+    def set_flags(self, flags: int) -> None:
+        """Properties of a request that is not the common one (see the F_* flags)."""
+        self.keep_alive = bool(flags & F_KEEP_ALIVE)
         self.http10 = bool(flags & F_HTTP10)
         self.upgrade = bool(flags & F_UPGRADE)
         self.has_body = bool(flags & F_BODY)
         self.chunked_in = bool(flags & F_CHUNKED)
         self.reserved = flags & (F_RESERVED | F_HEALTH)
-        self.head_only = method == b"HEAD"
+        self.head_only = bool(flags & F_HEAD)
+
+    @property
+    def accept(self) -> bytes:
+        """The request's Accept value (negotiates the body of an error answered by the proxy)."""
+        return accept_of(self.head)
+
+    def add_body(self, data: bytes) -> None:
+        """Framed request body bytes for the upstream, written with the next flush."""
+        pending = self.pending
+        if pending is None:
+            self.pending = [data]
+        else:
+            pending.append(data)
+        self.pending_size += len(data)
 
     def __repr__(self) -> str:
         return (
@@ -102,30 +145,33 @@ class Exchange:
     def start(self) -> None:
         """Become the active exchange of the inbound connection."""
         engine = self.engine
-        engine.in_flight += 1
-        self.started = perf_counter()
+        self.started = now = monotonic()
         if self.reserved:
             self._reserved()
             return
-        target = engine.router.resolve(self.host)
+        router = engine.router
+        target = router.resolve(self.host, now)
         if isinstance(target, Refusal):
             self.respond_error(target.status, target.message, target.retry_after)
             return
         self.target = target
         self.app = target.app
-        self.ephemeral = target.ephemeral
         self.timeout = target.request_timeout
-        lease = engine.router.cached_lease(target)
+        lease = router.cached_lease(target)
         if lease is not None:
+            self.lease = lease  # (lease_cached: True by default)
             engine.metrics.lease_hits += 1
-            self.lease = lease
-            self.lease_cached = True
-            pool = engine.pools.get((lease.host, lease.port))
-            if pool is not None and pool.idle:
-                conn = pool.take()
-                if conn is not None:
-                    self.attach(conn)
-                    return
+            pool = engine.pools.get(lease.addr)
+            if pool is not None:
+                idle = pool.idle
+                if idle:
+                    conn = idle.pop()  # UpstreamPool.take() written out: the hit path
+                    if not conn.dead:
+                        self.conn = conn
+                        conn.begin(self, now)
+                        if self.inbound.blocked:
+                            self.inbound.attached()
+                        return
         self.task = engine.spawn(self._connect())
 
     def _reserved(self) -> None:
@@ -138,7 +184,7 @@ class Exchange:
                 render_json(status, payload, keep_alive=self.keep_alive, head_only=self.head_only)
             )
             self.head_sent = True
-            self._finish()
+            self._finish(monotonic())
         else:
             self.respond_error(404, "The page could not be found.")
 
@@ -181,43 +227,52 @@ class Exchange:
             return
         self.task = None
         if self.done:  # the client went away while we connected
-            engine.pool_for(lease).put(conn)
+            engine.pool_for(lease).put(conn, monotonic())
             return
-        self.attach(conn)
+        self.attach(conn, monotonic())
 
-    def attach(self, conn: UpstreamConnection) -> None:
+    def attach(self, conn: UpstreamConnection, now: float) -> None:
+        """Use `conn` (open, idle) for this exchange: it writes the head and pending body."""
         self.conn = conn
-        conn.begin(self)  # sets the deadline: no need to re-arm it for this first write
-        pending = self.pending
-        if pending:  # flush() written out: begin() has just set the deadline
-            conn.transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
-            pending.clear()
-            self.pending_size = 0
+        conn.begin(self, now)  # sets the deadline: no need to re-arm it for this first write
         if self.inbound.blocked:
             self.inbound.attached()
 
     def flush(self) -> None:
-        """Write the collected request bytes to the upstream (one write)."""
+        """Write the collected request body bytes to the upstream (one write)."""
         pending = self.pending
         conn = self.conn
         if pending and conn is not None:
             conn.write(pending[0] if len(pending) == 1 else b"".join(pending))
-            pending.clear()
+            self.pending = None
             self.pending_size = 0
 
     # --- outcomes -------------------------------------------------------------------------------
-    def response_done(self, *, reusable: bool) -> None:
-        """The upstream response was read to its end and forwarded."""
-        conn = self.conn
+    def finished(self, now: float) -> None:
+        """The upstream response was read to its end and forwarded (at monotonic `now`); the
+        upstream connection is already parked or closed."""
         self.conn = None
-        if conn is not None:
-            if reusable and self.request_complete:
-                conn.pool.put(conn)
-            else:
-                conn.close()
+        self.done = True
         if not self.request_complete:
             self.keep_alive = False  # the rest of the request body cannot be skipped safely
-        self._finish()
+        engine = self.engine
+        engine.metrics.request_done(self.app, self.status, self.method, now - self.started)
+        lease = self.lease
+        if lease is not None:
+            self.lease = None
+            engine.router.release(lease)
+        inbound = self.inbound
+        if (
+            inbound._active is self
+            and self.keep_alive
+            and not inbound._stop_after
+            and not inbound.blocked
+            and not inbound._queue
+        ):  # the common case of InboundConnection.exchange_done(), written out (hot)
+            inbound._active = None
+            inbound._idle_deadline = now + inbound._keepalive
+        else:
+            inbound.exchange_done(self, now)
 
     def switched(self) -> None:
         """101 forwarded: both sides are now a raw byte tunnel; the request is counted done."""
@@ -244,19 +299,29 @@ class Exchange:
         if (
             isinstance(err, UpstreamReset)
             and not conn.got_bytes
-            and conn.reused
-            and not self.replayed
             and self.request_complete
             and not self.has_body
             and self.method in _REPLAYABLE
             and not self.upgrade
         ):
-            # A stale keep-alive connection closed as we reused it, before any response byte,
-            # for a request that is safe to send again: send it once more on a new connection.
-            self.replayed = True
-            self.pending = [self.head]
-            self.task = self.engine.spawn(self._connect())
-            return
+            if conn.reused and not self.replayed:
+                # A stale keep-alive connection closed as we reused it, before any response
+                # byte, for a request that is safe to send again: send it once more on a new
+                # connection (attach() writes the head again; there is no body).
+                self.replayed = True
+                self.task = self.engine.spawn(self._connect())
+                return
+            if self.replayed and self.lease_cached and not self.retried:
+                # The new connection was reset before any byte too: the sandbox is going away
+                # (a killed process's listener can still accept for a moment). Treat it like a
+                # refused cached lease: drop it and retry once on a fresh lease.
+                self.engine.metrics.upstream_error("connect_retried")
+                self.retried = True
+                lease, self.lease = self.lease, None
+                if lease is not None:
+                    self.engine.router.discard(lease)
+                self.task = self.engine.spawn(self._connect())
+                return
         self.fail(err)
 
     def fail(self, err: ProxyError, *, upstream: bool = True) -> None:
@@ -272,14 +337,15 @@ class Exchange:
             self.engine.metrics.upstream_error(err.reason)
         if self.head_sent:
             self.keep_alive = False
-            self._finish()
+            self._finish(monotonic())
         else:
             self.respond_error(err.status, err.public_message, err.retry_after)
 
     def respond_error(self, status: int, message: str, retry_after: int | None = None) -> None:
         self.status = status
         self.local = True
-        self.pending.clear()
+        self.pending = None
+        self.pending_size = 0
         self.keep_alive = self.keep_alive and self.request_complete
         self.inbound.write(
             render_response(
@@ -292,7 +358,7 @@ class Exchange:
             )
         )
         self.head_sent = True
-        self._finish()
+        self._finish(monotonic())
 
     def abort(self) -> None:
         """The client connection is gone: stop everything, keep no upstream connection."""
@@ -311,27 +377,20 @@ class Exchange:
         self._release()
 
     # --- bookkeeping ------------------------------------------------------------------------------
-    def _finish(self) -> None:
+    def _finish(self, now: float) -> None:
+        """Done without an upstream response to forward (answered by the proxy, or an error
+        after the response head went out)."""
         if self.done:
             return
         self.done = True
-        # _record() and _release() written out: this runs once per request.
         engine = self.engine
-        engine.in_flight -= 1
-        engine.metrics.request_done(
-            self.app, self.status, self.method, perf_counter() - self.started
-        )
-        lease = self.lease
-        if lease is not None:
-            self.lease = None
-            engine.router.release(lease)
-        self.inbound.exchange_done(self)
+        engine.metrics.request_done(self.app, self.status, self.method, now - self.started)
+        self._release()
+        self.inbound.exchange_done(self, now)
 
     def _record(self) -> None:
-        engine = self.engine
-        engine.in_flight -= 1
-        engine.metrics.request_done(
-            self.app, self.status, self.method, perf_counter() - self.started
+        self.engine.metrics.request_done(
+            self.app, self.status, self.method, monotonic() - self.started
         )
 
     def _release(self) -> None:

@@ -8,12 +8,13 @@ lookup and no lower-casing.
 from __future__ import annotations
 
 # Kinds of header. ORDINARY headers are forwarded verbatim; every other kind is handled by code.
-# Kinds above ACCEPT set request fields that the inbound connection resets lazily.
+# The hot paths compare kinds with literals (a module constant is a global lookup): keep the
+# values of ORDINARY (0), HOST (2), CONNECTION (5) and CONTENT_LENGTH (6) as they are.
 ORDINARY = 0
 HOP = 1  # hop-by-hop: never forwarded
 HOST = 2  # forwarded; also the routing key and X-Forwarded-Host
 FORWARDED_SET = 3  # X-Forwarded-Proto / -Host: replaced by the engine's value
-ACCEPT = 4  # forwarded; also negotiates the body of an error answered by the proxy
+# 4: unused (Accept is ORDINARY: an error page reads it back from the rendered head)
 CONNECTION = 5  # hop-by-hop, and names more hop-by-hop headers
 CONTENT_LENGTH = 6  # framing: re-emitted by the engine
 TRANSFER_ENCODING = 7  # framing: re-emitted by the engine
@@ -40,7 +41,6 @@ _REQUEST = {
     b"x-forwarded-for": FORWARDED_FOR,
     b"x-forwarded-proto": FORWARDED_SET,
     b"x-forwarded-host": FORWARDED_SET,
-    b"accept": ACCEPT,
 }
 _RESPONSE = dict(_COMMON)
 
@@ -48,13 +48,15 @@ _CACHE_LIMIT = 4096  # distinct spellings remembered; beyond it names are classi
 
 
 class NameTable:
-    """Raw header name -> kind, memoized per spelling (bounded)."""
+    """Raw header name -> kind, memoized per spelling (bounded). `ordinary` holds the memoized
+    spellings of ORDINARY names: `name in table.ordinary` is the hot paths' cheapest test."""
 
-    __slots__ = ("_table", "cache")
+    __slots__ = ("_table", "cache", "ordinary")
 
     def __init__(self, table: dict[bytes, int]) -> None:
         self._table = table
         self.cache: dict[bytes, int] = {}
+        self.ordinary: set[bytes] = set()
 
     def kind(self, name: bytes) -> int:
         kind = self.cache.get(name)
@@ -62,6 +64,8 @@ class NameTable:
             kind = self._table.get(name.lower(), ORDINARY)
             if len(self.cache) < _CACHE_LIMIT:
                 self.cache[name] = kind
+                if kind == ORDINARY:
+                    self.ordinary.add(name)
         return kind
 
 
@@ -101,6 +105,20 @@ def _parse_connection(value: bytes) -> tuple[frozenset[bytes], bool]:
 def drop_named(lines: list[bytes], names: frozenset[bytes]) -> list[bytes]:
     """Remove rendered header lines (`Name: value\\r\\n`) whose name is in `names` (lowercase)."""
     return [line for line in lines if line.split(b":", 1)[0].lower() not in names]
+
+
+def accept_of(head: bytes) -> bytes:
+    """The Accept value of a rendered request head (`Name: value\r\n` lines after the request
+    line): several Accept lines are joined with ","; b"" when there is none."""
+    low = head.lower()
+    values = []
+    pos = low.find(b"\r\naccept:")
+    while pos >= 0:
+        start = pos + 9
+        end = head.find(b"\r\n", start)
+        values.append(head[start:end].strip())
+        pos = low.find(b"\r\naccept:", end)
+    return b",".join(values)
 
 
 def is_chunked_only(value: bytes) -> bool:

@@ -9,7 +9,15 @@ Invariants:
 - reading from the client is paused while any reason in `_blocked` holds (upstream write buffer
   full, pipelined requests waiting, request bytes piling up with no upstream attached yet);
 - the connection timer fires at most every min(header_timeout, keepalive_timeout) seconds and
-  checks the deadline of the current state; state changes only store a deadline.
+  checks the deadline of the current state; state changes only store a deadline;
+- size limits (max_header_bytes, max_request_line) hold exactly without counting every header:
+  a head lies within the read that completed it and the earlier reads of it (`_head_raw`), so
+  when those are smaller than both limits it is within them, and only then is it measured
+  (`_check_head`: forwarded lines from `_lines`, the others counted in `_head_bytes`);
+- the common request (see on_headers_complete) needs no `_rare` field: those are reset lazily,
+  after a message that set one;
+- a request without a body is complete with its head (`request_complete` set then), so
+  `_parsing` (the exchange whose body is being parsed) is only set for the others.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections import deque
+from time import monotonic
 from typing import TYPE_CHECKING, cast
 
 from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade, HttpRequestParser
@@ -27,6 +36,7 @@ from .errors import BadRequest, MethodNotAllowed, ProxyError
 from .exchange import (
     F_BODY,
     F_CHUNKED,
+    F_HEAD,
     F_HTTP10,
     F_KEEP_ALIVE,
     F_UPGRADE,
@@ -48,7 +58,7 @@ _BLOCK_CLOSED = 8  # the connection is closing
 _READ_SLACK = 256 * 1024  # uvloop reads at most this much at once
 
 
-_REQUEST_KINDS = h.REQUEST_NAMES.cache  # memoized kinds by raw name (read directly: hot)
+_ORDINARY = h.REQUEST_NAMES.ordinary  # spellings known to be ordinary (read directly: hot)
 
 
 class _Reject(Exception):
@@ -59,17 +69,19 @@ class InboundConnection(asyncio.Protocol):
     transport: asyncio.Transport  # set by connection_made, before any other callback
 
     __slots__ = (
-        "_accept",
         "_active",
         "_cl",
         "_closed",
         "_conn_extra",
+        "_fwd",
         "_head_bytes",
+        "_head_check",
         "_head_deadline",
         "_head_raw",
         "_host",
         "_idle_deadline",
         "_in_head",
+        "_keepalive",
         "_lines",
         "_parser",
         "_parsing",
@@ -77,6 +89,7 @@ class InboundConnection(asyncio.Protocol):
         "_rare",
         "_raw",
         "_reject_with",
+        "_seg",
         "_stop_after",
         "_te",
         "_timer",
@@ -94,6 +107,7 @@ class InboundConnection(asyncio.Protocol):
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.peer = b""
+        self._fwd = b""  # X-Forwarded-For/-Proto lines and the X-Forwarded-Host name, rendered
         self._parser = HttpRequestParser(self)
         self._active: Exchange | None = None
         self._parsing: Exchange | None = None  # the exchange whose body is being parsed
@@ -107,11 +121,20 @@ class InboundConnection(asyncio.Protocol):
         self._reject_with: ProxyError | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._idle_deadline = _INF
-        self._head_deadline = _INF
+        self._head_deadline = _INF  # meaningful while _in_head (set once the head spans reads)
         self._in_head = False
-        self._head_raw = 0
+        self._head_raw = 0  # bytes of earlier reads of the head being parsed
+        self._seg = 0  # length of the read being parsed
+        config = engine.config
+        self._keepalive = config.keepalive_timeout
+        # A head within this many bytes is within every limit (see on_headers_complete).
+        self._head_check = min(config.max_header_bytes, config.max_request_line)
+        # The head being parsed: request line placeholder, then forwarded header lines.
+        self._url = b""
+        self._lines: list[bytes] = [b"", b" ", b"", b" HTTP/1.1\r\n"]  # method, url at 0, 2
+        self._host: bytes | None = None
         self._rare = True
-        self._reset_head()
+        self._reset_rare()
 
     def __repr__(self) -> str:
         state = (
@@ -122,19 +145,15 @@ class InboundConnection(asyncio.Protocol):
         )  # fmt: skip
         return f"<InboundConnection {self.peer.decode()} {state} queued={len(self._queue)}>"
 
-    def _reset_head(self) -> None:
-        self._url = b""
-        self._lines: list[bytes] = [b""]  # [0] is the request line, set at headers complete
-        self._host: bytes | None = None
-        self._accept = b""
-        self._head_bytes = 0
-        if self._rare:  # fields that most requests never set
-            self._rare = False
-            self._xff: bytes | None = None
-            self._cl: bytes | None = None
-            self._te: bytes | None = None
-            self._conn_extra: frozenset[bytes] | None = None
-            self._upgrade_value: bytes | None = None
+    def _reset_rare(self) -> None:
+        """Fields that only requests with a special header set (`_rare` says whether any is)."""
+        self._rare = False
+        self._xff: bytes | None = None
+        self._cl: bytes | None = None
+        self._te: bytes | None = None
+        self._conn_extra: frozenset[bytes] | None = None
+        self._upgrade_value: bytes | None = None
+        self._head_bytes = 0  # bytes of the special (not forwarded as is) header lines
 
     # --- asyncio.Protocol ---------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -145,12 +164,15 @@ class InboundConnection(asyncio.Protocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         peer = transport.get_extra_info("peername")
         self.peer = str(peer[0]).encode() if peer else b"unknown"
+        self._fwd = (
+            b"X-Forwarded-For: " + self.peer + b"\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: "
+        )
         engine = self.engine
         config = engine.config
         transport.set_write_buffer_limits(config.write_high_water, config.write_low_water)
         engine.connection_opened(self)
         # A new connection must send a request head within header_timeout.
-        now = engine.loop.time()
+        now = monotonic()
         self._idle_deadline = now + config.header_timeout
         self._arm(now + min(config.header_timeout, config.keepalive_timeout))
 
@@ -188,6 +210,7 @@ class InboundConnection(asyncio.Protocol):
         if self._raw:
             self._raw_received(data)
             return
+        self._seg = len(data)
         try:
             self._parser.feed_data(data)
         except HttpParserUpgrade as upgrade:
@@ -202,19 +225,24 @@ class InboundConnection(asyncio.Protocol):
             self._reject(BadRequest())
             return
         if self._in_head:
-            # A head still incomplete: bound what httptools buffers for it (one huge header
-            # value is only counted once complete). The count may include the end of the
-            # previous message when both came in one read, hence the slack of one read.
+            # A head still incomplete: it must be complete within header_timeout of this read,
+            # and what httptools buffers for it is bounded (one huge header value is only
+            # counted once complete). The count may include the end of the previous message
+            # when both came in one read, hence the slack of one read.
+            config = self.engine.config
+            if not self._head_raw:
+                self._head_deadline = monotonic() + config.header_timeout
             self._head_raw += len(data)
-            if self._head_raw > self.engine.config.max_header_bytes + _READ_SLACK:
+            if self._head_raw > config.max_header_bytes + _READ_SLACK:
                 self._reject(BadRequest("The request header section is too large."))
                 return
         ex = self._active
         if ex is not None:
             if not ex.started:  # its head was parsed in this segment
                 ex.start()
-            ex = self._active
-            if ex is not None and ex.pending:
+            # (An exchange that finished meanwhile has no pending bytes; a next one started by
+            # exchange_done was flushed there.)
+            if ex.pending:
                 if ex.conn is not None:
                     ex.flush()
                 elif ex.pending_size > self.engine.config.buffer_limit:
@@ -228,51 +256,55 @@ class InboundConnection(asyncio.Protocol):
         ex = self._parsing
         if ex is None or ex.done:
             return  # the upgrade was refused: the connection closes after the response
-        ex.pending.append(data)
-        ex.pending_size += len(data)
+        ex.add_body(data)
         if ex.conn is not None and ex is self._active:
             ex.flush()
         elif ex.pending_size > self.engine.config.buffer_limit:
             self._block(_BLOCK_BUFFER)
 
     # --- httptools callbacks (request parser) --------------------------------------------------
-    def on_message_begin(self) -> None:
-        self._in_head = True
-        self._head_raw = 0
-        self._head_deadline = self.engine.loop.time() + self.engine.config.header_timeout
+    # No on_message_begin (one callback less per request): a head is "in progress" from its
+    # first URL bytes; a client that sends only some method bytes counts as idle until then.
 
     def on_url(self, url: bytes) -> None:
         self._url += url
-        if len(self._url) > self.engine.config.max_request_line:
-            self._reject_with = BadRequest("The request target is too long.")
-            raise _Reject
+        self._in_head = True
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        size = len(name) + len(value)
-        self._head_bytes += size + 4
-        if self._head_bytes > self.engine.config.max_header_bytes:
-            self._reject_with = BadRequest("The request header section is too large.")
-            raise _Reject
-        if not self._in_head:
-            return  # a chunked trailer: never forwarded
-        kind = _REQUEST_KINDS.get(name)
-        if kind is None:
-            kind = h.REQUEST_NAMES.kind(name)
-        if kind == 0:  # h.ORDINARY: the common case first
-            self._lines.append(name + b": " + value + b"\r\n")
-            return
-        if kind > h.ACCEPT:
+        # Forwarded lines are collected as parts (`name`, ": ", `value`, CRLF), joined once.
+        if name in _ORDINARY and self._in_head:
+            self._lines += (name, b": ", value, b"\r\n")
+        elif name == b"Host" and self._host is None and self._in_head:
+            self._host = value
+            self._lines += (name, b": ", value, b"\r\n")
+        else:
+            self._header(name, value)
+
+    def _header(self, name: bytes, value: bytes) -> None:
+        """Any other header: a special one, another spelling, or a chunked trailer."""
+        if not self._in_head:  # a chunked trailer: never forwarded, bounded like a head
             self._rare = True
+            self._head_bytes += len(name) + len(value) + 4
+            if self._head_bytes > self.engine.config.max_header_bytes:
+                self._reject_with = BadRequest("The request header section is too large.")
+                raise _Reject
+            return
+        kind = h.REQUEST_NAMES.kind(name)
+        if kind == h.ORDINARY:
+            self._lines += (name, b": ", value, b"\r\n")
+            return
         if kind == h.HOST:
             if self._host is not None:
                 self._reject_with = BadRequest("More than one Host header.")
                 raise _Reject
             self._host = value
-            self._lines.append(name + b": " + value + b"\r\n")
-        elif kind == h.ACCEPT:
-            self._accept = value if not self._accept else self._accept + b"," + value
-            self._lines.append(name + b": " + value + b"\r\n")
-        elif kind == h.FORWARDED_FOR:
+            self._lines += (name, b": ", value, b"\r\n")
+            return
+        # Not forwarded as it is: counted here for the size limit (forwarded lines are
+        # counted from `_lines`, see _check_head).
+        self._rare = True
+        self._head_bytes += len(name) + len(value) + 4
+        if kind == h.FORWARDED_FOR:
             self._xff = value if self._xff is None else self._xff + b", " + value
         elif kind == h.CONTENT_LENGTH:
             self._cl = value  # llhttp rejected duplicates, lists, signs and non-digits
@@ -291,12 +323,22 @@ class InboundConnection(asyncio.Protocol):
         # HOP and FORWARDED_SET: dropped (the engine sets X-Forwarded-Proto/-Host itself)
 
     def on_headers_complete(self) -> None:
-        parser = self._parser
         self._in_head = False
-        self._head_raw = 0
+        parser = self._parser
         method = parser.get_method()
         url = self._url
         host = self._host
+        lines = self._lines
+        self._url = b""
+        self._lines = [b"", b" ", b"", b" HTTP/1.1\r\n"]
+        self._host = None
+        # The head lies within this read and the earlier reads of it: when those are small,
+        # the head is within every size limit and needs no counting.
+        if self._head_raw:
+            self._head_raw = 0
+            self._check_head(url, lines)
+        elif self._seg > self._head_check:
+            self._check_head(url, lines)
         if (
             not self._rare
             and host is not None
@@ -306,35 +348,36 @@ class InboundConnection(asyncio.Protocol):
         ):
             # The common request, decided without asking httptools for the version (a costly
             # call): keep-alive without a Connection header means HTTP/1.1; no Content-Length,
-            # Transfer-Encoding, Connection, Upgrade or X-Forwarded-For header was seen.
-            lines = self._lines
-            lines[0] = method + b" " + url + b" HTTP/1.1\r\n"
-            lines.append(
-                b"X-Forwarded-For: " + self.peer + b"\r\nX-Forwarded-Proto: http\r\n"
-                b"X-Forwarded-Host: " + host + b"\r\n\r\n"
-            )  # fmt: skip
-            ex = Exchange(
-                self,
-                method,
-                host,
-                b"".join(lines),
-                reserved_flags(url) | F_KEEP_ALIVE
-                if url.startswith(RESERVED_PREFIX)
-                else F_KEEP_ALIVE,
-            )
+            # Transfer-Encoding, Connection, Upgrade, X-Forwarded-* or hop-by-hop header, so
+            # no body: the request is complete with its head.
+            lines[0] = method
+            lines[2] = url
+            lines += (self._fwd, host, b"\r\n\r\n")
+            ex = Exchange(self, method, host, b"".join(lines), True, method == b"HEAD")
+            if url[1:2] == b"." and url.startswith(RESERVED_PREFIX):  # (a cheap test first)
+                ex.reserved = reserved_flags(url)
         else:
-            ex = self._general_head(method, url, host)
-        if self._accept:
-            ex.accept = self._accept
-        self._reset_head()
-        self._parsing = ex
+            ex = self._parsing = self._general_head(method, url, host, lines)
         if self._active is None:
             self._active = ex  # started after this segment parsed cleanly
         else:
             self._queue.append(ex)
             self._block(_BLOCK_PIPELINE)
 
-    def _general_head(self, method: bytes, url: bytes, host: bytes | None) -> Exchange:
+    def _check_head(self, url: bytes, lines: list[bytes]) -> None:
+        config = self.engine.config
+        if len(url) > config.max_request_line:
+            self._reject_with = BadRequest("The request target is too long.")
+            raise _Reject
+        # Forwarded lines are `name: value\r\n` (4 bytes over name and value, as counted
+        # for the others in _head_bytes); lines[:4] is the request line.
+        if self._head_bytes + sum(map(len, lines[4:])) > config.max_header_bytes:
+            self._reject_with = BadRequest("The request header section is too large.")
+            raise _Reject
+
+    def _general_head(
+        self, method: bytes, url: bytes, host: bytes | None, lines: list[bytes]
+    ) -> Exchange:
         """Any request head: validate the version, target and framing; render the head."""
         parser = self._parser
         version = parser.get_http_version()
@@ -354,10 +397,13 @@ class InboundConnection(asyncio.Protocol):
                 raise _Reject
             host = b""
         upgrade = parser.should_upgrade()
-        lines = self._lines
+        # Header lines from their parts (see on_header), after the request line.
+        lines = [
+            b"".join(lines[i : i + 4]) for i in range(4, len(lines), 4)
+        ]  # fmt: skip
         if self._conn_extra:
             lines = h.drop_named(lines, self._conn_extra)
-        lines[0] = method + b" " + url + b" HTTP/1.1\r\n"
+        lines.insert(0, method + b" " + url + b" HTTP/1.1\r\n")
         chunked = self._te is not None
         cl = self._cl
         if chunked:
@@ -377,27 +423,31 @@ class InboundConnection(asyncio.Protocol):
             | (F_UPGRADE if upgrade else 0)
             | (F_BODY if chunked or (cl is not None and cl.strip(b"0") != b"") else 0)
             | (F_CHUNKED if chunked else 0)
+            | (F_HEAD if method == b"HEAD" else 0)
         )
         if url.startswith(RESERVED_PREFIX):
             flags |= reserved_flags(url)
-        return Exchange(self, method, host, b"".join(lines), flags)
+        ex = Exchange(self, method, host, b"".join(lines), False, False)
+        ex.set_flags(flags)
+        return ex
 
     def on_body(self, body: bytes) -> None:
         ex = self._parsing
         if ex is None or ex.local or ex.done:
             return
         if ex.chunked_in:
-            ex.pending.append(b"%x\r\n" % len(body) + body + b"\r\n")
+            ex.add_body(b"%x\r\n" % len(body) + body + b"\r\n")
         else:
-            ex.pending.append(body)
-        ex.pending_size += len(body)
+            ex.add_body(body)
 
     def on_message_complete(self) -> None:
+        if self._rare:  # (after any trailers: the next head starts clean)
+            self._reset_rare()
         ex = self._parsing
         if ex is None:
-            return
+            return  # (a request without body: complete with its head)
         if ex.chunked_in and not ex.local and not ex.done:
-            ex.pending.append(b"0\r\n\r\n")
+            ex.add_body(b"0\r\n\r\n")
         ex.request_complete = True
         if not ex.upgrade:
             self._parsing = None
@@ -419,14 +469,13 @@ class InboundConnection(asyncio.Protocol):
     def become_tunnel(self, conn: UpstreamConnection) -> None:
         self._tunnel = conn
 
-    def exchange_done(self, ex: Exchange) -> None:
-        """The active exchange finished: start the next request, go idle, or close."""
+    def exchange_done(self, ex: Exchange, now: float) -> None:
+        """The active exchange finished (at monotonic `now`): start the next request, go idle,
+        or close."""
         if self._active is not ex:
-            return
+            return  # (also when the connection was lost: connection_lost clears _active)
         self._active = None
-        if self._closed:
-            return
-        if not ex.keep_alive or self._stop_after or self.engine.closing:
+        if not ex.keep_alive or self._stop_after:
             self.close()
             return
         if self.blocked:
@@ -439,20 +488,31 @@ class InboundConnection(asyncio.Protocol):
             if self._active is nxt and nxt.conn is not None and nxt.pending:
                 nxt.flush()
             return
-        self._idle_deadline = self.engine.loop.time() + self.engine.config.keepalive_timeout
+        self._idle_deadline = now + self._keepalive
 
     def close(self) -> None:
         """Close after writing what is buffered; stop reading now."""
+        self._stop_after = True
         if not self._closed:
             self._block(_BLOCK_CLOSED)
             self.transport.close()
 
-    def close_if_idle(self) -> bool:
-        """Graceful shutdown: close now unless a request is in progress."""
-        if self._active is None and self._tunnel is None:
+    def stop_after_active(self) -> None:
+        """Graceful shutdown: close now if idle, else once the active exchange is done (its
+        response says `Connection: close`); pipelined requests behind it are not served."""
+        ex = self._active
+        if ex is None and self._tunnel is None:
             self.close()
-            return True
-        return False
+            return
+        self._stop_after = True
+        if ex is not None:
+            ex.keep_alive = False
+
+    @property
+    def busy(self) -> bool:
+        """An exchange was started and is not finished (tunnels count as finished)."""
+        ex = self._active
+        return ex is not None and bool(ex.started) and not ex.done
 
     def abort(self) -> None:
         if not self._closed:
@@ -499,7 +559,7 @@ class InboundConnection(asyncio.Protocol):
         if self._closed:
             return
         engine = self.engine
-        now = engine.loop.time()
+        now = monotonic()
         tick = now + min(engine.config.header_timeout, engine.config.keepalive_timeout)
         if self._active is None and self._tunnel is None:
             deadline = self._head_deadline if self._in_head else self._idle_deadline

@@ -36,12 +36,20 @@ class Refusal:
 @attrs.define(slots=True, eq=False)
 class Lease:
     """A reservation of capacity on one sandbox. Identity equality: two leases on one sandbox
-    are two reservations. `token` is the router's own bookkeeping (opaque to the engine)."""
+    are two reservations. `token` is the router's own bookkeeping (opaque to the engine).
+
+    The engine reads `addr`, the (host, port) tuple, on every request (its pools are keyed by
+    it): a router's lease type may be any object with `addr`, `host` and `port`, ideally sharing
+    one `addr` tuple between the leases on one sandbox."""
 
     host: str
     port: int
     key: Hashable  # identifies the sandbox
     token: object = None
+    addr: tuple[str, int] = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.addr = (self.host, self.port)
 
 
 @runtime_checkable
@@ -50,8 +58,9 @@ class Router(Protocol):
 
     Contract:
     - `resolve` is pure, synchronous and in memory. It gets the raw `Host` header value (bytes;
-      b"" when absent) and normalizes it itself (port, one trailing dot, case). It returns a
-      Target or a Refusal and never raises.
+      b"" when absent) and normalizes it itself (port, one trailing dot, case), and the caller's
+      `time.monotonic()` when it has one (else it reads the clock itself if it needs it). It
+      returns a Target or a Refusal and never raises.
     - `cached_lease` is synchronous: a cache hit counts one use on the lease and returns it; a
       miss returns None and the engine calls `acquire`.
     - `acquire` may await (cold start) and raises the typed errors of `errors.py`
@@ -62,7 +71,7 @@ class Router(Protocol):
       refused (drop it from the cache; the engine then calls `acquire` once more).
     """
 
-    def resolve(self, host: bytes | str) -> Target | Refusal: ...
+    def resolve(self, host: bytes | str, now: float | None = None) -> Target | Refusal: ...
 
     def cached_lease(self, target: Target) -> Lease | None: ...
 

@@ -11,6 +11,7 @@ The in-flight gauge reads the engine's counter at scrape time.
 from __future__ import annotations
 
 from bisect import bisect_left
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry
@@ -37,7 +38,7 @@ class _AppStats:
     __slots__ = ("buckets", "counts", "total")
 
     def __init__(self) -> None:
-        self.counts: dict[tuple[int, bytes], int] = {}  # (code, raw method) -> requests
+        self.counts: defaultdict[tuple[int, bytes], int] = defaultdict(int)  # (code, method)
         self.buckets = [0] * (len(DURATION_BUCKETS) + 1)  # last one is +Inf
         self.total = 0.0  # sum of durations
 
@@ -55,14 +56,21 @@ class ProxyMetrics(Collector):
         registry.register(self)
 
     # --- hot path ---------------------------------------------------------------------------
-    def request_done(self, app: str, code: int, method: bytes, seconds: float) -> None:
+    def request_done(
+        self,
+        app: str,
+        code: int,
+        method: bytes,
+        seconds: float,
+        _bisect: Callable[[tuple[float, ...], float], int] = bisect_left,
+        _bounds: tuple[float, ...] = DURATION_BUCKETS,
+    ) -> None:
+        # (_bisect and _bounds: locals, cheaper than globals; never passed)
         stats = self._apps.get(app)
         if stats is None:
             stats = self._apps[app] = _AppStats()
-        key = (code, method)
-        counts = stats.counts
-        counts[key] = counts.get(key, 0) + 1
-        stats.buckets[bisect_left(DURATION_BUCKETS, seconds)] += 1
+        stats.counts[code, method] += 1
+        stats.buckets[_bisect(_bounds, seconds)] += 1
         stats.total += seconds
 
     def upstream_error(self, reason: str) -> None:

@@ -2,7 +2,8 @@
 
 Invariants:
 - a connection is in `idle` only while no exchange uses it, its last response was read to the
-  end, the upstream did not ask to close, and its transport is open;
+  end, the upstream did not ask to close, and it was not closed (`dead` is set by close, abort
+  and connection_lost, so `take` needs no transport call);
 - `idle` is a LIFO stack (hot connections are reused first, surplus ones idle out), at most
   `max_idle` long; a connection returned to a full pool is closed;
 - `take()` never awaits: it pops an idle connection or returns None, and only then does the
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from time import monotonic
 from typing import TYPE_CHECKING
 
 from .upstream import UpstreamConnection
@@ -22,7 +24,7 @@ if TYPE_CHECKING:
 
 
 class UpstreamPool:
-    __slots__ = ("_engine", "closed", "host", "idle", "open", "port")
+    __slots__ = ("_engine", "closed", "host", "idle", "idle_timeout", "max_idle", "open", "port")
 
     def __init__(self, engine: Engine, host: str, port: int) -> None:
         self._engine = engine
@@ -31,6 +33,8 @@ class UpstreamPool:
         self.idle: list[UpstreamConnection] = []
         self.open = 0  # connections of this pool with an open transport (idle or busy)
         self.closed = False
+        self.max_idle = engine.config.pool_max_idle
+        self.idle_timeout = engine.config.pool_idle_timeout
 
     def __repr__(self) -> str:
         return f"<UpstreamPool {self.host}:{self.port} open={self.open} idle={len(self.idle)}>"
@@ -39,7 +43,7 @@ class UpstreamPool:
         idle = self.idle
         while idle:
             conn = idle.pop()
-            if not conn.lost and not conn.transport.is_closing():
+            if not conn.dead:
                 return conn
         return None
 
@@ -52,13 +56,10 @@ class UpstreamPool:
             )
         return conn
 
-    def put(self, conn: UpstreamConnection) -> None:
-        """Return a connection whose exchange finished cleanly."""
-        if self.closed or len(self.idle) >= self._engine.config.pool_max_idle:
-            conn.close()
-        else:
-            conn.park()
-            self.idle.append(conn)
+    def put(self, conn: UpstreamConnection, now: float | None = None) -> None:
+        """Return a connection whose exchange finished cleanly (`now`: monotonic time, read
+        when not given); it is closed instead when the pool is closed or full."""
+        conn.park(monotonic() if now is None else now)
 
     def forget(self, conn: UpstreamConnection) -> None:
         """A connection was lost; drop it from the idle stack if it is there."""
@@ -67,6 +68,7 @@ class UpstreamPool:
 
     def close(self) -> None:
         self.closed = True
+        self.max_idle = 0  # a connection coming back now is closed (see UpstreamConnection.park)
         idle, self.idle = self.idle, []
         for conn in idle:
             conn.close()

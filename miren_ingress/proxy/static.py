@@ -62,7 +62,7 @@ class StaticRouter:
     def __repr__(self) -> str:
         return f"<StaticRouter routes={len(self._targets)}>"
 
-    def resolve(self, host: bytes | str) -> Target | Refusal:
+    def resolve(self, host: bytes | str, now: float | None = None) -> Target | Refusal:
         answer = self._resolved.get(host)
         if answer is None:
             answer = self._resolve(host)

@@ -4,18 +4,35 @@ At most one exchange uses a connection at a time (no upstream pipelining). Durin
 `data_received` everything meant for the client is collected in `out` and written with one
 `transport.write` afterwards, so a small response goes out as one segment (head + body).
 
+The response head is forwarded by splicing the upstream's raw bytes, not rebuilt header by
+header. llhttp has already validated the head when `on_headers_complete` runs: every line ends
+in CRLF, no value holds CR or LF, no name is followed by whitespace (all checked strictly), so
+the first empty line ends the head and `CRLF + name + ":"` finds exactly the lines of that name.
+`on_header` only classifies names: ordinary headers stay where they are, Content-Length too
+(llhttp rejected duplicates, lists and signs). The common response (HTTP/1.1 status line at the
+start of one segment, Content-Length framing, at most a `Connection: keep-alive` line to cut
+out, as nginx sends) takes the fast path of `on_headers_complete`, which appends the spliced
+head to `out` as slices (joined once, with the body, for the write); anything else (other
+hop-by-hop headers, chunked or close-delimited bodies, HEAD, 1xx, 101, a head split across
+segments) takes `_general_head`, which splits the head into lines. The upstream's reason phrase
+is forwarded as sent.
+
 The connection's timer serves both the request idle timeout (while an exchange is attached)
-and the pool idle timeout (while parked). It is re-armed lazily: reading data only moves
-`deadline`; when the timer fires early it re-arms itself. Invariant: the timer is armed at or
-before the current deadline, and at most `pool_idle_timeout` after it was last armed, so
-attaching an exchange needs no timer call unless its request_timeout is shorter than that.
+and the pool idle timeout (while parked). It is re-armed lazily: activity only moves `deadline`;
+when the timer fires early it re-arms itself. Invariant: the timer is armed at or before the
+current deadline, and at most `pool_idle_timeout` after it was last armed, so attaching an
+exchange needs no timer call unless its request_timeout is shorter than that. Deadlines are
+`time.monotonic()` values: the event loop's clock is the same CLOCK_MONOTONIC (asyncio reads it
+directly, uvloop truncates it to milliseconds), so they are valid `call_at` instants. A response
+that completes within one read costs no clock read here at all: the exchange's end time, read
+once, parks the connection.
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
-from http import HTTPStatus
+from time import monotonic
 from typing import TYPE_CHECKING, cast
 
 from httptools import (
@@ -35,21 +52,13 @@ if TYPE_CHECKING:
 
 _INF = float("inf")
 _NO_BODY_STATUS = (204, 304)
+_ORDINARY = h.RESPONSE_NAMES.ordinary  # spellings known to be ordinary (read directly: hot)
+_CONNECTION_LINE = b"\r\nConnection: keep-alive\r\n"  # (24 bytes before its final CRLF)
+_TIMER_SLACK = 0.001  # re-arm at least this far ahead (uvloop's timers have 1 ms resolution)
 
 
 class _Stop(Exception):
     """Raised inside a parser callback to stop parsing the current segment."""
-
-
-# Status lines by code. The upstream's reason phrase is not forwarded (it carries no meaning,
-# RFC 9112 §4): the standard phrase is used, which spares a parser callback per response.
-_STATUS_LINES = {int(s): b"HTTP/1.1 %d %s\r\n" % (s, s.phrase.encode()) for s in HTTPStatus}
-_RESPONSE_KINDS = h.RESPONSE_NAMES.cache  # memoized kinds by raw name (read directly: hot)
-
-
-def status_line(status: int) -> bytes:
-    line = _STATUS_LINES.get(status)
-    return line if line is not None else b"HTTP/1.1 %d Unknown\r\n" % status
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -58,22 +67,27 @@ class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "_chunk_out",
         "_cl",
+        "_conn_cut",
         "_conn_extra",
+        "_data",
         "_done",
         "_eof_body",
+        "_head_done",
         "_interim",
-        "_lines",
+        "_pos",
+        "_pre",
+        "_rare",
         "_reading_paused",
+        "_spliced",
         "_stop_reuse",
         "_te",
         "_timer",
         "_timer_at",
         "_upgrade_value",
+        "dead",
         "deadline",
         "engine",
         "ex",
-        "got_bytes",
-        "lost",
         "out",
         "parser",
         "pool",
@@ -91,29 +105,42 @@ class UpstreamConnection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = _INF
         self.reused = False  # served an exchange before (keep-alive)
-        self.got_bytes = False  # some response byte arrived for the current exchange
         self.tunnel = False  # switched to raw byte piping (101)
-        self.lost = False
-        self._stop_reuse = False  # this connection must not go back to the pool
+        self.dead = False  # closed, closing or lost: never to be reused
+        self._stop_reuse = False  # never to go back to the pool (so never reset)
         self._reading_paused = False
         self.out: list[bytes] = []
-        self._reset_message()
+        self._data: bytes | None = None  # the segment being parsed (only during feed_data)
+        # Per response, reset by `begin`:
+        self._head_done = False  # the final head went to `out`: later headers are trailers
+        self._cl: bytes | None = None  # the Content-Length value
+        self._spliced = False  # this segment's body went to `out` with the head (fast path)
+        self._conn_cut = False  # a `Connection: keep-alive` line is to be cut out
+        self._done = False  # the response was read to its end (reset when handled)
+        # Per response, only touched off the fast path; `_rare` says whether to reset them.
+        self._rare = True
+        self._reset_rare()
 
     def __repr__(self) -> str:
         state = "tunnel" if self.tunnel else "busy" if self.ex is not None else "idle"
         return f"<UpstreamConnection {self.pool.host}:{self.pool.port} {state}>"
 
-    def _reset_message(self) -> None:
-        # [0] is the status line, set at headers complete; None once the head was sent
-        self._lines: list[bytes] | None = [b""]
-        self._cl: bytes | None = None
+    @property
+    def got_bytes(self) -> bool:
+        """Some byte of a response arrived for the current exchange (kept in `_pre` until its
+        head is complete)."""
+        return self._head_done or self._pre is not None
+
+    def _reset_rare(self) -> None:
+        self._rare = False
+        self._pre: list[bytes] | None = None  # earlier segments of a head not complete yet
+        self._pos = 0  # where the next head starts in b"".join(_pre) + segment
         self._te: bytes | None = None
         self._conn_extra: frozenset[bytes] | None = None
         self._upgrade_value: bytes | None = None
         self._chunk_out = False  # re-frame the body as chunked towards the client
         self._eof_body = False  # the body ends when the upstream closes
-        self._interim = False
-        self._done = False
+        self._interim = False  # the message being parsed is a 1xx interim response
 
     # --- asyncio.Protocol ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -126,10 +153,10 @@ class UpstreamConnection(asyncio.Protocol):
         transport.set_write_buffer_limits(config.write_high_water, config.write_low_water)
         self.pool.open += 1
         self.engine.upstream_open += 1
-        self._arm(self.engine.loop.time() + config.pool_idle_timeout)
+        self._arm(monotonic() + self.pool.idle_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = True
+        self.dead = True
         self.pool.open -= 1
         self.engine.upstream_open -= 1
         if self._timer is not None:
@@ -141,16 +168,17 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if self.tunnel:
             ex.tunnel_closed()
-        elif self._eof_body and self._lines is None:
+        elif self._eof_body and self._head_done:
             # An EOF-delimited body ended: this is the normal end of the response.
             if self._chunk_out:
                 ex.inbound.write(b"0\r\n\r\n")
             self.ex = None
-            ex.response_done(reusable=False)
+            ex.finished(monotonic())
         else:
             ex.upstream_lost(self, UpstreamReset())
 
     def eof_received(self) -> bool | None:
+        self.dead = True  # closing: a parked connection must not be taken any more
         return None  # close our side too; connection_lost does the bookkeeping
 
     def pause_writing(self) -> None:
@@ -169,13 +197,13 @@ class UpstreamConnection(asyncio.Protocol):
         if self.tunnel:
             ex.inbound.write(data)
             return
-        self.deadline = self.engine.loop.time() + ex.timeout
-        self.got_bytes = True
         out = self.out
+        self._data = data
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as upgrade:
-            if self._lines is not None or ex.target is None or not ex.upgrade:
+            self._data = None
+            if not self._head_done or ex.target is None or not ex.upgrade:
                 self._protocol_error(ex)
                 return
             rest = data[upgrade.args[0] :]
@@ -186,26 +214,54 @@ class UpstreamConnection(asyncio.Protocol):
         except HttpParserCallbackError:
             # A callback stopped the parser: a HEAD response (done) or bytes past the end of
             # the response (out of sync). Either way the connection is not reused.
+            self._data = None
             self._stop_reuse = True
             if not self._done:
                 self._protocol_error(ex)
                 return
+            if self._spliced:
+                self._trim_spliced(data, ex.status)
         except HttpParserError:
+            self._data = None
             self._protocol_error(ex)
             return
+        self._data = None  # never keep a segment alive past its parse
+        if self._spliced:
+            self._spliced = False
         if out:
             # Invariant: an exchange whose client connection is lost is detached from its
             # upstream connection at once (Exchange.abort), so the client transport is open.
-            ex.inbound.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            ex.inbound.transport.write(b"".join(out))  # (one part: joined without a copy)
             out.clear()
-            if self._lines is None:
+            if self._head_done:
                 ex.head_sent = True  # from now on an error can only close the connection
-        if self.tunnel:
+        if self.tunnel:  # (llhttp also completes the 101 message: test this first)
             ex.switched()
         elif self._done:
-            self.ex = None
             self._done = False
-            ex.response_done(reusable=not self._stop_reuse)
+            now = monotonic()
+            # park() written out (the hit path); a request body not sent whole leaves the
+            # stream unusable.
+            pool = self.pool
+            idle = pool.idle
+            if self._stop_reuse or not ex.request_complete or len(idle) >= pool.max_idle:
+                self.close()
+            else:
+                self.reused = True
+                self.ex = None
+                if self._reading_paused:
+                    self.resume_reading()  # must see the upstream's close while parked
+                self.deadline = now + pool.idle_timeout
+                idle.append(self)
+            ex.finished(now)
+        else:
+            if not self._head_done:  # keep what we have of the head for on_headers_complete
+                self._rare = True
+                if self._pre is None:
+                    self._pre = [data]
+                else:
+                    self._pre.append(data)
+            self.deadline = monotonic() + ex.timeout
 
     # --- httptools callbacks (response parser) ----------------------------------------------
     def on_message_begin(self) -> None:
@@ -213,118 +269,209 @@ class UpstreamConnection(asyncio.Protocol):
             raise _Stop  # a second response in one read: out of sync
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        lines = self._lines
-        if lines is None:
-            return  # a trailer: dropped
-        kind = _RESPONSE_KINDS.get(name)
-        if kind is None:
-            kind = h.RESPONSE_NAMES.kind(name)
-        if kind == 0:  # h.ORDINARY: the common case first
-            lines.append(name + b": " + value + b"\r\n")
-        elif kind == h.CONTENT_LENGTH:
+        if name in _ORDINARY:  # stays in place
+            return
+        if name == b"Content-Length":  # stays in place
             self._cl = value
-        elif kind == h.TRANSFER_ENCODING:
+        elif name == b"Connection" and value == b"keep-alive" and not self._conn_cut:
+            self._conn_cut = True  # nginx sends it on every response: cut out on the fast path
+        else:
+            self._header(name, value)
+
+    def _header(self, name: bytes, value: bytes) -> None:
+        kind = h.RESPONSE_NAMES.kind(name)
+        if kind == h.ORDINARY:
+            return
+        if kind == h.CONTENT_LENGTH:  # (another spelling)
+            self._cl = value
+            return
+        if self._head_done:
+            return  # a trailer: dropped
+        self._rare = True
+        if kind == h.TRANSFER_ENCODING:
             self._te = value
         elif kind == h.CONNECTION:
-            if value != b"keep-alive":  # the usual value names no other header
-                extra, _ = h.connection_tokens(value)
-                if extra:
-                    self._conn_extra = (self._conn_extra or frozenset()) | extra
+            extra, _ = h.connection_tokens(value)
+            if extra:
+                self._conn_extra = (self._conn_extra or frozenset()) | extra
         elif kind == h.UPGRADE:
             self._upgrade_value = value
-        # HOP: dropped
+        # HOP: dropped by _general_head
 
     def on_headers_complete(self) -> None:
-        ex = self.ex
-        assert ex is not None
-        lines = self._lines
-        assert lines is not None
+        ex: Exchange = self.ex  # type: ignore[assignment]  # (attached: a response is read)
         status = self.parser.get_status_code()
-        lines[0] = status_line(status)
-        if self._conn_extra:
-            lines = h.drop_named(lines, self._conn_extra)
-        if status < 200 and status != 101:
-            # Interim response (100 Continue, 103 Early Hints): forwarded to HTTP/1.1 clients.
-            if not ex.http10:
-                lines.append(b"\r\n")
-                self.out.append(b"".join(lines))
-            self._lines = [b""]
-            self._interim = True
-            return
+        if status < 200:
+            if status != 101:
+                self._interim_head(ex)
+                return
+            self._rare = True
         ex.status = status
+        data: bytes = self._data  # type: ignore[assignment]  # (set around feed_data)
+        if self._rare or self._cl is None or ex.head_only or not data.startswith(b"HTTP/1.1 "):
+            self._general_head(ex, status)
+            return
+        # The fast path: the whole head is at the start of `data`, framed by Content-Length,
+        # so the rest of `data` is body (a second message would have stopped the parser, see
+        # _trim_spliced): `out` gets `data` itself, minus the Connection line, plus our lines.
+        add = self.engine.head_lines[ex.target.ephemeral][ex.keep_alive]  # type: ignore[union-attr]
+        if self._conn_cut:
+            cut = data.find(_CONNECTION_LINE)  # the CRLF before that line (as nginx writes it)
+            if cut >= 0:
+                after = cut + 24  # the CRLF ending it
+            else:  # other whitespace around the value
+                cut = data.find(b"\r\nConnection:")
+                after = data.find(b"\r\n", cut + 2)
+            self.out += (data[:cut], add, data[after:])
+        elif add:
+            cut = data.find(b"\r\n")  # after the status line
+            self.out += (data[:cut], add, data[cut:])
+        else:
+            self.out.append(data)
+        self._spliced = True  # on_body: these body bytes are in `out` already
+        self._head_done = True
+
+    def _trim_spliced(self, data: bytes, status: int) -> None:
+        """The parser stopped at a second message after a spliced response: drop its bytes."""
+        end = data.find(b"\r\n\r\n") + 4
+        if status not in _NO_BODY_STATUS:
+            end += int(self._cl or b"0")
+        out = self.out
+        out[-1] = data[len(data) - len(out[-1]) : end]
+
+    def _head_lines(self) -> list[bytes]:
+        """The head being completed, split into lines (status line first), from the raw bytes
+        of this segment and any earlier ones; moves `_pos` past it."""
+        data = self._data
+        assert data is not None
+        pre = self._pre
+        buf = data if pre is None else b"".join(pre) + data
+        start = self._pos
+        while buf.startswith(b"\r\n", start):
+            start += 2  # llhttp accepts empty lines before a message
+        end = buf.find(b"\r\n\r\n", start)
+        self._pos = end + 4
+        return buf[start:end].split(b"\r\n")
+
+    @staticmethod
+    def _ordinary_lines(lines: list[bytes], drop: frozenset[bytes] | None) -> list[bytes]:
+        """Status line, then the header lines that are forwarded as they are."""
+        kept = [lines[0] if lines[0].startswith(b"HTTP/1.1 ") else b"HTTP/1.1" + lines[0][8:]]
+        kind_of = h.RESPONSE_NAMES.kind
+        for line in lines[1:]:
+            name = line[: line.index(b":")]
+            kind = kind_of(name)
+            if kind in (h.ORDINARY, h.CONTENT_LENGTH) and not (drop and name.lower() in drop):
+                kept.append(line)
+        return kept
+
+    def _interim_head(self, ex: Exchange) -> None:
+        # Interim response (100 Continue, 103 Early Hints): forwarded to HTTP/1.1 clients.
+        self._rare = True
+        lines = self._head_lines()
+        if not ex.http10:
+            kept = self._ordinary_lines(lines, self._conn_extra)
+            kept.append(b"\r\n")
+            self.out.append(b"\r\n".join(kept))
+        self._interim = True
+        self._cl = None
+        self._conn_cut = False
+        self._te = None
+        self._conn_extra = None
+        self._upgrade_value = None
+
+    def _general_head(self, ex: Exchange, status: int) -> None:
+        assert ex.target is not None
+        lines = self._ordinary_lines(self._head_lines(), self._conn_extra)
+        self._pre = None
+        self._rare = True
         te = self._te
         if te is not None and not h.is_chunked_only(te):
             raise _Stop  # a transfer coding we cannot re-frame
         if status == 101:
-            lines.append(
-                b"Connection: Upgrade\r\nUpgrade: " + (self._upgrade_value or b"") + b"\r\n"
-            )
-        elif self._cl is not None:  # also kept on HEAD, 204 and 304 answers
-            lines.append(b"Content-Length: " + self._cl + b"\r\n")
-        elif not ex.head_only and status not in _NO_BODY_STATUS:
+            lines = [line for line in lines if line[:15].lower() != b"content-length:"]
+            lines.append(b"Connection: Upgrade\r\nUpgrade: " + (self._upgrade_value or b""))
+        elif self._cl is None and not ex.head_only and status not in _NO_BODY_STATUS:
             self._eof_body = te is None
             if ex.http10:
                 ex.keep_alive = False  # no chunked for HTTP/1.0: the close ends the body
             else:
                 self._chunk_out = True
-                lines.append(b"Transfer-Encoding: chunked\r\n")
-        if ex.ephemeral:
-            lines.append(self.engine.robots_line)
-        if self.engine.closing:
-            ex.keep_alive = False  # shutting down: this is the connection's last response
-        if not ex.keep_alive and status != 101:
-            lines.append(b"Connection: close\r\n")
-        lines.append(b"\r\n")
-        self.out.append(b"".join(lines))
-        self._lines = None  # head sent: later on_header calls are trailers
+                lines.append(b"Transfer-Encoding: chunked")
+        tails = self.engine.head_tails[ex.target.ephemeral]
+        tail = tails[True] if status == 101 else tails[ex.keep_alive]
+        lines.append(tail)
+        self.out.append(b"\r\n".join(lines))
+        self._head_done = True
         if ex.head_only:
             self._done = True
             raise _Stop  # llhttp would wait for a HEAD response's announced body
 
     def on_body(self, body: bytes) -> None:
+        if self._spliced:
+            return
         if self._chunk_out:
             self.out.append(b"%x\r\n" % len(body) + body + b"\r\n")
         else:
             self.out.append(body)
 
     def on_message_complete(self) -> None:
-        if self._interim:
-            self._interim = False
-            return
-        if self._chunk_out:
-            self.out.append(b"0\r\n\r\n")
+        if self._rare:
+            if self._interim:
+                self._interim = False
+                return
+            if self._chunk_out:
+                self.out.append(b"0\r\n\r\n")
         # llhttp forgets the keep-alive flags once the message is complete: ask now.
         if not self.parser.should_keep_alive():
             self._stop_reuse = True
         self._done = True
 
     # --- used by the exchange and the pool ---------------------------------------------------
-    def begin(self, ex: Exchange) -> None:
-        """Attach an exchange (the connection is open and idle)."""
+    def begin(self, ex: Exchange, now: float) -> None:
+        """Attach an exchange (the connection is open and idle; `now` is a monotonic time) and
+        write its request head, with any body bytes collected meanwhile."""
         self.ex = ex
-        self.got_bytes = False
-        self._stop_reuse = False
-        self._reset_message()
-        deadline = self.deadline = self.engine.loop.time() + ex.timeout
+        self._head_done = False
+        self._cl = None
+        self._conn_cut = False
+        if self._rare:
+            self._reset_rare()
+        deadline = self.deadline = now + ex.timeout
         if deadline < self._timer_at:
             self._arm(deadline)
         if ex.inbound.write_paused:
             self.pause_reading()
+        pending = ex.pending
+        if pending is None:
+            self.transport.write(ex.head)
+        else:
+            ex.pending = None
+            ex.pending_size = 0
+            pending.insert(0, ex.head)
+            self.transport.write(b"".join(pending))
 
-    def park(self) -> None:
-        """Going idle in the pool: the deadline becomes the pool idle timeout."""
+    def park(self, now: float) -> None:
+        """The exchange finished cleanly: go idle in the pool (or close if it is full or
+        closed). The deadline becomes the pool idle timeout from `now`."""
+        pool = self.pool
+        idle = pool.idle
+        if len(idle) >= pool.max_idle:  # (0 once the pool is closed)
+            self.close()
+            return
         self.reused = True
         self.ex = None
         if self._reading_paused:
             self.resume_reading()  # must see the upstream's close while parked
-        self.deadline = self.engine.loop.time() + self.engine.config.pool_idle_timeout
+        self.deadline = now + pool.idle_timeout
+        idle.append(self)
 
     def write(self, data: bytes) -> None:
         """Write request bytes; activity re-arms the idle timeout too."""
         self.transport.write(data)
         ex = self.ex
         if ex is not None and not self.tunnel:
-            self.deadline = self.engine.loop.time() + ex.timeout
+            self.deadline = monotonic() + ex.timeout
 
     def pause_reading(self) -> None:
         if not self._reading_paused:
@@ -338,10 +485,12 @@ class UpstreamConnection(asyncio.Protocol):
 
     def close(self) -> None:
         self.ex = None
+        self.dead = True
         self.transport.close()
 
     def abort(self) -> None:
         self.ex = None
+        self.dead = True
         self.transport.abort()
 
     def _protocol_error(self, ex: Exchange) -> None:
@@ -357,10 +506,10 @@ class UpstreamConnection(asyncio.Protocol):
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_at = _INF
-        if self.lost:
+        if self.dead:
             return
-        now = self.engine.loop.time()
-        tick = now + self.engine.config.pool_idle_timeout
+        now = monotonic()
+        tick = now + self.pool.idle_timeout
         ex = self.ex
         if ex is None:  # parked
             if now >= self.deadline:
@@ -372,4 +521,4 @@ class UpstreamConnection(asyncio.Protocol):
         elif now >= self.deadline:
             ex.upstream_lost(self, UpstreamTimeout())
             return
-        self._arm(min(self.deadline, tick))
+        self._arm(max(min(self.deadline, tick), now + _TIMER_SLACK))

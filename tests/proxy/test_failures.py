@@ -53,7 +53,7 @@ class ScriptedRouter:
         self.acquire_started = asyncio.Event()
         self.acquire_gate: asyncio.Event | None = None
 
-    def resolve(self, host: bytes | str) -> Target | Refusal:
+    def resolve(self, host: bytes | str, now: float | None = None) -> Target | Refusal:
         if host.startswith(b"gone."):  # type: ignore[union-attr]
             return Refusal(410, "This preview has expired.")
         return self.target

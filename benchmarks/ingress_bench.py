@@ -1,0 +1,507 @@
+#!/usr/bin/env python3
+"""The ingress hot path through the real stack (`miren serve`: EdgeRouter + activator leases),
+measured against nginx, in the same run, with the shared anchor script.
+
+    python benchmarks/ingress_bench.py                    # full run: / and /1k, 32 and 256 conns
+    python benchmarks/ingress_bench.py --paths / --conns 32 --reps 3 --seconds 10
+    python benchmarks/ingress_bench.py micro              # pure-Python µs/request, fake transports
+    python benchmarks/ingress_bench.py micro --profile    # ... with a cProfile of the loop
+    python benchmarks/ingress_bench.py micro --opcodes    # ... bytecodes per request, by function
+
+Full run: starts `miren serve --store memory` (its own process, pinned to CPU 0 with taskset),
+then runs `/work/shared/bench/anchors/compare.py` once per path. compare.py
+starts the nginx backend (127.0.0.1:18080, "/" -> "ok", "/1k" -> 1 KiB) pinned with wrk to CPU 1
+and nginx-proxy on CPU 0; once the backend listens, its `--setup` hook runs this script's
+`deploy` step against the admin API: app `bench`, route `bench.test`, an active upstream version
+on the backend and an ephemeral version labelled `pr-1` (served at `pr-1.bench.test`), both with
+`requests_per_instance` 4096 (the default of 10 concurrent leases per sandbox would make wrk's
+connections queue in the activator: that measures the cold-start queue, not the warm path), and
+one request to each host so both leases are warm. Targets: `route` (Host: bench.test) and
+`preview` (Host: pr-1.bench.test). The table has medians of --reps runs, the ratio to
+nginx-proxy measured in the same run, and CPU µs per request (from /proc, miren serve's process).
+`--gc-threshold N` runs miren serve with gc.set_threshold(N, 50, 100) after its start-up
+freeze (to measure that setting). Output is also appended to --out (default under --work).
+Stops everything it starts, by pid.
+
+Micro: the same stack in one process (MemoryStore, RouteTable, Activator with an upstream
+version whose health check hits a throwaway local listener, EdgeRouter, the engine) with fake
+transports: no syscalls, so the figure is stable on a busy machine. Use it while iterating.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+COMPARE = Path("/work/shared/bench/anchors/compare.py")
+BACKEND = "http://127.0.0.1:18080"
+CAPACITY = 4096  # requests_per_instance of the bench versions
+ROUTE_HOST = "bench.test"
+PREVIEW_HOST = "pr-1.bench.test"
+
+
+# --- deploy step (compare.py --setup) ---------------------------------------------------------
+def _call(admin: str, method: str, path: str, body: Any | None = None) -> Any:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(
+        f"http://{admin}{path}", data=data, method=method,
+        headers={"Content-Type": "application/json"},
+    )  # fmt: skip
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read() or b"null")
+
+
+def _get(proxy: str, host: str, path: str = "/") -> tuple[int, dict[str, str], bytes]:
+    conn = socket.create_connection(tuple_addr(proxy), timeout=30)
+    try:
+        conn.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        chunks = []
+        while chunk := conn.recv(65536):
+            chunks.append(chunk)
+    finally:
+        conn.close()
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
+    return int(lines[0].split()[1]), headers, body
+
+
+def tuple_addr(addr: str) -> tuple[str, int]:
+    host, port = addr.rsplit(":", 1)
+    return host, int(port)
+
+
+def deploy(admin: str, proxy: str, backend: str) -> None:
+    """App `bench`, route bench.test, an active and a `pr-1` preview version on `backend`;
+    one request to each host, so both pools have a running sandbox and a warm lease path."""
+    spec = {
+        "runtime": "upstream",
+        "urls": [backend],
+        "concurrency": {"requests_per_instance": CAPACITY},
+    }
+    _call(admin, "POST", "/v1/apps", {"name": "bench"})
+    _call(admin, "PUT", f"/v1/routes/{ROUTE_HOST}", {"app": "bench"})
+    _call(admin, "POST", "/v1/apps/bench/deploys", {"spec": spec})
+    _call(admin, "POST", "/v1/apps/bench/deploys",
+          {"spec": spec, "ephemeral": {"label": "pr-1", "ttl": "24h"}})  # fmt: skip
+    deadline = time.monotonic() + 30
+    for host in (ROUTE_HOST, PREVIEW_HOST):
+        while True:  # the route table follows the store by a watch: poll until it routes
+            status, headers, body = _get(proxy, host)
+            if status == 200:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{host}: {status} {body[:200]!r}")
+            time.sleep(0.05)
+        robots = headers.get("x-robots-tag")
+        assert (robots is not None) == (host == PREVIEW_HOST), (host, headers)
+    print(f"deployed and warmed {ROUTE_HOST} and {PREVIEW_HOST}", file=sys.stderr)
+
+
+# --- micro: the real stack in one process, fake transports -----------------------------------
+class FakeTransport:
+    __slots__ = ("writes",)
+
+    def __init__(self) -> None:
+        self.writes = 0
+
+    def write(self, data: bytes) -> None:
+        self.writes += 1
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return ("127.0.0.1", 5555) if name == "peername" else default
+
+    def set_write_buffer_limits(self, high: int, low: int) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return False
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+RESPONSE = (
+    b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Fri, 27 Nov 2026 02:15:09 GMT\r\n"
+    b"Content-Type: text/plain\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nok"
+)
+# What wrk -H 'Host: ...' sends, plus the User-Agent and Accept of real clients:
+REQUEST = "GET / HTTP/1.1\r\nHost: {host}\r\nUser-Agent: wrk\r\nAccept: */*\r\n\r\n"
+
+
+def count_opcodes(step: Any, n: int) -> None:
+    """Python bytecodes executed per request, by function: a deterministic cost figure (the
+    same on a busy machine), with the number of Python calls."""
+    import collections
+
+    ops: collections.Counter[str] = collections.Counter()
+    calls: collections.Counter[str] = collections.Counter()
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        frame.f_trace_opcodes = True
+        code = frame.f_code
+        key = f"{Path(code.co_filename).name}:{code.co_firstlineno}:{code.co_name}"
+        if event == "call":
+            calls[key] += 1
+        elif event == "opcode":
+            ops[key] += 1
+        return tracer
+
+    sys.settrace(tracer)
+    try:
+        for _ in range(n):
+            step()
+    finally:
+        sys.settrace(None)
+    total = sum(ops.values()) - ops[f"{Path(__file__).name}:0:step"]
+    print(f"  {total / n:.0f} bytecodes, {sum(calls.values()) / n:.0f} Python calls per request")
+    for key, count in ops.most_common(40):
+        print(f"  {count / n:7.1f} ops {calls[key] / n:4.1f} calls  {key}")
+
+
+def micro(n: int, profile: bool, gc_threshold: int, opcodes: bool = False) -> None:
+    import gc
+    from datetime import UTC, datetime, timedelta
+
+    import uvloop
+    from prometheus_client import CollectorRegistry
+
+    from miren_activator.activator import Activator
+    from miren_ingress.proxy import ProxyConfig
+    from miren_ingress.proxy.engine import Engine
+    from miren_ingress.proxy.inbound import InboundConnection
+    from miren_ingress.proxy.metrics import ProxyMetrics
+    from miren_ingress.proxy.upstream import UpstreamConnection
+    from miren_ingress.router import EdgeRouter
+    from miren_ingress.routes import RouteTable
+    from miren_store.entities import (
+        App,
+        AppVersion,
+        Concurrency,
+        HttpRoute,
+        Runtime,
+        VersionSpec,
+    )
+    from miren_store.memory import MemoryStore
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        # A listener for the upstream runtime's health check only (no request reaches it).
+        health = await asyncio.start_server(_answer_ok, "127.0.0.1", 0)
+        port = health.sockets[0].getsockname()[1]
+        spec = VersionSpec(
+            runtime=Runtime.UPSTREAM,
+            urls=(f"http://127.0.0.1:{port}",),
+            concurrency=Concurrency(requests_per_instance=CAPACITY),
+        )
+        store = MemoryStore()
+        expires = datetime.now(UTC) + timedelta(hours=24)
+        preview = AppVersion(
+            id="v2", app="bench", spec=spec, ephemeral_label="pr-1", ephemeral_ttl="24h",
+            ephemeral_expires_at=expires,
+        )  # fmt: skip
+        ents = [
+            await store.create(App(name="bench", active_version="v1")),
+            await store.create(AppVersion(id="v1", app="bench", spec=spec)),
+            await store.create(preview),
+            await store.create(HttpRoute(host=ROUTE_HOST, app="bench")),
+        ]
+        table = RouteTable()
+        table.load(ents, revision=1)
+        activator = Activator(store, registry=CollectorRegistry())
+        await activator.start()
+        router = EdgeRouter(table, activator)
+        metrics = ProxyMetrics(CollectorRegistry(), lambda: 0.0)
+        engine = Engine(router, ProxyConfig(), metrics, lambda: (200, {}), loop)
+        try:
+            for host in (ROUTE_HOST, PREVIEW_HOST):
+                target = router.resolve(host.encode())
+                lease = await router.acquire(target)  # type: ignore[arg-type]  # boots the pool
+                pool = engine.pool_for(lease)
+                router.release(lease)
+                conn = UpstreamConnection(pool, engine)
+                conn.connection_made(FakeTransport())  # type: ignore[arg-type]
+                pool.put(conn)
+                run_host(engine, conn, host, n, profile)
+        finally:
+            await activator.close()
+            health.close()
+            await health.wait_closed()
+
+    def run_host(engine: Engine, conn: UpstreamConnection, host: str, n: int, prof: bool) -> None:
+        client = FakeTransport()
+        inbound = InboundConnection(engine)
+        inbound.connection_made(client)  # type: ignore[arg-type]
+        request = REQUEST.format(host=host).encode()
+        upstream_transport = conn.transport
+        before = upstream_transport.writes  # type: ignore[attr-defined]
+        gc.collect()
+        gc.freeze()
+        if gc_threshold:
+            gc.set_threshold(gc_threshold, 50, 100)
+        for _ in range(n // 10):  # warm-up
+            inbound.data_received(request)
+            conn.data_received(RESPONSE)
+        results = []
+        for _ in range(5):  # CPU time of this thread: preemption by other processes is not in it
+            t0 = time.thread_time()
+            for _ in range(n):
+                inbound.data_received(request)
+                conn.data_received(RESPONSE)
+            results.append((time.thread_time() - t0) / n * 1e6)
+        total = n // 10 + 5 * n
+        assert client.writes == total, (client.writes, total)
+        assert upstream_transport.writes - before == total  # type: ignore[attr-defined]
+        print(
+            f"{host:18} min {min(results):.2f}  median {statistics.median(results):.2f} µs of"
+            " Python per request (CPU time, fake transports)"
+        )
+        if opcodes:
+
+            def step() -> None:
+                inbound.data_received(request)
+                conn.data_received(RESPONSE)
+
+            count_opcodes(step, 1000)
+        if prof:
+            import cProfile
+            import pstats
+
+            pr = cProfile.Profile()
+            pr.enable()
+            for _ in range(n):
+                inbound.data_received(request)
+                conn.data_received(RESPONSE)
+            pr.disable()
+            pstats.Stats(pr).sort_stats("tottime").print_stats(25)
+        inbound.connection_lost(None)
+
+    uvloop.run(main())
+
+
+async def _answer_ok(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+        await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+
+
+# --- full run ---------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"miren serve exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def full(args: argparse.Namespace) -> int:
+    if not COMPARE.exists():
+        print(f"{COMPARE} is missing", file=sys.stderr)
+        return 2
+    proxy_port, admin_port = free_port(), free_port()
+    proxy, admin = f"127.0.0.1:{proxy_port}", f"127.0.0.1:{admin_port}"
+    Path(args.work).mkdir(parents=True, exist_ok=True)
+    data_dir = Path(args.work) / "miren-data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log_path = Path(args.work) / "miren-serve.log"
+    if args.gc_threshold:
+        # To measure a gen0 threshold for `miren serve` (set once start-up is frozen).
+        launcher = [
+            "-c",
+            "import gc, sys\n"
+            "freeze = gc.freeze\n"
+            f"gc.freeze = lambda: (freeze(), gc.set_threshold({args.gc_threshold}, 50, 100))\n"
+            "from miren_ingress.cli import main\n"
+            "sys.exit(main(sys.argv[1:]))",
+        ]
+    else:
+        launcher = ["-m", "miren_ingress.cli"]
+    cmd = [
+        "taskset", "-c", "0",  # pinned to CPU 0 from its start (compare.py pins it again)
+        sys.executable, *launcher, "serve", "--store", "memory",
+        "--listen", proxy, "--admin-listen", admin, "--data-dir", str(data_dir),
+        "--set", "log_level=warning",
+    ]  # fmt: skip
+    with open(log_path, "wb") as log:
+        serve = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    out = []
+    try:
+        wait_port(proxy_port, serve)
+        wait_port(admin_port, serve)
+        load = os.getloadavg()
+        gc_note = f"; gc threshold {args.gc_threshold}" if args.gc_threshold else ""
+        header = (
+            f"\n## ingress_bench {time.strftime('%Y-%m-%d %H:%M:%S')} "
+            f"(load {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; miren serve pid {serve.pid}"
+            f"{gc_note})\n"
+        )
+        print(header)
+        out.append(header)
+        setup = (
+            f"{sys.executable} {Path(__file__).resolve()} deploy --admin {admin} --proxy {proxy}"
+            f" --backend {BACKEND}"
+        )
+        for i, path in enumerate(args.paths.split(",")):
+            compare = [
+                sys.executable, str(COMPARE), "--target", f"route={proxy_port}:{ROUTE_HOST}",
+                "--target", f"preview={proxy_port}:{PREVIEW_HOST}", "--pin-pid", str(serve.pid),
+                "--conns", args.conns, "--path", path, "--seconds", str(args.seconds),
+                "--reps", str(args.reps), "--skip", args.skip,
+            ]  # fmt: skip
+            if i == 0:
+                compare += ["--setup", setup]  # deploys once; later runs reuse the versions
+            else:
+                # compare.py restarts its backend per run: the versions' pools stay warm, but
+                # their upstream connections were closed; the warm-up requests reopen them.
+                compare += ["--setup", f"{setup} --warm-only"]
+            res = subprocess.run(compare, cwd=REPO, capture_output=True, text=True, check=False)
+            sys.stderr.write(res.stderr)
+            print(res.stdout)
+            out.append(res.stdout)
+            if res.returncode != 0:
+                return res.returncode
+            if serve.poll() is not None:
+                raise RuntimeError(f"miren serve exited with {serve.returncode}")
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        try:
+            serve.wait(20)
+        except subprocess.TimeoutExpired:
+            serve.kill()
+            serve.wait()
+        with open(args.out, "a") as f:
+            f.write("".join(out))
+    return 0
+
+
+def plot(results: Path, out: Path, before: Path | None) -> None:
+    """A bar chart of the ratio to nginx-proxy per path, connection count and target, from the
+    tables a full run appended to `results` (the last table per path counts); `before`: the same
+    from a run of the previous code, drawn as outlines. Needs matplotlib (not a dependency)."""
+    import importlib
+
+    matplotlib: Any = importlib.import_module("matplotlib")
+    matplotlib.use("Agg")
+    plt: Any = importlib.import_module("matplotlib.pyplot")
+
+    def read(path: Path) -> dict[tuple[str, str, int], float]:
+        ratios: dict[tuple[str, str, int], float] = {}
+        current = ""
+        for line in path.read_text().splitlines():
+            if line.startswith("proxy on CPU 0"):
+                current = line.split("path ", 1)[1].split(",", 1)[0]
+            elif line.startswith("| ") and not line.startswith(("| target", "|---")):
+                cells = [c.strip() for c in line.strip("|").split("|")]
+                ratios[current, cells[0], int(cells[1])] = float(cells[3])
+        return ratios
+
+    now = read(results)
+    old = read(before) if before is not None else {}
+    groups = sorted({(p, c) for p, _, c in now}, key=lambda g: (g[0] != "/", g[1]))
+    fig, ax = plt.subplots(figsize=(7.5, 3.6), dpi=100)
+    width = 0.38
+    for i, name in enumerate(("route", "preview")):
+        xs = [g + (i - 0.5) * width for g in range(len(groups))]
+        ax.bar(xs, [now.get((p, name, c), 0.0) for p, c in groups], width, label=name)
+        if old:
+            ax.bar(xs, [old.get((p, name, c), 0.0) for p, c in groups], width, fill=False,
+                   edgecolor="black", linestyle="--", label="before" if i == 0 else None)  # fmt: skip
+    ax.axhline(1.0, color="grey", linewidth=0.8)
+    ax.axhline(0.75, color="red", linewidth=0.8, linestyle=":", label="target 0.75")
+    ax.set_xticks(range(len(groups)), [f"{p} ({'2 B' if p == '/' else '1 KiB'})\n{c} conns"
+                                       for p, c in groups])  # fmt: skip
+    ax.set_ylabel("req/s ratio to nginx-proxy")
+    ax.set_title("miren serve (EdgeRouter + activator leases) vs nginx-proxy, same run")
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(out)
+    print(f"wrote {out}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = ap.add_subparsers(dest="cmd")
+    m = sub.add_parser("micro", help="pure-Python cost per request, real stack, fake transports")
+    m.add_argument("-n", type=int, default=100_000)
+    m.add_argument("--profile", action="store_true")
+    m.add_argument("--gc-threshold", type=int, default=0, help="gen0 threshold (0: default)")
+    m.add_argument("--opcodes", action="store_true", help="count bytecodes per request")
+    d = sub.add_parser("deploy", help="(compare.py --setup) deploy and warm the bench app")
+    d.add_argument("--admin", required=True)
+    d.add_argument("--proxy", required=True)
+    d.add_argument("--backend", default=BACKEND)
+    d.add_argument("--warm-only", action="store_true")
+    pl = sub.add_parser("plot", help="draw ratios from a results file (needs matplotlib)")
+    pl.add_argument("results", type=Path)
+    pl.add_argument("-o", "--output", type=Path, default=REPO / "benchmarks" / "proxy.png")
+    pl.add_argument("--before", type=Path, default=None, help="results of the previous code")
+    ap.add_argument("--paths", default="/,/1k", help="comma-separated: '/' (2 bytes), '/1k'")
+    ap.add_argument("--conns", default="32,256")
+    ap.add_argument("--seconds", type=int, default=10)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--skip", default="caddy,aiohttp", help="compare.py anchors to skip")
+    ap.add_argument("--work", default="/tmp/miren-ingress-bench")
+    ap.add_argument(
+        "--gc-threshold", type=int, default=0, help="run miren serve with this gen0 threshold"
+    )
+    ap.add_argument("--out", default="", help="append the tables here (default: WORK/results.md)")
+    args = ap.parse_args()
+    if not args.out:
+        args.out = str(Path(args.work) / "results.md")
+    if args.cmd == "micro":
+        micro(args.n, args.profile, args.gc_threshold, args.opcodes)
+        return 0
+    if args.cmd == "plot":
+        plot(args.results, args.output, args.before)
+        return 0
+    if args.cmd == "deploy":
+        if not args.warm_only:
+            deploy(args.admin, args.proxy, args.backend)
+        else:
+            warm(args.proxy)
+        return 0
+    return full(args)
+
+
+def warm(proxy: str) -> None:
+    for host in (ROUTE_HOST, PREVIEW_HOST):
+        status, _, body = _get(proxy, host)
+        if status != 200:
+            raise RuntimeError(f"{host}: {status} {body[:200]!r}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""EdgeRouter over a real RouteTable, MemoryStore and Activator (upstream runtime on a real
+loopback server), alone and under the proxy engine: the hit path of `miren serve`."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import aiohttp
+import pytest
+from prometheus_client import CollectorRegistry
+
+from miren_activator.activator import Activator
+from miren_ingress.proxy import Refusal, Target
+from miren_ingress.router import EdgeRouter
+from miren_ingress.routes import RouteTable
+from miren_store.entities import App, AppVersion, Concurrency, HttpRoute, Runtime, VersionSpec
+from miren_store.memory import MemoryStore
+
+from .conftest import RawUpstream, eventually
+
+
+class Edge:
+    def __init__(self, router: EdgeRouter, activator: Activator, table: RouteTable) -> None:
+        self.router = router
+        self.activator = activator
+        self.table = table
+
+
+async def build_edge(upstream: RawUpstream, preview_ttl: float = 3600.0) -> Edge:
+    spec = VersionSpec(
+        runtime=Runtime.UPSTREAM,
+        urls=(f"http://{upstream.address}",),
+        concurrency=Concurrency(requests_per_instance=100),
+    )
+    store = MemoryStore()
+    expires = datetime.now(UTC) + timedelta(seconds=preview_ttl)
+    preview = AppVersion(
+        id="v2", app="shop", spec=spec, ephemeral_label="pr-1", ephemeral_ttl="1h",
+        ephemeral_expires_at=expires,
+    )  # fmt: skip
+    entities = [
+        await store.create(App(name="shop", active_version="v1")),
+        await store.create(AppVersion(id="v1", app="shop", spec=spec)),
+        await store.create(preview),
+        await store.create(HttpRoute(host="shop.test", app="shop")),
+    ]
+    table = RouteTable()
+    table.load(entities, revision=1)
+    activator = Activator(store, registry=CollectorRegistry())
+    await activator.start()
+    return Edge(EdgeRouter(table, activator), activator, table)
+
+
+@pytest.fixture
+async def edge() -> AsyncIterator[Callable[..., Awaitable[Edge]]]:
+    built: list[Edge] = []
+
+    async def make(upstream: RawUpstream, **kwargs: Any) -> Edge:
+        e = await build_edge(upstream, **kwargs)
+        built.append(e)
+        return e
+
+    yield make
+    for e in built:
+        await e.activator.close()
+
+
+def in_use(edge: Edge, version: str) -> int:
+    snap = edge.activator.snapshot(version)
+    return 0 if snap is None else snap.in_use
+
+
+async def test_route_and_preview_through_the_engine(proxy, ok_upstream, edge) -> None:
+    e = await edge(ok_upstream)
+    p = await proxy(router=e.router)
+    async with aiohttp.ClientSession() as s:
+        for host, version, robots in (
+            ("shop.test", "v1", None),
+            ("pr-1.shop.test", "v2", "noindex"),
+        ):
+            for _ in range(3):  # the first one boots the pool (a lease-cache miss)
+                async with s.get(p.url + "/", headers={"Host": host}) as r:
+                    assert r.status == 200 and await r.read() == b"ok"
+                    assert r.headers.get("X-Robots-Tag") == robots
+                    assert "keep-alive" not in r.headers.get("Connection", "")
+            assert in_use(e, version) == 0  # every lease went back
+    reg = p.registry
+    hits = reg.get_sample_value("miren_ingress_lease_lookups_total", {"result": "hit"})
+    misses = reg.get_sample_value("miren_ingress_lease_lookups_total", {"result": "miss"})
+    assert (hits, misses) == (4.0, 2.0)
+    done = reg.get_sample_value(
+        "miren_ingress_requests_total", {"app": "shop", "code": "200", "method": "GET"}
+    )
+    assert done == 6.0
+
+
+async def test_a_lease_is_held_while_its_request_is_in_flight(proxy, raw_upstream, edge) -> None:
+    release = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while head := await reader.readuntil(b"\r\n\r\n"):
+            if b"GET /slow" in head:
+                await release.wait()
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    up = await raw_upstream(handler)
+    e = await edge(up)
+    p = await proxy(router=e.router)
+    async with aiohttp.ClientSession() as s:
+        async with s.get(p.url + "/", headers={"Host": "shop.test"}) as r:
+            assert r.status == 200
+        task = asyncio.create_task(s.get(p.url + "/slow", headers={"Host": "shop.test"}))
+        try:
+            await eventually(lambda: in_use(e, "v1") == 1, what="lease taken")
+            assert p.server.in_flight == 1
+            release.set()
+            async with await task as r:
+                assert r.status == 200
+        finally:
+            release.set()
+    await eventually(lambda: in_use(e, "v1") == 0, what="lease given back")
+    assert p.server.in_flight == 0
+
+
+async def test_resolution_is_cached_until_the_table_changes(ok_upstream, edge) -> None:
+    e = await edge(ok_upstream)
+    router = e.router
+    route = router.resolve(b"shop.test")
+    preview = router.resolve(b"PR-1.shop.test:8080")
+    assert isinstance(route, Target) and isinstance(preview, Target)
+    assert (route.version, route.ephemeral) == ("v1", False)
+    assert (preview.version, preview.ephemeral) == ("v2", True)
+    assert router.resolve(b"shop.test") is route  # the same object every time
+    assert router.resolve(b"PR-1.shop.test:8080") is preview
+    assert isinstance(router.resolve(b"pr-9.shop.test"), Refusal)
+    assert repr(router).startswith("<EdgeRouter hosts=3 targets=2 ")
+    # A table change drops every cached answer.
+    e.table.load([*e.table.apps.values(), *e.table.versions.values()], revision=2)  # no routes
+    gone = router.resolve(b"shop.test")
+    assert isinstance(gone, Refusal) and gone.status == 404
+    assert repr(router).startswith("<EdgeRouter hosts=1 targets=0 ")
+
+
+async def test_a_preview_stops_routing_at_its_expiry(ok_upstream, edge) -> None:
+    e = await edge(ok_upstream, preview_ttl=0.3)
+    router = e.router
+    assert isinstance(router.resolve(b"pr-1.shop.test"), Target)
+    deadline = time.monotonic() + 5
+    while isinstance(answer := router.resolve(b"pr-1.shop.test"), Target):
+        assert time.monotonic() < deadline, "the preview never expired"
+        await asyncio.sleep(0.01)
+    assert isinstance(answer, Refusal) and answer.status == 410
+    assert router.resolve(b"pr-1.shop.test") is answer  # cached from now on
+
+
+async def test_release_and_discard_reach_the_activator(ok_upstream, edge) -> None:
+    e = await edge(ok_upstream)
+    router = e.router
+    target = router.resolve(b"shop.test")
+    assert isinstance(target, Target)
+    assert router.cached_lease(target) is None  # no pool yet: a miss
+    lease = await router.acquire(target)
+    again = router.cached_lease(target)
+    assert again is not None and again.addr == lease.addr == ("127.0.0.1", ok_upstream.port)
+    assert in_use(e, "v1") == 2
+    router.release(again)
+    router.release(again)  # a second release of one lease is ignored
+    assert in_use(e, "v1") == 1
+    router.discard(lease)  # refused connections: the sandbox is taken out of service
+    snap = e.activator.snapshot("v1")
+    assert snap is not None and snap.in_use == 0 and snap.ready == 0
+    assert router.cached_lease(target) is None

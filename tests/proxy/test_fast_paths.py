@@ -1,0 +1,199 @@
+"""The hot path's shortcuts, each next to the case it must not get wrong: responses spliced from
+the upstream's raw bytes, heads split across reads, interim and HTTP/1.0 responses, the lazy
+head-size accounting, requests without on_message_begin, and trailers between requests."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from .conftest import RawUpstream, parse_responses, raw_exchange, read_request
+
+Respond = Callable[[asyncio.StreamWriter], Awaitable[None]]
+
+
+async def scripted(raw_upstream, *responses: bytes | Respond) -> RawUpstream:
+    """An upstream answering its n-th request (over all connections) with responses[n]: raw
+    bytes, or a coroutine function writing them itself."""
+    script = list(responses)
+    up: RawUpstream
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while (req := await read_request(reader)) is not None:
+            up.requests.append(req)
+            answer = script.pop(0)
+            if isinstance(answer, bytes):
+                writer.write(answer)
+                await writer.drain()
+            else:
+                await answer(writer)
+
+    up = await raw_upstream(handler)
+    return up
+
+
+GET = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
+GET_CLOSE = b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+
+
+async def test_bytes_after_a_spliced_response_are_never_forwarded(proxy, raw_upstream) -> None:
+    up = await scripted(
+        raw_upstream,
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nok"
+        b"HTTP/1.1 200 OK\r\nX-Smuggled: 1\r\n",  # a second (partial) response: out of sync
+        b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nyes",
+    )
+    p = await proxy({"*": up.address})
+    data = await raw_exchange(p.port, GET + GET_CLOSE)
+    assert [(s, b) for s, _, b in parse_responses(data)] == [(200, b"ok"), (200, b"yes")]
+    assert b"Smuggled" not in data and b"keep-alive" not in data.lower()
+    assert up.connections == 2  # the out-of-sync connection was not reused
+
+
+@pytest.mark.parametrize(
+    "connection",
+    [b"Connection: keep-alive\r\n", b"Connection:keep-alive\r\n", b"Connection:  keep-alive \r\n",
+     b"connection: keep-alive\r\n", b"Connection: Keep-Alive\r\n", b""],
+)  # fmt: skip
+@pytest.mark.parametrize("ephemeral", [False, True])
+async def test_response_heads_are_spliced_exactly(
+    proxy, raw_upstream, connection: bytes, ephemeral: bool
+) -> None:
+    body = b"0123456789" * 100
+    response = (
+        b"HTTP/1.1 200 Fine\r\nServer: up\r\nContent-Length: 1000\r\n"
+        + connection
+        + b"ETag: \"x\"\r\n\r\n"
+        + body
+    )  # fmt: skip
+    up = await scripted(raw_upstream, response, response)
+    p = await proxy({"pr-1.a": up.address, "a": up.address}, ephemeral_hosts={"pr-1.a"})
+    host = b"pr-1.a" if ephemeral else b"a"
+    data = await raw_exchange(
+        p.port,
+        b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n"
+        b"GET / HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n",
+    )
+    first, second = data.split(b"HTTP/1.1 200 Fine\r\n")[1:]
+    for i, part in enumerate((first, second)):
+        head, _, rest = part.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        assert rest == body
+        names = [line.split(b":")[0].lower() for line in lines]
+        assert names.count(b"connection") == i  # only ours: `close` on the last response
+        assert (b"x-robots-tag" in names) == ephemeral
+        theirs = [line for line in lines if not line.startswith((b"Connection", b"X-Robots"))]
+        assert theirs == [b"Server: up", b"Content-Length: 1000", b'ETag: "x"']  # in order
+    assert b"Connection: close" in second and b"keep-alive" not in data.lower()
+    assert up.connections == 1
+
+
+async def test_head_split_across_reads(proxy, raw_upstream) -> None:
+    async def in_pieces(writer: asyncio.StreamWriter) -> None:
+        for piece in (b"HTTP/1.1 200 OK\r\nContent-Le", b"ngth: 5\r\nConnection: keep-alive\r",
+                      b"\n\r\nhel", b"lo"):  # fmt: skip
+            writer.write(piece)
+            await writer.drain()
+            await asyncio.sleep(0.02)  # separate reads (most likely; correct either way)
+
+    up = await scripted(raw_upstream, in_pieces, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    p = await proxy({"*": up.address})
+    data = await raw_exchange(p.port, GET + GET_CLOSE)
+    responses = parse_responses(data)
+    assert [(s, b) for s, _, b in responses] == [(200, b"hello"), (200, b"ok")]
+    assert "connection" not in responses[0][1]
+    assert up.connections == 1
+
+
+async def test_interim_responses_then_final_in_one_read(proxy, raw_upstream) -> None:
+    up = await scripted(
+        raw_upstream,
+        b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\nKeep-Alive: 5\r\n\r\n"
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nok",
+    )
+    p = await proxy({"*": up.address})
+    data = await raw_exchange(p.port, GET_CLOSE)
+    assert data.startswith(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n")
+    assert b"Keep-Alive" not in data
+    assert [(s, b) for s, _, b in parse_responses(data)[-1:]] == [(200, b"ok")]
+
+
+async def test_http10_upstream_response_is_answered_as_http11(proxy, raw_upstream) -> None:
+    up = await scripted(
+        raw_upstream,
+        b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.0 200 OK\r\nContent-Length: 3\r\n\r\nyes",
+    )
+    p = await proxy({"*": up.address})
+    data = await raw_exchange(p.port, GET + GET_CLOSE)
+    assert data.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert [(s, b) for s, _, b in parse_responses(data)] == [(200, b"ok"), (200, b"yes")]
+    assert up.connections == 2  # HTTP/1.0 without keep-alive: not reused
+
+
+async def test_large_heads_under_the_limit_pass(proxy, ok_upstream: RawUpstream) -> None:
+    p = await proxy({"*": ok_upstream.address}, max_header_bytes=64 * 1024)
+    big = b"X-Big: " + b"v" * 60000 + b"\r\n"
+    data = await raw_exchange(
+        p.port, b"GET / HTTP/1.1\r\nHost: a\r\n" + big + b"Connection: close\r\n\r\n"
+    )
+    assert data.startswith(b"HTTP/1.1 200 ")
+    assert ok_upstream.requests[0].header("X-Big") == [b"v" * 60000]
+
+
+async def test_head_over_the_limit_in_pieces_is_rejected(proxy, ok_upstream: RawUpstream) -> None:
+    p = await proxy({"*": ok_upstream.address}, max_header_bytes=16 * 1024)
+    reader, writer = await asyncio.open_connection("127.0.0.1", p.port)
+    try:
+        writer.write(b"GET / HTTP/1.1\r\nHost: a\r\n")
+        for i in range(20):  # 20 x 1 KiB: over 16 KiB only taken together
+            writer.write(b"X-%d: %s\r\n" % (i, b"v" * 1000))
+            await writer.drain()
+        writer.write(b"\r\n")
+        data = await asyncio.wait_for(reader.read(), 5)
+        assert data.startswith(b"HTTP/1.1 400 ") and b"too large" in data
+        assert ok_upstream.connections == 0
+    finally:
+        writer.close()
+
+
+async def test_request_arriving_byte_by_byte(proxy, ok_upstream: RawUpstream) -> None:
+    p = await proxy({"*": ok_upstream.address})
+    reader, writer = await asyncio.open_connection("127.0.0.1", p.port)
+    try:
+        for byte in GET_CLOSE:
+            writer.write(bytes([byte]))
+            await writer.drain()
+        data = await asyncio.wait_for(reader.read(), 5)
+        assert [(s, b) for s, _, b in parse_responses(data)] == [(200, b"ok")]
+    finally:
+        writer.close()
+
+
+async def test_trailers_do_not_leak_into_the_next_request(proxy, ok_upstream: RawUpstream) -> None:
+    p = await proxy({"*": ok_upstream.address})
+    data = await raw_exchange(
+        p.port,
+        b"POST /a HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"2\r\nhi\r\n0\r\nHost: evil\r\nX-T: " + b"t" * 4000 + b"\r\n\r\n"
+        b"GET /b HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    assert [s for s, _, _ in parse_responses(data)] == [200, 200]
+    second = ok_upstream.requests[1]
+    assert second.url == b"/b" and second.header("Host") == [b"a"]
+    assert second.header("X-Forwarded-Host") == [b"a"] and second.header("X-T") == []
+
+
+async def test_reserved_paths_and_lookalikes(proxy, ok_upstream: RawUpstream) -> None:
+    p = await proxy({"*": ok_upstream.address})
+    data = await raw_exchange(
+        p.port,
+        b"GET /.well-known/miren/health HTTP/1.1\r\nHost: a\r\n\r\n"
+        b"GET /.well-known/other HTTP/1.1\r\nHost: a\r\n\r\n"
+        b"HEAD /.well-known/miren/nope HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    statuses = [s for s, _, _ in parse_responses(data, head_request=True)]
+    assert statuses[:2] == [200, 200] and data.count(b"HTTP/1.1 404 ") == 1
+    assert [r.url for r in ok_upstream.requests] == [b"/.well-known/other"]
