@@ -157,6 +157,11 @@ class EdgeRouter:
 
 
 def _translate(exc: act_errors.ActivatorError) -> proxy_errors.ProxyError:
+    if isinstance(exc, act_errors.CrashBackoff):  # before BootFailed: it is a subclass
+        return proxy_errors.BootFailed(
+            "The application keeps crashing; retry later.",
+            retry_after=max(1, math.ceil(exc.retry_after)),
+        )
     if isinstance(exc, act_errors.BootFailed):
         return proxy_errors.BootFailed("The application failed to start.")
     if isinstance(exc, act_errors.ActivationTimeout):

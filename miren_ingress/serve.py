@@ -97,7 +97,12 @@ class Edge:
     def health(self) -> dict[str, Any]:
         store_ok = self.store is not None and self.store.healthy
         sync = self._sync
-        watch_ok = sync is not None and sync.watch_ok
+        watch_ok = (
+            sync is not None
+            and sync.watch_ok
+            and self.store is not None
+            and self.store.watch_healthy
+        )
         ok = store_ok and watch_ok and self.table.loaded
         report: dict[str, Any] = {
             "status": "ok" if ok else "degraded",
@@ -105,7 +110,8 @@ class Edge:
             "watch": {
                 "ok": watch_ok,
                 "revision": self.table.revision,
-                "error": sync.last_error if sync is not None else "",
+                "error": (sync.last_error if sync is not None else "")
+                or ("" if watch_ok else "the store's watch is disconnected; retrying"),
             },
             "routes": {
                 "loaded": self.table.loaded,

@@ -19,7 +19,8 @@ _UNITS: dict[str, float] = {
     "h": 3600.0,
     "d": 86400.0,
 }
-_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h|d)")
+# ASCII digits only: `\d` would accept any Unicode digit ("٣h"), which Go rejects.
+_PART = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ns|us|µs|μs|ms|s|m|h|d)")
 
 
 class DurationError(ValueError):
@@ -50,7 +51,8 @@ def parse_duration(text: str) -> timedelta:
     while pos < len(s):
         m = _PART.match(s, pos)
         if m is None:
-            if s[pos:].replace(".", "", 1).isdigit():
+            rest = s[pos:].replace(".", "", 1)
+            if rest.isascii() and rest.isdigit():
                 raise DurationError(f'invalid duration "{orig}": missing unit (use s, m, h or d)')
             raise DurationError(f'invalid duration "{orig}": unknown unit or syntax at "{s[pos:]}"')
         total += float(m.group(1)) * _UNITS[m.group(2)]

@@ -444,6 +444,7 @@ class EtcdStore(Store):
         self.max_txn_ops = max_txn_ops
         self._clients: dict[int, Any] = {}  # endpoint index -> aetcd.Client, made in the loop
         self._current = 0
+        self._watches_down = 0  # watches whose stream is broken (see watch_healthy)
         self._healthy = True
         self._closed = False
         self._streams: set[Any] = set()  # open watch calls, cancelled by close()
@@ -456,6 +457,11 @@ class EtcdStore(Store):
     @property
     def healthy(self) -> bool:
         return self._healthy
+
+    @property
+    def watch_healthy(self) -> bool:
+        """False while any watch's stream is broken (it keeps retrying to resume)."""
+        return self._watches_down == 0
 
     # -- plumbing -------------------------------------------------------------------------------
 
@@ -765,46 +771,57 @@ class EtcdStore(Store):
         # read), so a broken stream resumes from last + 1 with nothing lost or repeated.
         last = since
         failures = 0
-        while True:
-            call = None
-            try:
-                call = await self._open_stream(last + 1)
-                self._healthy = True
-                failures = 0
-                floor = last
-                while True:
-                    resp = await call.read()
-                    self._check_watch_response(resp, last, created=False)
-                    for event in resp.events:
-                        rev = event.kv.mod_revision
-                        if rev <= floor:  # defensive: etcd starts at start_revision
-                            continue
-                        last = rev
-                        change = self._change(event)
-                        if change is not None:
-                            yield change
-            except Resync:
-                raise
-            except asyncio.CancelledError:
-                task = asyncio.current_task()
-                if self._closed and task is not None and not task.cancelling():
-                    raise StoreUnavailable("store is closed") from None
-                raise
-            except Exception as exc:
-                err = _translate(exc)
-                if self._closed:
-                    raise StoreUnavailable("store is closed") from exc
-                if not isinstance(err, StoreUnavailable):
-                    raise err from exc
-                failures += 1
-                self._healthy = False
-                self._rotate()
-                log.info("etcd watch lost (%s); resuming from revision %d", err, last + 1)
-                await asyncio.sleep(self.retry.delay(failures))
-            finally:
-                if call is not None:
-                    call.cancel()
-                    self._streams.discard(call)
+        down = False  # this watch's stream broke and is not re-created yet (`watch_healthy`)
+        try:
+            while True:
+                call = None
+                try:
+                    call = await self._open_stream(last + 1)
+                    self._healthy = True
+                    failures = 0
+                    if down:
+                        down = False
+                        self._watches_down -= 1
+                    floor = last
+                    while True:
+                        resp = await call.read()
+                        self._check_watch_response(resp, last, created=False)
+                        for event in resp.events:
+                            rev = event.kv.mod_revision
+                            if rev <= floor:  # defensive: etcd starts at start_revision
+                                continue
+                            last = rev
+                            change = self._change(event)
+                            if change is not None:
+                                yield change
+                except Resync:
+                    raise
+                except asyncio.CancelledError:
+                    task = asyncio.current_task()
+                    if self._closed and task is not None and not task.cancelling():
+                        raise StoreUnavailable("store is closed") from None
+                    raise
+                except Exception as exc:
+                    err = _translate(exc)
+                    if self._closed:
+                        raise StoreUnavailable("store is closed") from exc
+                    if not isinstance(err, StoreUnavailable):
+                        raise err from exc
+                    failures += 1
+                    self._healthy = False
+                    if not down:
+                        down = True
+                        self._watches_down += 1
+                    self._rotate()
+                    log.info("etcd watch lost (%s); resuming from revision %d", err, last + 1)
+                    await asyncio.sleep(self.retry.delay(failures))
+                finally:
+                    if call is not None:
+                        call.cancel()
+                        self._streams.discard(call)
+        finally:
+            if down:
+                self._watches_down -= 1
 
     async def _open_stream(self, start: int) -> Any:
         """A watch stream over every entity key from revision `start`, confirmed by etcd

@@ -167,6 +167,11 @@ class Store(abc.ABC):
     def healthy(self) -> bool:
         """False after the last call failed with StoreUnavailable (until one succeeds)."""
 
+    @property
+    def watch_healthy(self) -> bool:
+        """False while a watch is cut off from the backend and retrying to resume."""
+        return True
+
 
 def check_query(kind: type[Any], where: dict[str, object]) -> None:
     """Refuse filters on fields that have no index (the backends would have to scan)."""

@@ -1,0 +1,91 @@
+"""The figures a reliability run produces (counts, percentiles, RSS, fds, durations).
+
+Tests call `Figures.add(name, value, unit)` through the `figures` fixture; every figure is printed
+in a table at the end of the run (`pytest_terminal_summary` in conftest.py) and, when
+`MIREN_RELIABILITY_FIGURES=<path>` is set, appended to that file as one JSON object per line
+(`{"profile", "test", "name", "value", "unit"}`), which is what RELIABILITY.md is written from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from tests.reliability.budget import BUDGET, FIGURES_VAR
+
+
+@dataclass(frozen=True)
+class Figure:
+    profile: str
+    test: str
+    name: str
+    value: float | int | str
+    unit: str
+
+
+RECORDED: list[Figure] = []
+
+
+class Figures:
+    """The figures of one test."""
+
+    def __init__(self, test: str) -> None:
+        self.test = test
+
+    def __repr__(self) -> str:
+        return f"<Figures {self.test} n={sum(1 for f in RECORDED if f.test == self.test)}>"
+
+    def add(self, name: str, value: float | int | str, unit: str = "") -> None:
+        if isinstance(value, float):
+            value = round(value, 4)
+        fig = Figure("long" if BUDGET.long else "short", self.test, name, value, unit)
+        RECORDED.append(fig)
+        path = os.environ.get(FIGURES_VAR)
+        if path:
+            with Path(path).open("a", encoding="utf-8") as f:
+                f.write(json.dumps(asdict(fig)) + "\n")
+
+
+def summary_lines() -> list[str]:
+    if not RECORDED:
+        return []
+    width = max(len(f"{f.test} {f.name}") for f in RECORDED)
+    lines = []
+    for f in RECORDED:
+        key = f"{f.test} {f.name}"
+        lines.append(f"{key:<{width}}  {f.value} {f.unit}".rstrip())
+    return lines
+
+
+def load_jsonl(path: str | Path) -> list[Figure]:
+    out = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            out.append(Figure(**json.loads(line)))
+    return out
+
+
+def markdown(figures: list[Figure]) -> str:
+    """One table per test: figure | short | long (a profile that was not run shows `-`)."""
+    tests: dict[str, dict[str, dict[str, str]]] = {}
+    for f in figures:
+        cell = f"{f.value} {f.unit}".strip()
+        tests.setdefault(f.test, {}).setdefault(f.name, {})[f.profile] = cell
+    out = []
+    for test, names in tests.items():
+        out.append(f"`{test}`\n")
+        out.append("| figure | short (CI) | long |")
+        out.append("|---|---|---|")
+        for name, cells in names.items():
+            value = " | ".join(cells.get(p, "-").replace("|", "/") for p in ("short", "long"))
+            out.append(f"| {name} | {value} |")
+        out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":  # python -m tests.reliability.figures short.jsonl long.jsonl
+    import sys
+
+    print(markdown([f for path in sys.argv[1:] for f in load_jsonl(path)]))
