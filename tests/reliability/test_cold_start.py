@@ -127,7 +127,7 @@ async def test_waiters_beyond_the_bound_get_503_and_memory_stays_bounded(
     rss0 = sampler.samples[0][1]
     peak = max(s[1] for s in sampler.samples)
     named = [("burst", small), *((f"big burst {i + 1}", b) for i, b in enumerate(bigs))]
-    for label, group in (("burst", [small]), (f"{n_big} big bursts", bigs)):
+    for label, group in (("burst", [small]), ("big bursts", bigs)):
         each = _each  # "a / b / ...": one value per burst of the group
         figures.add(f"{label}: requests each", each([len(b) for b in group]))
         figures.add(f"{label}: served 200", each([_count(b, 200) for b in group]))
