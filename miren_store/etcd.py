@@ -420,6 +420,9 @@ def _to_txn(plan: Plan) -> Any:
     return rpc.TxnRequest(compare=compares, success=success, failure=failure)
 
 
+_WATCH_RETRY_CAP = 0.25  # seconds between attempts to resume a broken watch
+
+
 class EtcdStore(Store):
     """The Store on etcd. Connects lazily: constructing it never blocks and never fails for a
     down etcd; calls raise StoreUnavailable until etcd answers."""
@@ -814,7 +817,9 @@ class EtcdStore(Store):
                         self._watches_down += 1
                     self._rotate()
                     log.info("etcd watch lost (%s); resuming from revision %d", err, last + 1)
-                    await asyncio.sleep(self.retry.delay(failures))
+                    # Resume quickly once etcd is back (routing must see new writes within
+                    # about a second); one attempt per quarter second costs nothing.
+                    await asyncio.sleep(min(self.retry.delay(failures), _WATCH_RETRY_CAP))
                 finally:
                     if call is not None:
                         call.cancel()
