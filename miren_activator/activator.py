@@ -71,7 +71,7 @@ import socket
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import Any, Final, NamedTuple, Protocol
 
 import attrs
 from prometheus_client import CollectorRegistry
@@ -117,6 +117,13 @@ STOPPED: Final = SandboxStatus.STOPPED
 DEAD: Final = SandboxStatus.DEAD
 
 InvalidationCallback = Callable[[str], None]
+
+
+class _Ref(NamedTuple):
+    """A VersionRef for callers that hold plain ids (`try_acquire`; not the proxy's hot path)."""
+
+    version: str
+    service: str
 
 
 class VersionRef(Protocol):
@@ -448,33 +455,17 @@ class Activator:
 
     def try_acquire(self, version_id: str, service: str = WEB) -> Lease | None:
         """A lease on a running sandbox with spare capacity, or None (then call `acquire`)."""
-        return self._try_acquire(self._pools.get((version_id, service)))
+        return self.try_acquire_for(_Ref(version_id, service))
 
     def try_acquire_for(self, ref: VersionRef) -> Lease | None:
         """`try_acquire(ref.version, ref.service)`, for a caller that keeps such an object per
         route (the ingress's Target) and calls this once per request."""
         pool = self._pools.get((ref.version, ref.service))
-        # _try_acquire() written out (one frame less per proxied request).
         if pool is None or pool.waiters:
             return None
         for sb in pool.running:
             if sb.in_use < sb.capacity:
                 sb.in_use += 1
-                lease = _new_lease(Lease)
-                lease._sandbox = sb
-                lease._released = False
-                lease.addr = sb.addr
-                return lease
-        return None
-
-    @staticmethod
-    def _try_acquire(pool: _Pool | None) -> Lease | None:
-        if pool is None or pool.waiters:
-            return None
-        for sb in pool.running:
-            if sb.in_use < sb.capacity:
-                sb.in_use += 1
-                # Lease(sb) written out (no __init__ frame: this runs once per request).
                 lease = _new_lease(Lease)
                 lease._sandbox = sb
                 lease._released = False
@@ -1050,9 +1041,7 @@ class Activator:
     async def _forget_stale_sandboxes(self) -> None:
         # Sandboxes this node recorded before a restart died with it (PR_SET_PDEATHSIG).
         try:
-            stale = [
-                s for s in await self._store.list(Sandbox) if s.node == self._config.node
-            ]
+            stale = [s for s in await self._store.list(Sandbox) if s.node == self._config.node]
         except StoreError as exc:
             log.warning("could not list stale sandboxes: %s", exc)
             return
@@ -1132,4 +1121,3 @@ class Activator:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("activator task %s failed", task.get_name(), exc_info=task.exception())
-
