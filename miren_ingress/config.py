@@ -47,6 +47,8 @@ class IngressConfig:
     request_timeout: timedelta = timedelta(seconds=60)
     header_timeout: timedelta = timedelta(seconds=30)
     keepalive_timeout: timedelta = timedelta(seconds=75)
+    body_timeout: timedelta = timedelta(seconds=30)
+    request_buffer: int = 16 * 1024
     max_waiters: int = 1000
     robots_tag: str = "noindex"
     shutdown_grace: timedelta = timedelta(seconds=20)
@@ -224,6 +226,9 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+_MAX_REQUEST_BUFFER = 1024 * 1024  # held per client connection at most: keep it small
+
+
 def validate(cfg: Config) -> None:
     split_hostport(cfg.listen, "listen")
     admin_host, _ = split_hostport(cfg.admin_listen, "admin_listen")
@@ -249,6 +254,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError("gc.sweep_interval: must be greater than 0")
     if not timedelta(0) <= cfg.gc.expiry_grace <= timedelta(seconds=60):
         raise ConfigError("gc.expiry_grace: must be between 0s and 60s")
+    for name in ("request_timeout", "header_timeout", "keepalive_timeout", "body_timeout"):
+        if getattr(cfg.ingress, name) <= timedelta(0):
+            raise ConfigError(f"ingress.{name}: must be greater than 0")
+    if not 0 <= cfg.ingress.request_buffer <= _MAX_REQUEST_BUFFER:
+        raise ConfigError(
+            f"ingress.request_buffer: must be between 0 and {_MAX_REQUEST_BUFFER} bytes"
+        )
     if cfg.ingress.max_waiters < 1:
         raise ConfigError("ingress.max_waiters: must be at least 1")
     if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):

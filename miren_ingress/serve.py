@@ -172,6 +172,8 @@ class Edge:
                 config=ProxyConfig(
                     header_timeout=cfg.ingress.header_timeout.total_seconds(),
                     keepalive_timeout=cfg.ingress.keepalive_timeout.total_seconds(),
+                    body_timeout=cfg.ingress.body_timeout.total_seconds(),
+                    request_buffer=cfg.ingress.request_buffer,
                     robots_tag=cfg.ingress.robots_tag,
                 ),
                 registry=self.registry,

@@ -9,6 +9,8 @@ import attrs
 class ProxyConfig:
     header_timeout: float = 30.0  # a request head must arrive within this (slowloris bound)
     keepalive_timeout: float = 75.0  # an idle client connection is closed after this
+    body_timeout: float = 30.0  # a request body must not stall longer than this (408)
+    request_buffer: int = 16 * 1024  # body bytes read before the upstream is chosen (0: none)
     max_header_bytes: int = 64 * 1024  # request line + header section
     max_request_line: int = 8 * 1024  # request target length
     robots_tag: str = "noindex"  # X-Robots-Tag value on ephemeral targets' responses

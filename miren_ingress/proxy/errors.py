@@ -37,6 +37,14 @@ class MethodNotAllowed(ProxyError):
     default_message = "This method is not supported by the proxy."
 
 
+class RequestTimeout(ProxyError):
+    """The client stopped sending its request body for longer than body_timeout."""
+
+    status = 408
+    reason = "client_timeout"
+    default_message = "The request body was not received in time."
+
+
 # --- the upstream failed: 502 --------------------------------------------------------------
 class BadGateway(ProxyError):
     status = 502

@@ -10,8 +10,8 @@ an upstream connection is attached, together with any framed body bytes collecte
 meanwhile; later body bytes are written after each parsed segment. Nothing is written for a
 segment that fails to parse.
 
-On the hit path an exchange reads the clock twice: at `start` (the duration's origin and the
-upstream deadline) and when it finishes (the duration's end, the parked connection's and the
+On the hit path an exchange reads the clock twice: at `start` (the duration's origin, unless the
+request was buffered: then its head's arrival, and the upstream deadline) and when it finishes (the duration's end, the parked connection's and the
 client connection's idle deadlines), both `time.monotonic()`.
 """
 
@@ -87,6 +87,8 @@ class Exchange:
     upgrade = False
     has_body = False
     chunked_in = False
+    buffered = False  # started only once its body is complete or request_buffer bytes long
+    arrived = 0.0  # a buffered request: when its head arrived (its duration's origin)
     reserved = 0
     head_only = False
 
@@ -145,7 +147,8 @@ class Exchange:
     def start(self) -> None:
         """Become the active exchange of the inbound connection."""
         engine = self.engine
-        self.started = now = monotonic()
+        now = monotonic()
+        self.started = self.arrived or now
         if self.reserved:
             self._reserved()
             return
@@ -226,8 +229,9 @@ class Exchange:
             self.fail(ProxyError())
             return
         self.task = None
-        if self.done:  # the client went away while we connected
+        if self.done:  # (defensive: abort and fail cancel this task)
             engine.pool_for(lease).put(conn, monotonic())
+            self._release()
             return
         self.attach(conn, monotonic())
 
@@ -329,6 +333,9 @@ class Exchange:
         `upstream` errors are also counted in miren_ingress_upstream_errors_total."""
         if self.done:
             return
+        if self.task is not None:  # (a client error during a cold start or a connect)
+            self.task.cancel()
+            self.task = None
         conn = self.conn
         if conn is not None:
             self.conn = None

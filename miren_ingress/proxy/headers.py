@@ -14,7 +14,7 @@ ORDINARY = 0
 HOP = 1  # hop-by-hop: never forwarded
 HOST = 2  # forwarded; also the routing key and X-Forwarded-Host
 FORWARDED_SET = 3  # X-Forwarded-Proto / -Host: replaced by the engine's value
-# 4: unused (Accept is ORDINARY: an error page reads it back from the rendered head)
+EXPECT = 4  # forwarded; a request with it is not buffered (its client waits for a 100)
 CONNECTION = 5  # hop-by-hop, and names more hop-by-hop headers
 CONTENT_LENGTH = 6  # framing: re-emitted by the engine
 TRANSFER_ENCODING = 7  # framing: re-emitted by the engine
@@ -41,6 +41,7 @@ _REQUEST = {
     b"x-forwarded-for": FORWARDED_FOR,
     b"x-forwarded-proto": FORWARDED_SET,
     b"x-forwarded-host": FORWARDED_SET,
+    b"expect": EXPECT,
 }
 _RESPONSE = dict(_COMMON)
 

@@ -9,7 +9,16 @@ Invariants:
 - reading from the client is paused while any reason in `_blocked` holds (upstream write buffer
   full, pipelined requests waiting, request bytes piling up with no upstream attached yet);
 - the connection timer fires at most every min(header_timeout, keepalive_timeout) seconds and
-  checks the deadline of the current state; state changes only store a deadline;
+  checks the deadline of the current state; state changes only store a deadline (a body deadline
+  earlier than the armed timer re-arms it);
+- a request body must keep arriving: while its bytes are read (not while reading is paused on
+  our side) each read moves `_body_deadline` to body_timeout ahead; past it the request is
+  answered 408 (or, with its response under way, the connection closes), its upstream connection
+  is aborted and its lease handed back. A FIN before the body is complete is answered 400;
+- request buffering: an exchange whose body is `buffered` is started (routed, given a lease and an
+  upstream connection) only once its body is complete or request_buffer bytes of it are held, so a
+  client that stalls a small body holds no sandbox capacity. Bodies longer than that stream, and a
+  request with `Expect` is not buffered (its client waits for the upstream's 100 Continue);
 - size limits (max_header_bytes, max_request_line) hold exactly without counting every header:
   a head lies within the read that completed it and the earlier reads of it (`_head_raw`), so
   when those are smaller than both limits it is within them, and only then is it measured
@@ -32,7 +41,7 @@ from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrad
 
 from . import headers as h
 from .errorpage import render_response
-from .errors import BadRequest, MethodNotAllowed, ProxyError
+from .errors import BadRequest, MethodNotAllowed, ProxyError, RequestTimeout
 from .exchange import (
     F_BODY,
     F_CHUNKED,
@@ -70,9 +79,12 @@ class InboundConnection(asyncio.Protocol):
 
     __slots__ = (
         "_active",
+        "_body_deadline",
+        "_body_timeout",
         "_cl",
         "_closed",
         "_conn_extra",
+        "_expect",
         "_fwd",
         "_head_bytes",
         "_head_check",
@@ -89,10 +101,13 @@ class InboundConnection(asyncio.Protocol):
         "_rare",
         "_raw",
         "_reject_with",
+        "_request_buffer",
         "_seg",
         "_stop_after",
         "_te",
+        "_tick",
         "_timer",
+        "_timer_at",
         "_tunnel",
         "_upgrade_value",
         "_url",
@@ -120,13 +135,19 @@ class InboundConnection(asyncio.Protocol):
         self._tunnel: UpstreamConnection | None = None
         self._reject_with: ProxyError | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = _INF
         self._idle_deadline = _INF
+        self._body_deadline = _INF  # meaningful while a body is read (see _reading_body)
         self._head_deadline = _INF  # meaningful while _in_head (set once the head spans reads)
         self._in_head = False
         self._head_raw = 0  # bytes of earlier reads of the head being parsed
         self._seg = 0  # length of the read being parsed
         config = engine.config
         self._keepalive = config.keepalive_timeout
+        self._tick = min(config.header_timeout, config.keepalive_timeout)
+        self._body_timeout = config.body_timeout
+        # (Never more than buffer_limit: reading pauses there until an upstream is attached.)
+        self._request_buffer = min(config.request_buffer, config.buffer_limit)
         # A head within this many bytes is within every limit (see on_headers_complete).
         self._head_check = min(config.max_header_bytes, config.max_request_line)
         # The head being parsed: request line placeholder, then forwarded header lines.
@@ -153,6 +174,7 @@ class InboundConnection(asyncio.Protocol):
         self._te: bytes | None = None
         self._conn_extra: frozenset[bytes] | None = None
         self._upgrade_value: bytes | None = None
+        self._expect = False
         self._head_bytes = 0  # bytes of the special (not forwarded as is) header lines
 
     # --- asyncio.Protocol ---------------------------------------------------------------------
@@ -174,7 +196,7 @@ class InboundConnection(asyncio.Protocol):
         # A new connection must send a request head within header_timeout.
         now = monotonic()
         self._idle_deadline = now + config.header_timeout
-        self._arm(now + min(config.header_timeout, config.keepalive_timeout))
+        self._arm(now + self._tick)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
@@ -185,13 +207,21 @@ class InboundConnection(asyncio.Protocol):
         ex = self._active
         self._active = None
         if ex is not None:
+            if not ex.started:  # (a buffered body): counted from its head's arrival
+                ex.started = ex.arrived or monotonic()
             ex.abort()
         self._tunnel = None
         self.engine.connection_closed(self)
 
     def eof_received(self) -> bool | None:
-        # Like nginx, a client's FIN ends its requests (499): a half-close cannot be told apart
-        # from a client that went away, and a cold start must not wait for a gone client.
+        if self._reading_body() is not None:
+            # The body ends before its announced end: a malformed request (400), answered on
+            # the half-open connection (the client may still read), which closes after it.
+            self._reject(BadRequest("The request body is incomplete."))
+            return True
+        # Like nginx, a client's FIN otherwise ends its requests (499): a half-close cannot be
+        # told apart from a client that went away, and a cold start must not wait for a gone
+        # client.
         return None
 
     def pause_writing(self) -> None:
@@ -238,7 +268,10 @@ class InboundConnection(asyncio.Protocol):
                 return
         ex = self._active
         if ex is not None:
-            if not ex.started:  # its head was parsed in this segment
+            # Not started: its head was parsed in this segment, or its body is buffered.
+            if not ex.started and (
+                ex.request_complete or not ex.buffered or ex.pending_size >= self._request_buffer
+            ):
                 ex.start()
             # (An exchange that finished meanwhile has no pending bytes; a next one started by
             # exchange_done was flushed there.)
@@ -247,6 +280,8 @@ class InboundConnection(asyncio.Protocol):
                     ex.flush()
                 elif ex.pending_size > self.engine.config.buffer_limit:
                     self._block(_BLOCK_BUFFER)
+        if self._parsing is not None and not self._parsing.request_complete:
+            self._body_deadline = monotonic() + self._body_timeout
 
     def _raw_received(self, data: bytes) -> None:
         tunnel = self._tunnel
@@ -298,6 +333,11 @@ class InboundConnection(asyncio.Protocol):
                 self._reject_with = BadRequest("More than one Host header.")
                 raise _Reject
             self._host = value
+            self._lines += (name, b": ", value, b"\r\n")
+            return
+        if kind == h.EXPECT:  # forwarded; the request is not buffered (see the module doc)
+            self._rare = True
+            self._expect = True
             self._lines += (name, b": ", value, b"\r\n")
             return
         # Not forwarded as it is: counted here for the size limit (forwarded lines are
@@ -358,11 +398,31 @@ class InboundConnection(asyncio.Protocol):
                 ex.reserved = reserved_flags(url)
         else:
             ex = self._parsing = self._general_head(method, url, host, lines)
+            if ex.has_body:
+                self._body_started(ex)
         if self._active is None:
             self._active = ex  # started after this segment parsed cleanly
         else:
             self._queue.append(ex)
             self._block(_BLOCK_PIPELINE)
+
+    def _body_started(self, ex: Exchange) -> None:
+        """A request with a body: buffer it or not, and watch that it keeps arriving."""
+        now = monotonic()
+        if self._request_buffer > 0 and not self._expect and not ex.upgrade:
+            ex.buffered = True
+            ex.arrived = now
+        deadline = self._body_deadline = now + self._body_timeout
+        if deadline < self._timer_at and self._timer is not None:
+            self._timer.cancel()
+            self._arm(deadline)
+
+    def _reading_body(self) -> Exchange | None:
+        """The exchange whose body is being read, if the body is not complete yet."""
+        ex = self._parsing
+        if ex is None or ex.request_complete or ex.done or self._closed:
+            return None
+        return ex
 
     def _check_head(self, url: bytes, lines: list[bytes]) -> None:
         config = self.engine.config
@@ -484,9 +544,10 @@ class InboundConnection(asyncio.Protocol):
             nxt = self._active = self._queue.popleft()
             if not self._queue:
                 self._unblock(_BLOCK_PIPELINE)
-            nxt.start()
-            if self._active is nxt and nxt.conn is not None and nxt.pending:
-                nxt.flush()
+            if nxt.request_complete or not nxt.buffered or nxt.pending_size >= self._request_buffer:
+                nxt.start()
+                if self._active is nxt and nxt.conn is not None and nxt.pending:
+                    nxt.flush()
             return
         self._idle_deadline = now + self._keepalive
 
@@ -525,8 +586,10 @@ class InboundConnection(asyncio.Protocol):
         self._parsing = None
         self._queue.clear()
         ex = self._active
+        method = accept = b""  # (unknown: the request that failed to parse)
         if ex is not None and not ex.started:
-            self._active = ex = None  # a head parsed in this segment: never started
+            method, accept = ex.method, ex.accept
+            self._active = ex = None  # its head was parsed in this segment, or it is buffered
         if ex is not None and not ex.done:
             ex.keep_alive = False
             if ex.head_sent or ex.request_complete:
@@ -536,8 +599,8 @@ class InboundConnection(asyncio.Protocol):
                 return
             ex.fail(err, upstream=False)  # its own body was malformed
             return
-        self.engine.metrics.request_done("unknown", err.status, b"", 0.0)
-        self.write(render_response(err.status, err.public_message, b"", keep_alive=False))
+        self.engine.metrics.request_done("unknown", err.status, method, 0.0)
+        self.write(render_response(err.status, err.public_message, accept, keep_alive=False))
         self.close()
 
     def _block(self, reason: int) -> None:
@@ -550,21 +613,40 @@ class InboundConnection(asyncio.Protocol):
         self.blocked = was & ~reasons
         if was and not self.blocked and not self._closed:
             self.transport.resume_reading()
+            if self._parsing is not None:  # the body timeout counts from now again
+                self._body_deadline = monotonic() + self._body_timeout
 
     def _arm(self, when: float) -> None:
         self._timer = self.engine.loop.call_at(when, self._on_timer)
+        self._timer_at = when
 
     def _on_timer(self) -> None:
         self._timer = None
+        self._timer_at = _INF
         if self._closed:
             return
-        engine = self.engine
         now = monotonic()
-        tick = now + min(engine.config.header_timeout, engine.config.keepalive_timeout)
+        tick = now + self._tick
         if self._active is None and self._tunnel is None:
             deadline = self._head_deadline if self._in_head else self._idle_deadline
             if now >= deadline:
                 self.abort()  # slow or idle client: nothing to answer
                 return
             tick = min(tick, deadline)
+        ex = self._reading_body()
+        if ex is not None and not self.blocked:  # (paused by us: not the client's fault)
+            if now >= self._body_deadline:
+                self._body_timed_out(ex)
+                return
+            tick = min(tick, self._body_deadline)
         self._arm(tick)
+
+    def _body_timed_out(self, ex: Exchange) -> None:
+        """The client stopped sending the body of `ex` (the active exchange)."""
+        if ex is self._active and ex.started:
+            self._raw = True  # parse nothing more
+            self._parsing = None
+            self._queue.clear()
+            ex.fail(RequestTimeout(), upstream=False)  # 408, or a close if the response is out
+        else:
+            self._reject(RequestTimeout())  # not started (buffered): no lease, no upstream

@@ -20,6 +20,8 @@ def test_defaults_are_sane() -> None:
     assert cfg.ephemeral.max_per_app == 10
     assert cfg.gc.sweep_interval == timedelta(seconds=60)
     assert cfg.ingress.max_waiters == 1000
+    assert cfg.ingress.body_timeout == timedelta(seconds=30)
+    assert cfg.ingress.request_buffer == 16 * 1024
 
 
 def test_precedence_file_env_flags(tmp_path: Path) -> None:
@@ -40,11 +42,15 @@ def test_precedence_file_env_flags(tmp_path: Path) -> None:
     [
         ("bogus = 1\n", "unknown key bogus"),
         ("[gc]\nnope = 1\n", "unknown key gc.nope"),
-        ("[ephemeral]\nmax_ttl = \"7\"\n", "ephemeral.max_ttl"),
-        ("[ingress]\nmax_waiters = \"many\"\n", "ingress.max_waiters"),
+        ('[ephemeral]\nmax_ttl = "7"\n', "ephemeral.max_ttl"),
+        ('[ingress]\nmax_waiters = "many"\n', "ingress.max_waiters"),
         ("listen = 5\n", "listen"),
-        ("store = \"redis://x\"\n", "store"),
+        ('store = "redis://x"\n', "store"),
         ("this is not toml", "c.toml"),
+        ('[ingress]\nbody_timeout = "0s"\n', "ingress.body_timeout: must be greater than 0"),
+        ("[ingress]\nheader_timeout = 0\n", "ingress.header_timeout: must be greater than 0"),
+        ("[ingress]\nrequest_buffer = -1\n", "ingress.request_buffer: must be between"),
+        ("[ingress]\nrequest_buffer = 2000000\n", "ingress.request_buffer: must be between"),
     ],
 )
 def test_bad_files_name_the_key(tmp_path: Path, text: str, needle: str) -> None:
@@ -57,7 +63,9 @@ def test_bad_files_name_the_key(tmp_path: Path, text: str, needle: str) -> None:
 def test_non_loopback_admin_needs_token() -> None:
     with pytest.raises(ConfigError, match="without a token"):
         load_config(env={}, overrides={"admin_listen": "0.0.0.0:8081"})
-    cfg = load_config(env={"MIREN_ADMIN_TOKEN": "s3cret"}, overrides={"admin_listen": "0.0.0.0:8081"})
+    cfg = load_config(
+        env={"MIREN_ADMIN_TOKEN": "s3cret"}, overrides={"admin_listen": "0.0.0.0:8081"}
+    )
     assert cfg.admin_token == "s3cret"
     assert "s3cret" not in repr(cfg)
 

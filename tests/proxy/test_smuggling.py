@@ -69,7 +69,8 @@ async def test_rejected_with_400_and_never_forwarded(proxy, ok_upstream: RawUpst
 
 async def test_bad_chunk_after_forwarding_started_aborts_upstream(proxy, raw_upstream) -> None:
     """A body that turns malformed after earlier chunks went upstream: the upstream
-    connection is aborted, so the upstream never sees a complete (or a second) request."""
+    connection is aborted, so the upstream never sees a complete (or a second) request.
+    (Request buffering off: with it, a body this short never reaches the upstream at all.)"""
     got = bytearray()
     closed = asyncio.Event()
 
@@ -79,7 +80,7 @@ async def test_bad_chunk_after_forwarding_started_aborts_upstream(proxy, raw_ups
         closed.set()
 
     up = await raw_upstream(handler)
-    p = await proxy({"*": up.address})
+    p = await proxy({"*": up.address}, request_buffer=0)
     reader, writer = await asyncio.open_connection("127.0.0.1", p.port)
     try:
         writer.write(

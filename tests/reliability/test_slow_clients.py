@@ -8,7 +8,7 @@ connection was closed (seconds after its last byte), the server's open fds befor
 and after.
 
 A second test holds request *bodies* open (slow POSTs) against a preview, whose capacity is
-one sandbox of 10 concurrent requests: it documents a gap (see its xfail reason).
+one sandbox of 10 concurrent requests (see its docstring).
 """
 
 from __future__ import annotations
@@ -231,27 +231,45 @@ async def test_idle_and_slowloris_clients_do_not_stop_a_normal_client(
 
 
 SLOW_BODIES = 10  # a preview's capacity: one sandbox, 10 concurrent requests
+BODY_TIMEOUT = 2.0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "product gap: no client body timeout, and a request holds its sandbox lease while its "
-        "body trickles in. 10 clients that send a POST head and then stall their bodies take "
-        "all of a preview's capacity (max_instances 1 x requests_per_instance 10) until the "
-        "route's request_timeout (60 s): a normal client gets no answer meanwhile "
-        "(miren_ingress/proxy/inbound.py: header_timeout covers heads only)"
-    ),
+async def stall_bodies(
+    port: int, host: str, sent: int
+) -> list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """SLOW_BODIES POSTs that announce 1 MB and stop after `sent` body bytes."""
+    clients = []
+    for _ in range(SLOW_BODIES):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            b"POST /echo HTTP/1.1\r\nHost: " + host.encode()
+            + b"\r\nContent-Length: 1000000\r\n\r\n" + b"x" * sent
+        )  # fmt: skip
+        clients.append((reader, writer))
+    return clients
+
+
+@pytest.mark.parametrize(
+    ("sent", "streamed"),
+    [(1, False), (64 * 1024, True)],
+    ids=["short-prefix-buffered", "long-prefix-streamed"],
 )
 @pytest.mark.timeout(60)
-async def test_slow_request_bodies_do_not_stop_a_normal_client(tmp_path: Path) -> None:
+async def test_slow_request_bodies_do_not_stop_a_normal_client(
+    tmp_path: Path, figures: Figures, sent: int, streamed: bool
+) -> None:
+    """10 clients stall their POST bodies against a preview whose capacity is 10 requests.
+    Stalled after a few bytes, their bodies are buffered by the proxy and hold no capacity: a
+    normal client is answered at once. Stalled after more than ingress.request_buffer, their
+    bodies were streamed to the app and hold its capacity, but only until the body timeout
+    answers them 408: the normal client waits for that, not for the 60 s request_timeout."""
     server = MirenServer(
         tmp_path,
         store="memory",
         settings={
             "ingress.header_timeout": f"{HEADER_TIMEOUT:g}s",
             "ingress.keepalive_timeout": f"{KEEPALIVE_TIMEOUT:g}s",
+            "ingress.body_timeout": f"{BODY_TIMEOUT:g}s",
         },
     )
     async with running(server) as edge:
@@ -260,18 +278,21 @@ async def test_slow_request_bodies_do_not_stop_a_normal_client(tmp_path: Path) -
         await deploy(edge, APP, echo_spec(), label="pr", ttl="1h")
         preview = f"pr.{HOST}"
         await wait_status(edge, preview, 200)
-        stalled = []
+        stalled = await stall_bodies(edge.proxy_port, preview, sent)
         try:
-            for _ in range(SLOW_BODIES):
-                _, writer = await asyncio.open_connection("127.0.0.1", edge.proxy_port)
-                writer.write(
-                    b"POST /echo HTTP/1.1\r\nHost: " + preview.encode()
-                    + b"\r\nContent-Length: 1000\r\n\r\nx"
-                )  # fmt: skip
-                stalled.append(writer)
-            # A normal client must still be answered, long before any timeout frees the slots.
-            answer = await request(edge.proxy_port, preview, timeout=5.0)
+            t0 = time.monotonic()
+            answer = await request(edge.proxy_port, preview, timeout=BODY_TIMEOUT + SLACK)
+            waited = time.monotonic() - t0
+            closes = await asyncio.gather(
+                *(asyncio.wait_for(r.read(), BODY_TIMEOUT + SLACK) for r, _ in stalled)
+            )
         finally:
-            for writer in stalled:
+            for _, writer in stalled:
                 writer.close()
+        text = log_text(edge)
+    figures.add("normal client answered after", waited, "s")
     assert answer.status == 200, answer
+    if not streamed:
+        assert waited < BODY_TIMEOUT, "the normal client waited for the body timeout"
+    assert all(c.startswith(b"HTTP/1.1 408 ") for c in closes), [c[:40] for c in closes]
+    assert not log_errors(text), log_errors(text)[:20]
