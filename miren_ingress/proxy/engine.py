@@ -88,6 +88,7 @@ class Engine:
         "closing",
         "config",
         "connections",
+        "head_inserts",
         "head_lines",
         "head_tails",
         "health",
@@ -120,17 +121,22 @@ class Engine:
         self._drained: asyncio.Event | None = None
         # The end of a response head, after the upstream's own header lines:
         # head_tails[ephemeral][keep_alive].
-        robots = b"X-Robots-Tag: " + config.robots_tag.encode("latin-1") + b"\r\n"
+        # (An empty robots_tag: no X-Robots-Tag line at all.)
+        tag = config.robots_tag.encode("latin-1")
+        robots = b"X-Robots-Tag: " + tag + b"\r\n" if tag else b""
         close = b"Connection: close\r\n"
         self.head_tails = (
             (close + b"\r\n", b"\r\n"),
             (robots + close + b"\r\n", robots + b"\r\n"),
         )
         # The same lines to insert after a header line (each starts with CRLF, none ends with
-        # it): head_lines[ephemeral][keep_alive].
-        self.head_lines = (
-            (b"\r\n" + close[:-2], b""),
-            (b"\r\n" + robots + close[:-2], b"\r\n" + robots[:-2]),
+        # it; b"" when there is nothing to insert): head_lines[ephemeral][keep_alive].
+        # What replaces the CRLF ending the status line on the fast path of a keep-alive
+        # response (b"" when nothing is inserted): head_inserts[ephemeral].
+        self.head_inserts = (b"", b"\r\n" + robots if robots else b"")
+        self.head_lines = tuple(
+            tuple(b"\r\n" + lines[:-2] if lines else b"" for lines in (ahead + close, ahead))
+            for ahead in (b"", robots)
         )
 
     def __repr__(self) -> str:

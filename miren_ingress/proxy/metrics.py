@@ -35,9 +35,10 @@ DURATION_BUCKETS = (
 class _AppStats:
     """Counters of one app (the `app` label is bounded by the number of apps)."""
 
-    __slots__ = ("buckets", "counts", "total")
+    __slots__ = ("buckets", "counts", "get_ok", "total")
 
     def __init__(self) -> None:
+        self.get_ok = 0  # (200, GET): the common pair, counted without a tuple or a hash
         self.counts: defaultdict[tuple[int, bytes], int] = defaultdict(int)  # (code, method)
         self.buckets = [0] * (len(DURATION_BUCKETS) + 1)  # last one is +Inf
         self.total = 0.0  # sum of durations
@@ -69,8 +70,14 @@ class ProxyMetrics(Collector):
         stats = self._apps.get(app)
         if stats is None:
             stats = self._apps[app] = _AppStats()
-        stats.counts[code, method] += 1
-        stats.buckets[_bisect(_bounds, seconds)] += 1
+        if code == 200 and method == b"GET":
+            stats.get_ok += 1
+        else:
+            stats.counts[code, method] += 1
+        if seconds < 0.001:  # (_bounds[0]: most answers)
+            stats.buckets[0] += 1
+        else:
+            stats.buckets[_bisect(_bounds, seconds)] += 1
         stats.total += seconds
 
     def upstream_error(self, reason: str) -> None:
@@ -90,6 +97,8 @@ class ProxyMetrics(Collector):
         )
         for app, stats in list(self._apps.items()):
             merged: dict[tuple[str, str], int] = {}
+            if stats.get_ok:
+                merged["200", "GET"] = stats.get_ok
             for (code, method), n in list(stats.counts.items()):
                 key = (str(code), KNOWN_METHODS.get(method, "OTHER"))
                 merged[key] = merged.get(key, 0) + n

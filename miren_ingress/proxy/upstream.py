@@ -10,9 +10,11 @@ in CRLF, no value holds CR or LF, no name is followed by whitespace (all checked
 the first empty line ends the head and `CRLF + name + ":"` finds exactly the lines of that name.
 `on_header` only classifies names: ordinary headers stay where they are, Content-Length too
 (llhttp rejected duplicates, lists and signs). The common response (HTTP/1.1 status line at the
-start of one segment, Content-Length framing, at most a `Connection: keep-alive` line to cut
-out, as nginx sends) takes the fast path of `on_headers_complete`, which appends the spliced
-head to `out` as slices (joined once, with the body, for the write); anything else (other
+start of one segment, Content-Length framing, at most a `Connection: keep-alive` line, as nginx
+sends) takes the fast path of `on_headers_complete`: to a keep-alive client the segment goes
+as it is, or with our lines after the status line (one `bytes.replace`); when the client
+connection closes, the Connection line is cut and ours added (slices joined once, with the
+body, for the write); anything else (other
 hop-by-hop headers, chunked or close-delimited bodies, HEAD, 1xx, 101, a head split across
 segments) takes `_general_head`, which splits the head into lines. The upstream's reason phrase
 is forwarded as sent.
@@ -48,12 +50,12 @@ from .errors import UpstreamProtocolError, UpstreamReset, UpstreamTimeout
 if TYPE_CHECKING:
     from .engine import Engine
     from .exchange import Exchange
+    from .interfaces import Target
     from .pool import UpstreamPool
 
 _INF = float("inf")
 _NO_BODY_STATUS = (204, 304)
 _ORDINARY = h.RESPONSE_NAMES.ordinary  # spellings known to be ordinary (read directly: hot)
-_CONNECTION_LINE = b"\r\nConnection: keep-alive\r\n"  # (24 bytes before its final CRLF)
 _TIMER_SLACK = 0.001  # re-arm at least this far ahead (uvloop's timers have 1 ms resolution)
 
 
@@ -115,7 +117,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._head_done = False  # the final head went to `out`: later headers are trailers
         self._cl: bytes | None = None  # the Content-Length value
         self._spliced = False  # this segment's body went to `out` with the head (fast path)
-        self._conn_cut = False  # a `Connection: keep-alive` line is to be cut out
+        self._conn_cut = False  # a `Connection: keep-alive` line: cut out if we close
         self._done = False  # the response was read to its end (reset when handled)
         # Per response, only touched off the fast path; `_rare` says whether to reset them.
         self._rare = True
@@ -274,7 +276,7 @@ class UpstreamConnection(asyncio.Protocol):
         if name == b"Content-Length":  # stays in place
             self._cl = value
         elif name == b"Connection" and value == b"keep-alive" and not self._conn_cut:
-            self._conn_cut = True  # nginx sends it on every response: cut out on the fast path
+            self._conn_cut = True  # nginx sends it on every response (see on_headers_complete)
         else:
             self._header(name, value)
 
@@ -313,21 +315,23 @@ class UpstreamConnection(asyncio.Protocol):
             return
         # The fast path: the whole head is at the start of `data`, framed by Content-Length,
         # so the rest of `data` is body (a second message would have stopped the parser, see
-        # _trim_spliced): `out` gets `data` itself, minus the Connection line, plus our lines.
-        add = self.engine.head_lines[ex.target.ephemeral][ex.keep_alive]  # type: ignore[union-attr]
-        if self._conn_cut:
-            cut = data.find(_CONNECTION_LINE)  # the CRLF before that line (as nginx writes it)
-            if cut >= 0:
-                after = cut + 24  # the CRLF ending it
-            else:  # other whitespace around the value
-                cut = data.find(b"\r\nConnection:")
-                after = data.find(b"\r\n", cut + 2)
-            self.out += (data[:cut], add, data[after:])
-        elif add:
-            cut = data.find(b"\r\n")  # after the status line
-            self.out += (data[:cut], add, data[cut:])
+        # _trim_spliced): `out` gets `data` itself, plus our lines after the status line. A
+        # `Connection: keep-alive` line stays when the client connection stays open: it is then
+        # our own option for that connection too (RFC 9110 7.6.1 lets an intermediary replace
+        # the field with its own options: here the same bytes); it is cut when we close.
+        target: Target = ex.target  # type: ignore[assignment]  # (attached: routed)
+        if ex.keep_alive:
+            insert = self.engine.head_inserts[target.ephemeral]
+            self.out.append(data.replace(b"\r\n", insert, 1) if insert else data)
         else:
-            self.out.append(data)
+            add = self.engine.head_lines[target.ephemeral][False]
+            if self._conn_cut:
+                # Its name is spelled exactly so (see on_header): the first match is in the head.
+                cut = data.find(b"\r\nConnection:")  # the CRLF before that line
+                after = data.find(b"\r\n", cut + 2)  # the CRLF ending it
+            else:
+                cut = after = data.find(b"\r\n")  # after the status line
+            self.out += (data[:cut], add, data[after:])
         self._spliced = True  # on_body: these body bytes are in `out` already
         self._head_done = True
 
@@ -336,8 +340,11 @@ class UpstreamConnection(asyncio.Protocol):
         end = data.find(b"\r\n\r\n") + 4
         if status not in _NO_BODY_STATUS:
             end += int(self._cl or b"0")
-        out = self.out
-        out[-1] = data[len(data) - len(out[-1]) : end]
+        # `out[-1]` ends with the segment's tail (our lines went in before, within the head).
+        extra = len(data) - end
+        if extra > 0:
+            out = self.out
+            out[-1] = out[-1][:-extra]
 
     def _head_lines(self) -> list[bytes]:
         """The head being completed, split into lines (status line first), from the raw bytes

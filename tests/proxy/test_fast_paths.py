@@ -38,17 +38,22 @@ GET = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
 GET_CLOSE = b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
 
 
-async def test_bytes_after_a_spliced_response_are_never_forwarded(proxy, raw_upstream) -> None:
+@pytest.mark.parametrize("ephemeral", [False, True])
+async def test_bytes_after_a_spliced_response_are_never_forwarded(
+    proxy, raw_upstream, ephemeral: bool
+) -> None:
     up = await scripted(
         raw_upstream,
         b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nok"
         b"HTTP/1.1 200 OK\r\nX-Smuggled: 1\r\n",  # a second (partial) response: out of sync
         b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nyes",
     )
-    p = await proxy({"*": up.address})
+    p = await proxy({"a": up.address}, ephemeral_hosts=frozenset({"a"} if ephemeral else ()))
     data = await raw_exchange(p.port, GET + GET_CLOSE)
-    assert [(s, b) for s, _, b in parse_responses(data)] == [(200, b"ok"), (200, b"yes")]
-    assert b"Smuggled" not in data and b"keep-alive" not in data.lower()
+    responses = parse_responses(data)
+    assert [(s, b) for s, _, b in responses] == [(200, b"ok"), (200, b"yes")]
+    assert all(("x-robots-tag" in h) == ephemeral for _, h, _ in responses)
+    assert b"Smuggled" not in data
     assert up.connections == 2  # the out-of-sync connection was not reused
 
 
@@ -77,16 +82,24 @@ async def test_response_heads_are_spliced_exactly(
         b"GET / HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n",
     )
     first, second = data.split(b"HTTP/1.1 200 Fine\r\n")[1:]
+    # `Connection` spelled so, value `keep-alive` (llhttp strips the whitespace before it only).
+    same_option = (
+        connection.startswith(b"Connection:") and connection[11:-2].lstrip() == b"keep-alive"
+    )
     for i, part in enumerate((first, second)):
         head, _, rest = part.partition(b"\r\n\r\n")
         lines = head.split(b"\r\n")
         assert rest == body
         names = [line.split(b":")[0].lower() for line in lines]
-        assert names.count(b"connection") == i  # only ours: `close` on the last response
         assert (b"x-robots-tag" in names) == ephemeral
         theirs = [line for line in lines if not line.startswith((b"Connection", b"X-Robots"))]
         assert theirs == [b"Server: up", b"Content-Length: 1000", b'ETag: "x"']  # in order
-    assert b"Connection: close" in second and b"keep-alive" not in data.lower()
+        connection_lines = [line for line in lines if line.lower().startswith(b"connection")]
+        if i == 0:  # keep-alive: nginx's own spelling of our option stays (the fast path)
+            assert connection_lines == ([connection[:-2]] if same_option else [])
+        else:  # ours: `close` on the last response
+            assert connection_lines == [b"Connection: close"]
+    assert b"keep-alive" not in second.lower()
     assert up.connections == 1
 
 
@@ -197,3 +210,35 @@ async def test_reserved_paths_and_lookalikes(proxy, ok_upstream: RawUpstream) ->
     statuses = [s for s, _, _ in parse_responses(data, head_request=True)]
     assert statuses[:2] == [200, 200] and data.count(b"HTTP/1.1 404 ") == 1
     assert [r.url for r in ok_upstream.requests] == [b"/.well-known/other"]
+
+
+async def test_connection_line_is_cut_from_the_head_not_the_body(proxy, raw_upstream) -> None:
+    """Closing the client connection cuts the upstream's `Connection: keep-alive` line: the one
+    in the head, however it is spaced, never a look-alike in the body."""
+    body = b"x\r\nConnection: keep-alive\r\ny"
+    response = b"HTTP/1.1 200 OK\r\nConnection:keep-alive\r\nContent-Length: %d\r\n\r\n%s" % (
+        len(body),
+        body,
+    )
+    up = await scripted(raw_upstream, response)
+    p = await proxy({"a": up.address})
+    data = await raw_exchange(p.port, GET_CLOSE)
+    [(status, headers, got)] = parse_responses(data)
+    assert (status, got) == (200, body)
+    assert headers["connection"] == "close"
+    assert b"Connection:keep-alive" not in data
+
+
+async def test_empty_robots_tag_means_no_header(proxy, ok_upstream) -> None:
+    p = await proxy({"pr-1.a": ok_upstream.address}, ephemeral_hosts=frozenset({"pr-1.a"}),
+                    robots_tag="")  # fmt: skip
+    for request in (b"GET / HTTP/1.1\r\nHost: pr-1.a\r\n\r\n", b"GET / HTTP/1.1\r\nHost: pr-1.a"
+                    b"\r\nConnection: close\r\n\r\n"):  # fmt: skip
+        reader, writer = await asyncio.open_connection("127.0.0.1", p.port)
+        try:
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200 ") and await reader.readexactly(2) == b"ok"
+            assert b"x-robots-tag" not in head.lower()
+        finally:
+            writer.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import aiohttp
 import pytest
-from prometheus_client import generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 
 from miren_ingress.proxy import StaticRouter, Target, normalize_host
 from miren_ingress.proxy.errorpage import negotiate, render_response
@@ -126,3 +126,31 @@ def test_static_router_reprs_and_hits() -> None:
     assert isinstance(target, Target) and target.app == "a.test"
     assert router.resolve(b"b.test").status == 404  # type: ignore[union-attr]
     assert repr(router) == "<StaticRouter routes=1>"
+
+
+def test_request_done_counts_and_buckets() -> None:
+    from miren_ingress.proxy.metrics import ProxyMetrics
+
+    reg = CollectorRegistry()
+    m = ProxyMetrics(reg, lambda: 0.0)
+    for code, method, seconds in [
+        (200, b"GET", 0.0005),
+        (200, b"GE" + b"T", 0.001),  # (a fresh bytes object, as the parser gives)
+        (200, b"POST", 0.003),
+        (404, b"GET", 100.0),
+        (200, b"BREW", 0.0),
+    ]:
+        m.request_done("shop", code, method, seconds)
+    count = "miren_ingress_requests_total"
+    assert sample(reg, count, app="shop", code="200", method="GET") == 2
+    assert sample(reg, count, app="shop", code="200", method="POST") == 1
+    assert sample(reg, count, app="shop", code="404", method="GET") == 1
+    assert sample(reg, count, app="shop", code="200", method="OTHER") == 1
+    bucket = "miren_ingress_request_duration_seconds_bucket"
+    assert sample(reg, bucket, app="shop", le="0.001") == 3  # 0.0, 0.0005 and 0.001 itself
+    assert sample(reg, bucket, app="shop", le="0.005") == 4
+    assert sample(reg, bucket, app="shop", le="60.0") == 4
+    assert sample(reg, bucket, app="shop", le="+Inf") == 5
+    assert sample(reg, "miren_ingress_request_duration_seconds_sum", app="shop") == pytest.approx(
+        100.0045
+    )
