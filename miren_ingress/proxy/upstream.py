@@ -1,8 +1,9 @@
 """One keep-alive connection to an upstream: parses responses and streams them to the client.
 
 At most one exchange uses a connection at a time (no upstream pipelining). During one
-`data_received` everything meant for the client is collected in `out` and written with one
-`transport.write` afterwards, so a small response goes out as one segment (head + body).
+`data_received` everything meant for the client is collected (in `_spliced` on the fast path,
+else in `out`) and written with one `transport.write` afterwards, so a small response goes out
+as one segment (head + body).
 
 The response head is forwarded by splicing the upstream's raw bytes, not rebuilt header by
 header. llhttp has already validated the head when `on_headers_complete` runs: every line ends
@@ -13,11 +14,12 @@ the first empty line ends the head and `CRLF + name + ":"` finds exactly the lin
 start of one segment, Content-Length framing, at most a `Connection: keep-alive` line, as nginx
 sends) takes the fast path of `on_headers_complete`: to a keep-alive client the segment goes
 as it is, or with our lines after the status line (one `bytes.replace`); when the client
-connection closes, the Connection line is cut and ours added (slices joined once, with the
-body, for the write); anything else (other
-hop-by-hop headers, chunked or close-delimited bodies, HEAD, 1xx, 101, a head split across
-segments) takes `_general_head`, which splits the head into lines. The upstream's reason phrase
-is forwarded as sent.
+connection closes, the Connection line is cut and ours added. Anything else (other hop-by-hop
+headers, chunked or close-delimited bodies, HEAD, 1xx, 101, a head split across segments)
+takes `_general_head`, which splits the head into lines. The upstream's reason phrase is
+forwarded as sent. Any byte after a complete response in the same read (on_message_begin
+stops the parser there, or llhttp finds it is not HTTP) leaves the connection out of sync: the
+response is forwarded, trimmed to its end, and the connection is not reused.
 
 The connection's timer serves both the request idle timeout (while an exchange is attached)
 and the pool idle timeout (while parked). It is re-armed lazily: activity only moves `deadline`;
@@ -116,7 +118,8 @@ class UpstreamConnection(asyncio.Protocol):
         # Per response, reset by `begin`:
         self._head_done = False  # the final head went to `out`: later headers are trailers
         self._cl: bytes | None = None  # the Content-Length value
-        self._spliced = False  # this segment's body went to `out` with the head (fast path)
+        # The fast path's output for this segment (head and body, spliced), else None:
+        self._spliced: bytes | None = None
         self._conn_cut = False  # a `Connection: keep-alive` line: cut out if we close
         self._done = False  # the response was read to its end (reset when handled)
         # Per response, only touched off the fast path; `_rare` says whether to reset them.
@@ -213,24 +216,24 @@ class UpstreamConnection(asyncio.Protocol):
                 out.append(rest)
             self.tunnel = True
             self.deadline = _INF
-        except HttpParserCallbackError:
-            # A callback stopped the parser: a HEAD response (done) or bytes past the end of
-            # the response (out of sync). Either way the connection is not reused.
+        except (HttpParserCallbackError, HttpParserError):
+            # A callback stopped the parser (a HEAD response, done; or a second message after
+            # the response: out of sync), or bytes after the response are not HTTP. Either way
+            # the connection is not reused; a response read whole is still forwarded.
             self._data = None
             self._stop_reuse = True
             if not self._done:
                 self._protocol_error(ex)
                 return
-            if self._spliced:
+            if self._spliced is not None:
                 self._trim_spliced(data, ex.status)
-        except HttpParserError:
-            self._data = None
-            self._protocol_error(ex)
-            return
         self._data = None  # never keep a segment alive past its parse
-        if self._spliced:
-            self._spliced = False
-        if out:
+        spliced = self._spliced
+        if spliced is not None:  # (then `out` is empty: see on_headers_complete)
+            self._spliced = None
+            ex.inbound.transport.write(spliced)
+            ex.head_sent = True
+        elif out:
             # Invariant: an exchange whose client connection is lost is detached from its
             # upstream connection at once (Exchange.abort), so the client transport is open.
             ex.inbound.transport.write(b"".join(out))  # (one part: joined without a copy)
@@ -266,10 +269,6 @@ class UpstreamConnection(asyncio.Protocol):
             self.deadline = monotonic() + ex.timeout
 
     # --- httptools callbacks (response parser) ----------------------------------------------
-    def on_message_begin(self) -> None:
-        if self._done:
-            raise _Stop  # a second response in one read: out of sync
-
     def on_header(self, name: bytes, value: bytes) -> None:
         if name in _ORDINARY:  # stays in place
             return
@@ -300,6 +299,10 @@ class UpstreamConnection(asyncio.Protocol):
             self._upgrade_value = value
         # HOP: dropped by _general_head
 
+    def on_message_begin(self) -> None:
+        if self._done:
+            raise _Stop  # a second response in one read: out of sync
+
     def on_headers_complete(self) -> None:
         ex: Exchange = self.ex  # type: ignore[assignment]  # (attached: a response is read)
         status = self.parser.get_status_code()
@@ -315,14 +318,16 @@ class UpstreamConnection(asyncio.Protocol):
             return
         # The fast path: the whole head is at the start of `data`, framed by Content-Length,
         # so the rest of `data` is body (a second message would have stopped the parser, see
-        # _trim_spliced): `out` gets `data` itself, plus our lines after the status line. A
+        # _trim_spliced): `_spliced` gets `data` itself, plus our lines after the status line
+        # (`out` is empty: an interim response before, or earlier bytes of the head, would
+        # have set `_rare`; the body goes with the head, so on_body adds nothing). A
         # `Connection: keep-alive` line stays when the client connection stays open: it is then
         # our own option for that connection too (RFC 9110 7.6.1 lets an intermediary replace
         # the field with its own options: here the same bytes); it is cut when we close.
         target: Target = ex.target  # type: ignore[assignment]  # (attached: routed)
         if ex.keep_alive:
             insert = self.engine.head_inserts[target.ephemeral]
-            self.out.append(data.replace(b"\r\n", insert, 1) if insert else data)
+            self._spliced = data.replace(b"\r\n", insert, 1) if insert else data
         else:
             add = self.engine.head_lines[target.ephemeral][False]
             if self._conn_cut:
@@ -331,8 +336,7 @@ class UpstreamConnection(asyncio.Protocol):
                 after = data.find(b"\r\n", cut + 2)  # the CRLF ending it
             else:
                 cut = after = data.find(b"\r\n")  # after the status line
-            self.out += (data[:cut], add, data[after:])
-        self._spliced = True  # on_body: these body bytes are in `out` already
+            self._spliced = b"".join((data[:cut], add, data[after:]))
         self._head_done = True
 
     def _trim_spliced(self, data: bytes, status: int) -> None:
@@ -340,11 +344,10 @@ class UpstreamConnection(asyncio.Protocol):
         end = data.find(b"\r\n\r\n") + 4
         if status not in _NO_BODY_STATUS:
             end += int(self._cl or b"0")
-        # `out[-1]` ends with the segment's tail (our lines went in before, within the head).
+        # `_spliced` ends with the segment's tail (our lines went in before, within the head).
         extra = len(data) - end
         if extra > 0:
-            out = self.out
-            out[-1] = out[-1][:-extra]
+            self._spliced = self._spliced[:-extra]  # type: ignore[index]  # (set: see caller)
 
     def _head_lines(self) -> list[bytes]:
         """The head being completed, split into lines (status line first), from the raw bytes
@@ -415,8 +418,8 @@ class UpstreamConnection(asyncio.Protocol):
             raise _Stop  # llhttp would wait for a HEAD response's announced body
 
     def on_body(self, body: bytes) -> None:
-        if self._spliced:
-            return
+        if self._spliced is not None:
+            return  # (the fast path: the body went with the head)
         if self._chunk_out:
             self.out.append(b"%x\r\n" % len(body) + body + b"\r\n")
         else:
@@ -502,6 +505,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def _protocol_error(self, ex: Exchange) -> None:
         self.out.clear()
+        self._spliced = None
         ex.upstream_lost(self, UpstreamProtocolError())
 
     def _arm(self, when: float) -> None:

@@ -242,3 +242,20 @@ async def test_empty_robots_tag_means_no_header(proxy, ok_upstream) -> None:
             assert b"x-robots-tag" not in head.lower()
         finally:
             writer.close()
+
+
+@pytest.mark.parametrize("ephemeral", [False, True])
+@pytest.mark.parametrize("tail", [b"GARBAGE", b"HTTP/1.1 2", b"\r\n\r\nXYZ"])
+async def test_response_then_junk_in_one_read_is_trimmed(
+    proxy, raw_upstream, ephemeral: bool, tail: bytes
+) -> None:
+    up = await scripted(
+        raw_upstream,
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nok" + tail,
+        b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nyes",
+    )
+    p = await proxy({"a": up.address}, ephemeral_hosts=frozenset({"a"} if ephemeral else ()))
+    data = await raw_exchange(p.port, GET + GET_CLOSE)
+    assert [(s, b) for s, _, b in parse_responses(data)] == [(200, b"ok"), (200, b"yes")]
+    assert data.count(b"HTTP/1.1 ") == 2 and b"GARBAGE" not in data and b"XYZ" not in data
+    assert up.connections == 2  # the out-of-sync connection was not reused
