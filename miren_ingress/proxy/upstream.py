@@ -432,9 +432,11 @@ class UpstreamConnection(asyncio.Protocol):
                 return
             if self._chunk_out:
                 self.out.append(b"0\r\n\r\n")
-        # llhttp forgets the keep-alive flags once the message is complete: ask now.
-        if not self.parser.should_keep_alive():
-            self._stop_reuse = True
+            # llhttp forgets the keep-alive flags once the message is complete: ask now. (Not
+            # needed on the fast path: HTTP/1.1, Content-Length, no Connection field but
+            # `keep-alive`, so always kept alive; any other response set `_rare`.)
+            if not self.parser.should_keep_alive():
+                self._stop_reuse = True
         self._done = True
 
     # --- used by the exchange and the pool ---------------------------------------------------

@@ -259,3 +259,25 @@ async def test_response_then_junk_in_one_read_is_trimmed(
     assert [(s, b) for s, _, b in parse_responses(data)] == [(200, b"ok"), (200, b"yes")]
     assert data.count(b"HTTP/1.1 ") == 2 and b"GARBAGE" not in data and b"XYZ" not in data
     assert up.connections == 2  # the out-of-sync connection was not reused
+
+
+@pytest.mark.parametrize(
+    ("connection", "reused"),
+    [
+        (b"Connection: keep-alive\r\n", True),
+        (b"Connection: keep-alive\r\nConnection: close\r\n", False),
+        (b"Connection: close\r\n", False),
+        (b"", True),
+    ],
+)
+async def test_upstream_keep_alive_decides_reuse(
+    proxy, raw_upstream, connection: bytes, reused: bool
+) -> None:
+    """The upstream's Connection field alone decides: this upstream never closes first."""
+    response = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n" + connection + b"\r\nok"
+    up = await scripted(raw_upstream, response, response)
+    p = await proxy({"a": up.address})
+    for _ in range(2):
+        data = await raw_exchange(p.port, GET_CLOSE)
+        assert [(s, b) for s, _, b in parse_responses(data)] == [(200, b"ok")]
+    assert up.connections == (1 if reused else 2)
