@@ -32,6 +32,19 @@ async def read_to_close(reader: asyncio.StreamReader, timeout: float = 5.0) -> b
     return b"".join(chunks)
 
 
+STALLED_POST = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nhello"  # 5 of 10
+
+
+async def send_and_read(port: int, data: bytes) -> bytes:
+    """Send `data` on a new connection and read until the proxy closes it."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        return await read_to_close(reader)
+    finally:
+        writer.close()
+
+
 def recording_upstream_handler(got: bytearray, closed: asyncio.Event):
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -159,12 +172,7 @@ async def test_stalled_streamed_body_is_408_and_frees_lease_and_upstream(
     up = await raw_upstream(recording_upstream_handler(got, closed))
     router = ScriptedRouter(lease_for(up.port, "a"), lease_for(up.port, "b"))
     p = await proxy(router=router, body_timeout=SHORT_TIMEOUT, request_buffer=0)
-    reader, writer = await asyncio.open_connection("127.0.0.1", p.port)
-    try:
-        writer.write(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nhello")
-        data = await read_to_close(reader)
-    finally:
-        writer.close()
+    data = await send_and_read(p.port, STALLED_POST)
     assert data.startswith(b"HTTP/1.1 408 ")
     assert got.endswith(b"hello"), "the body was streamed before the stall"
     await asyncio.wait_for(closed.wait(), 5)  # the upstream connection was aborted
@@ -189,12 +197,7 @@ async def test_stall_after_the_response_started_closes_the_connection(proxy, raw
     up = await raw_upstream(handler)
     router = ScriptedRouter(lease_for(up.port, "a"), lease_for(up.port, "b"))
     p = await proxy(router=router, body_timeout=SHORT_TIMEOUT, request_buffer=0)
-    reader, writer = await asyncio.open_connection("127.0.0.1", p.port)
-    try:
-        writer.write(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nhello")
-        data = await read_to_close(reader)
-    finally:
-        writer.close()
+    data = await send_and_read(p.port, STALLED_POST)
     assert data.startswith(b"HTTP/1.1 200 ") and data.endswith(b"part")  # cut short: closed
     await asyncio.wait_for(closed.wait(), 5)
     await eventually(lambda: router.outstanding == set(), what="lease handed back")
