@@ -273,20 +273,57 @@ def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def _socket_inodes(pid: int) -> set[int]:
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):  # (closed meanwhile)
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(int(target[8:-1]))
+    return inodes
+
+
+def _connection_inodes(port: int) -> set[int]:
+    """Inodes of the TCP sockets, not listening, whose local port is `port` (the accepted
+    connections of a server listening there)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as f:
+            next(f)
+            for line in f:
+                cells = line.split()
+                local, state, inode = cells[1], cells[3], int(cells[9])
+                if state != "0A" and int(local.rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                    inodes.add(inode)
+    return inodes
+
+
+def client_connection_count(pid: int, port: int) -> int:
+    """How many of `pid`'s fds are connections accepted on `port`: the clients' choice (a load
+    generator's keep-alive pool), not the server's own resources."""
+    return len(_socket_inodes(pid) & _connection_inodes(port))
+
+
 @dataclass
 class ProcSampler:
-    """Samples a process's RSS (KiB) and open fds every `interval` seconds while running."""
+    """Samples a process's RSS (KiB) and open fds every `interval` seconds while running; with
+    `client_port`, also how many of those fds are client connections accepted on that port.
+    A sample is (monotonic, rss, fds, client connections)."""
 
     pid: int
     interval: float = 1.0
-    samples: list[tuple[float, int, int]] = field(default_factory=list)  # (monotonic, rss, fds)
+    client_port: int | None = None
+    samples: list[tuple[float, int, int, int]] = field(default_factory=list)
     _task: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         return f"<ProcSampler pid={self.pid} n={len(self.samples)}>"
 
-    def sample(self) -> tuple[float, int, int]:
-        s = (time.monotonic(), rss_kib(self.pid), fd_count(self.pid))
+    def sample(self) -> tuple[float, int, int, int]:
+        clients = 0
+        if self.client_port is not None:
+            clients = client_connection_count(self.pid, self.client_port)
+        s = (time.monotonic(), rss_kib(self.pid), fd_count(self.pid), clients)
         self.samples.append(s)
         return s
 
@@ -305,11 +342,11 @@ class ProcSampler:
                 await self._task
             self._task = None
 
-    def window(self, start: float, end: float) -> list[tuple[float, int, int]]:
+    def window(self, start: float, end: float) -> list[tuple[float, int, int, int]]:
         return [s for s in self.samples if start <= s[0] <= end]
 
 
-def median_of(samples: Sequence[tuple[float, int, int]], index: int) -> float:
+def median_of(samples: Sequence[tuple[float, ...]], index: int) -> float:
     assert samples, "no samples in the window"
     return float(statistics.median(s[index] for s in samples))
 
