@@ -42,6 +42,9 @@ synchronous step between two awaits, so no other task can observe it half done.
 - **Idle.** A sweep (every `sweep_interval`) stops running sandboxes that held no lease for the
   pool's `scale_down_delay` (never one with an in-flight lease, never below `min_instances`);
   a pool can reach zero sandboxes and the next acquire cold-starts one.
+- **Logs.** A sandbox's stdout and stderr go to `<log_dir>/<sandbox id>.log`; the sweep
+  rotates a log past `log_max_bytes` to `<name>.1` (copy, then truncate: `logs.py`), and the
+  files go when the ended sandbox leaves the history.
 - **Store.** Pool and sandbox entities are written on state changes only, by a background writer
   (`persist.StateWriter`), never per request; `last_activity` is kept in memory and written at
   most every `activity_persist_interval` (30 s).
@@ -88,6 +91,7 @@ from miren_activator.errors import (
     VersionRemoved,
 )
 from miren_activator.lifecycle import FINAL, SandboxEvent, transition
+from miren_activator.logs import over_cap, rotate, rotated_path
 from miren_activator.metrics import ActivatorMetrics
 from miren_activator.persist import StateWriter
 from miren_activator.policy import (
@@ -140,6 +144,7 @@ class VersionRef(Protocol):
 class ActivatorConfig:
     node: str = attrs.field(factory=socket.gethostname)  # written as pool owner / sandbox node
     log_dir: Path | None = None  # sandbox logs: <log_dir>/<sandbox id>.log (None: discarded)
+    log_max_bytes: int = 10 * 1024 * 1024  # a log past this is rotated to <name>.1 (0: never)
     max_waiters: int = 1000  # queued acquires per (version, service) before Overloaded
     acquire_timeout: float = 120.0  # backstop for any single wait
     stop_grace: float = 10.0  # SIGTERM -> SIGKILL
@@ -218,6 +223,7 @@ class _Sandbox:
         "in_use",
         "last_used",
         "log_path",
+        "log_rotating",
         "ordinal",
         "persisted_activity",
         "pid",
@@ -250,6 +256,7 @@ class _Sandbox:
         self.pid: int | None = None
         self.handle: SandboxHandle | None = None
         self.log_path: Path | None = None
+        self.log_rotating = False
         self.boot_task: asyncio.Task[None] | None = None
         self.exit_task: asyncio.Task[None] | None = None
         self.stop_task: asyncio.Task[None] | None = None
@@ -912,8 +919,9 @@ class Activator:
         self.metrics.sandbox_state(sb.state, None)
         self._writer.delete(Sandbox, sb.id)
         if sb.log_path is not None:
-            with contextlib.suppress(OSError):
-                sb.log_path.unlink()
+            for path in (sb.log_path, rotated_path(sb.log_path)):
+                with contextlib.suppress(OSError):
+                    path.unlink()
 
     def _invalidate(self, sandbox_id: str) -> None:
         for callback in list(self._subscribers):
@@ -947,6 +955,7 @@ class Activator:
                 self._request_stop(sb, self._config.stop_grace)
                 stopped += 1
             for sb in pool.running:
+                self._check_log(sb)
                 if sb.in_use:
                     sb.last_used = now  # busy now (leases do not read the clock)
                 if sb.last_used - sb.persisted_activity >= self._config.activity_persist_interval:
@@ -955,6 +964,22 @@ class Activator:
             if len(pool.live) < pool.params.min_instances:
                 self._reconcile(pool)
         return stopped
+
+    def _check_log(self, sb: _Sandbox) -> None:
+        """Rotate a sandbox's log once it is past the cap (see miren_activator.logs)."""
+        path = sb.log_path
+        if path is None or sb.log_rotating or not over_cap(path, self._config.log_max_bytes):
+            return
+        sb.log_rotating = True
+        self._spawn(self._rotate_log(sb, path), f"miren-log-rotate-{sb.id}")
+
+    async def _rotate_log(self, sb: _Sandbox, path: Path) -> None:
+        try:
+            await asyncio.to_thread(rotate, path)
+        except OSError as exc:
+            log.warning("%r: cannot rotate its log %s: %s", sb, path, exc)
+        finally:
+            sb.log_rotating = False
 
     async def _sweep_loop(self) -> None:
         while True:

@@ -38,9 +38,7 @@ class BootFailed(ActivatorError):
 class CrashBackoff(BootFailed):
     """The version crashed quickly, repeatedly: acquires fail fast until `retry_after` passes."""
 
-    def __init__(
-        self, message: str, *, retry_after: float, sandbox_id: str | None = None
-    ) -> None:
+    def __init__(self, message: str, *, retry_after: float, sandbox_id: str | None = None) -> None:
         super().__init__(message, sandbox_id=sandbox_id)
         self.retry_after = retry_after
 

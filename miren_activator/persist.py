@@ -134,7 +134,9 @@ class StateWriter:
                     self._pending[key] = wish
                 self._failures += 1
                 delay = min(_BACKOFF_MAX, _BACKOFF_MIN * 2 ** min(self._failures - 1, 10))
-                log.warning("store unavailable writing %s %s (%s); retry in %.1fs", *key, exc, delay)
+                log.warning(
+                    "store unavailable writing %s %s (%s); retry in %.1fs", *key, exc, delay
+                )
                 await asyncio.sleep(delay)
             except StoreError as exc:
                 log.error("giving up writing %s %s: %s", key[0], key[1], exc)

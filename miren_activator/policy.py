@@ -99,11 +99,7 @@ def idle_victims(
     spare = live - params.min_instances
     if spare <= 0:
         return []
-    idle = [
-        c
-        for c in running
-        if c.in_use == 0 and now - c.last_used >= params.scale_down_delay
-    ]
+    idle = [c for c in running if c.in_use == 0 and now - c.last_used >= params.scale_down_delay]
     idle.sort(key=lambda c: c.last_used)
     return [c.id for c in idle[:spare]]
 
@@ -139,9 +135,7 @@ class CrashState:
         return max(0.0, self.cooldown_until - now)
 
 
-def after_death(
-    state: CrashState, *, uptime: float, now: float, policy: CrashPolicy
-) -> CrashState:
+def after_death(state: CrashState, *, uptime: float, now: float, policy: CrashPolicy) -> CrashState:
     """The crash state after a sandbox died on its own (exit or failed boot) `uptime` s old."""
     if uptime >= policy.window:
         return CrashState()

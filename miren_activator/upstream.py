@@ -85,7 +85,9 @@ class UpstreamRuntime:
         try:
             port = parts.port or 80
         except ValueError as exc:
-            raise BootFailed(f"bad port in upstream URL {url!r}", sandbox_id=spec.sandbox_id) from exc
+            raise BootFailed(
+                f"bad port in upstream URL {url!r}", sandbox_id=spec.sandbox_id
+            ) from exc
         return UpstreamHandle(
             parts.hostname, port, spec.spec.health_path, self._schedule, self._probe_timeout
         )

@@ -57,6 +57,7 @@ class IngressConfig:
 @attrs.frozen(kw_only=True)
 class ActivatorConfig:
     log_dir: str = ""  # default: <data_dir>/logs
+    log_max_bytes: int = 10 * 1024 * 1024  # a sandbox log past this is rotated to <name>.1
     stop_grace: timedelta = timedelta(seconds=10)
 
 
@@ -261,6 +262,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"ingress.request_buffer: must be between 0 and {_MAX_REQUEST_BUFFER} bytes"
         )
+    if cfg.activator.log_max_bytes < 0:
+        raise ConfigError("activator.log_max_bytes: must be 0 (no cap) or more")
     if cfg.ingress.max_waiters < 1:
         raise ConfigError("ingress.max_waiters: must be at least 1")
     if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):

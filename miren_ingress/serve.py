@@ -154,6 +154,7 @@ class Edge:
                 config=ActivatorConfig(
                     node=cfg.node_name,
                     log_dir=cfg.log_dir,
+                    log_max_bytes=cfg.activator.log_max_bytes,
                     max_waiters=cfg.ingress.max_waiters,
                     stop_grace=cfg.activator.stop_grace.total_seconds(),
                 ),

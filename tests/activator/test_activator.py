@@ -867,3 +867,43 @@ async def test_a_failing_subscriber_does_not_stop_the_others(
     await act.remove_version("app-v1")
     assert seen == [lease.sandbox_id]  # unsubscribed: not told about the second one
     act.release(fresh)
+
+
+async def test_a_log_past_its_cap_is_rotated_and_stays_appendable(
+    make_activator: ActivatorFactory,
+) -> None:
+    """The sweep copies a log past log_max_bytes to `<name>.1` and truncates it; the sandbox
+    keeps writing at the new end (O_APPEND: no hole of NULs), and both files go with the
+    sandbox's history."""
+    from miren_activator.logs import rotated_path
+
+    cap = 64 * 1024
+    act = await make_activator(log_max_bytes=cap, sweep_interval=3600.0)  # sweeps by hand
+    lease = await act.acquire(make_version("app-v1"))
+    path = act.log_path(lease.sandbox_id)
+    assert path is not None
+    old = rotated_path(path)
+
+    async def log_bytes(n: int) -> None:
+        reader, writer = await asyncio.open_connection(*lease.addr)
+        try:
+            writer.write(f"GET /log?bytes={n} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+        finally:
+            writer.close()
+
+    await log_bytes(cap // 2)
+    act.sweep()
+    assert not old.exists(), "rotated under the cap"
+    await log_bytes(cap)
+    act.sweep()
+    await wait_until(lambda: old.exists() and path.stat().st_size < cap, 5.0, "the rotation")
+    assert old.stat().st_size > cap
+    assert old.read_bytes().startswith(b"--- miren: ")  # the start line moved to `.1`
+    await log_bytes(1000)
+    tail = path.read_bytes()
+    assert tail and b"\0" not in tail and tail.endswith(b"x\n")
+    assert act.tail_log(lease.sandbox_id, 1) == [tail.decode().splitlines()[-1]]
+    act.release(lease)
+    await act.remove_version("app-v1")
+    await wait_until(lambda: not path.exists() and not old.exists(), 5.0, "logs removed")

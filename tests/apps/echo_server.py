@@ -12,6 +12,7 @@ Endpoints (any method):
     /echo                answers the request body back (same Content-Type)
     /stream?chunks=N&size=S&ms=D
                          a chunked response: N chunks of S bytes, D ms apart
+    /log?bytes=N         writes about N bytes to stdout (100-byte lines), answers "logged"
     /crash               the process exits at once (status 3) without answering
     /ws                  WebSocket echo (text, binary, ping -> pong, close)
     anything else        200 JSON {version, app, label, service, sandbox, pid, port, method, path,
@@ -261,6 +262,11 @@ def handle(conn: socket.socket, port: int) -> None:
                 respond(conn, 200, body, content_type=ctype, close=close, head_only=head_only)
             elif path == "/stream":
                 stream(conn, parse_query(query))
+            elif path == "/log":  # write ?bytes=N to stdout (the sandbox log), in 100-byte lines
+                lines = int(parse_query(query).get("bytes", "1000")) // 100
+                sys.stdout.write(f"{os.getpid():>9} {'x' * 89}\n" * lines)
+                sys.stdout.flush()
+                respond(conn, 200, b"logged", content_type="text/plain", close=close)
             elif path == "/ws" and (header(headers, "upgrade") or "").lower() == "websocket":
                 websocket(conn, rfile, headers)
                 return

@@ -22,6 +22,7 @@ def test_defaults_are_sane() -> None:
     assert cfg.ingress.max_waiters == 1000
     assert cfg.ingress.body_timeout == timedelta(seconds=30)
     assert cfg.ingress.request_buffer == 16 * 1024
+    assert cfg.activator.log_max_bytes == 10 * 1024 * 1024
 
 
 def test_precedence_file_env_flags(tmp_path: Path) -> None:
@@ -51,6 +52,7 @@ def test_precedence_file_env_flags(tmp_path: Path) -> None:
         ("[ingress]\nheader_timeout = 0\n", "ingress.header_timeout: must be greater than 0"),
         ("[ingress]\nrequest_buffer = -1\n", "ingress.request_buffer: must be between"),
         ("[ingress]\nrequest_buffer = 2000000\n", "ingress.request_buffer: must be between"),
+        ("[activator]\nlog_max_bytes = -1\n", "activator.log_max_bytes: must be 0"),
     ],
 )
 def test_bad_files_name_the_key(tmp_path: Path, text: str, needle: str) -> None:
