@@ -85,11 +85,11 @@ class Engine:
 
     __slots__ = (
         "_drained",
+        "close_lines",
         "closing",
         "config",
         "connections",
         "head_inserts",
-        "head_lines",
         "head_tails",
         "health",
         "loop",
@@ -129,15 +129,13 @@ class Engine:
             (close + b"\r\n", b"\r\n"),
             (robots + close + b"\r\n", robots + b"\r\n"),
         )
-        # The same lines to insert after a header line (each starts with CRLF, none ends with
-        # it; b"" when there is nothing to insert): head_lines[ephemeral][keep_alive].
-        # What replaces the CRLF ending the status line on the fast path of a keep-alive
-        # response (b"" when nothing is inserted): head_inserts[ephemeral].
+        # The fast path of a spliced response head (upstream.py): to a keep-alive client, what
+        # replaces the CRLF ending the status line (b"" when nothing is inserted):
+        # head_inserts[ephemeral]; to a client whose connection closes, the lines that replace
+        # the upstream's Connection line or follow the status line (each starts with CRLF, the
+        # last does not end with it): close_lines[ephemeral].
         self.head_inserts = (b"", b"\r\n" + robots if robots else b"")
-        self.head_lines = tuple(
-            tuple(b"\r\n" + lines[:-2] if lines else b"" for lines in (ahead + close, ahead))
-            for ahead in (b"", robots)
-        )
+        self.close_lines = (b"\r\n" + close[:-2], b"\r\n" + robots + close[:-2])
 
     def __repr__(self) -> str:
         return (

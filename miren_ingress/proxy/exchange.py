@@ -10,9 +10,10 @@ an upstream connection is attached, together with any framed body bytes collecte
 meanwhile; later body bytes are written after each parsed segment. Nothing is written for a
 segment that fails to parse.
 
-On the hit path an exchange reads the clock twice: at `start` (the duration's origin, unless the
-request was buffered: then its head's arrival, and the upstream deadline) and when it finishes (the duration's end, the parked connection's and the
-client connection's idle deadlines), both `time.monotonic()`.
+On the hit path an exchange reads the clock twice: at `start` (the upstream deadline, and the
+duration's origin unless the request body was buffered: then its head's arrival) and when it
+finishes (the duration's end, the parked connection's and the client connection's idle
+deadlines), both `time.monotonic()`.
 """
 
 from __future__ import annotations

@@ -329,7 +329,7 @@ class UpstreamConnection(asyncio.Protocol):
             insert = self.engine.head_inserts[target.ephemeral]
             self._spliced = data.replace(b"\r\n", insert, 1) if insert else data
         else:
-            add = self.engine.head_lines[target.ephemeral][False]
+            add = self.engine.close_lines[target.ephemeral]
             if self._conn_cut:
                 # Its name is spelled exactly so (see on_header): the first match is in the head.
                 cut = data.find(b"\r\nConnection:")  # the CRLF before that line
