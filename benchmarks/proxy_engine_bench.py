@@ -98,6 +98,8 @@ def micro(n: int) -> None:
     import gc
 
     import uvloop
+    from ingress_bench import RESPONSE as response  # (same folder: the fakes of its micro)
+    from ingress_bench import FakeTransport
     from prometheus_client import CollectorRegistry
 
     from miren_ingress.proxy import ProxyConfig, StaticRouter
@@ -106,27 +108,7 @@ def micro(n: int) -> None:
     from miren_ingress.proxy.metrics import ProxyMetrics
     from miren_ingress.proxy.upstream import UpstreamConnection
 
-    class FakeTransport:
-        def __init__(self) -> None:
-            self.writes = 0
-
-        def write(self, data: bytes) -> None:
-            self.writes += 1
-
-        def get_extra_info(self, name: str, default: object = None) -> object:
-            return ("127.0.0.1", 5555) if name == "peername" else default
-
-        def set_write_buffer_limits(self, high: int, low: int) -> None:
-            pass
-
-        def is_closing(self) -> bool:
-            return False
-
     request = b"GET / HTTP/1.1\r\nHost: bench.test\r\n\r\n"
-    response = (
-        b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Fri, 27 Nov 2026 02:15:09 GMT\r\n"
-        b"Content-Type: text/plain\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nok"
-    )
 
     async def main() -> None:
         loop = asyncio.get_running_loop()

@@ -308,14 +308,19 @@ def reset_on(path: str) -> Answer:
     return answer
 
 
+async def serve_recording(edge: RunningEdge, upstream: RecordingUpstream) -> None:
+    """App `rec` at rec.example.com on the recording upstream, routed, its lease and pool warm."""
+    await edge.app("rec")
+    await edge.route("rec.example.com", "rec")
+    await edge.deploy("rec", upstream_spec(upstream.url))
+    await edge.answers("rec.example.com", 200, "/warm")
+
+
 async def test_upstream_reset_is_502_and_not_retried(tmp_path: Path) -> None:
     upstream = await RecordingUpstream(reset_on("/reset")).start()
     try:
         async with running_edge(tmp_path) as edge:
-            await edge.app("rec")
-            await edge.route("rec.example.com", "rec")
-            await edge.deploy("rec", upstream_spec(upstream.url))
-            await edge.answers("rec.example.com", 200, "/warm")
+            await serve_recording(edge, upstream)
             async with await Conn.open(edge.port) as conn:
                 reply = await conn.request("POST", "/reset", "rec.example.com", body=b"payload")
                 assert reply.status == 502, reply
@@ -522,10 +527,7 @@ async def test_forwarded_headers_appended_and_hop_by_hop_never_cross(tmp_path: P
     upstream = await RecordingUpstream(hop_answer).start()
     try:
         async with running_edge(tmp_path) as edge:
-            await edge.app("rec")
-            await edge.route("rec.example.com", "rec")
-            await edge.deploy("rec", upstream_spec(upstream.url))
-            await edge.answers("rec.example.com", 200, "/warm")
+            await serve_recording(edge, upstream)
             async with await Conn.open(edge.port) as conn:
                 reply = await conn.request(
                     "GET",
@@ -699,10 +701,7 @@ async def test_smuggling_shapes_get_400_and_never_reach_the_upstream(tmp_path: P
     upstream = await RecordingUpstream().start()
     try:
         async with running_edge(tmp_path) as edge:
-            await edge.app("rec")
-            await edge.route("rec.example.com", "rec")
-            await edge.deploy("rec", upstream_spec(upstream.url))
-            await edge.answers("rec.example.com", 200, "/warm")  # routed, lease and pool warm
+            await serve_recording(edge, upstream)
             received, conns = upstream.received_bytes, upstream.connections
             failures = []
             for name, data in SMUGGLING.items():
