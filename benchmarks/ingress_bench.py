@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the checkout, installed or not
 COMPARE = Path("/work/shared/bench/anchors/compare.py")
 BACKEND = "http://127.0.0.1:18080"
 CAPACITY = 4096  # requests_per_instance of the bench versions
@@ -355,10 +356,20 @@ def full(args: argparse.Namespace) -> int:
     ]  # fmt: skip
     with open(log_path, "wb") as log:
         serve = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    floor: subprocess.Popen[bytes] | None = None
+    floor_port = free_port()
+    if args.floor:
+        floor_cmd = [
+            "taskset", "-c", "0", sys.executable, str(REPO / "benchmarks" / "floor_proxy.py"),
+            str(floor_port), "--upstream", BACKEND.removeprefix("http://"),
+        ]  # fmt: skip
+        floor = subprocess.Popen(floor_cmd, cwd=REPO, stderr=subprocess.DEVNULL)
     out = []
     try:
         wait_port(proxy_port, serve)
         wait_port(admin_port, serve)
+        if floor is not None:
+            wait_port(floor_port, floor)
         load = os.getloadavg()
         gc_note = f"; gc threshold {args.gc_threshold}" if args.gc_threshold else ""
         header = (
@@ -379,6 +390,13 @@ def full(args: argparse.Namespace) -> int:
                 "--conns", args.conns, "--path", path, "--seconds", str(args.seconds),
                 "--reps", str(args.reps), "--skip", args.skip,
             ]  # fmt: skip
+            if floor is not None:
+                compare += [
+                    "--target",
+                    f"floor={floor_port}:{ROUTE_HOST}",
+                    "--pin-pid",
+                    str(floor.pid),
+                ]
             if i == 0:
                 compare += ["--setup", setup]  # deploys once; later runs reuse the versions
             else:
@@ -387,13 +405,17 @@ def full(args: argparse.Namespace) -> int:
                 compare += ["--setup", f"{setup} --warm-only"]
             res = subprocess.run(compare, cwd=REPO, capture_output=True, text=True, check=False)
             sys.stderr.write(res.stderr)
-            print(res.stdout)
-            out.append(res.stdout)
+            table = _floor_cpu_unknown(res.stdout)
+            print(table)
+            out.append(table)
             if res.returncode != 0:
                 return res.returncode
             if serve.poll() is not None:
                 raise RuntimeError(f"miren serve exited with {serve.returncode}")
     finally:
+        if floor is not None:
+            floor.terminate()
+            floor.wait(10)
         serve.send_signal(signal.SIGTERM)
         try:
             serve.wait(20)
@@ -403,6 +425,18 @@ def full(args: argparse.Namespace) -> int:
         with open(args.out, "a") as f:
             f.write("".join(out))
     return 0
+
+
+def _floor_cpu_unknown(table: str) -> str:
+    """compare.py charges every --target's CPU to the first --pin-pid (miren serve): the floor
+    row's figure would be miren serve's idle CPU. Blank it."""
+    lines = []
+    for line in table.splitlines():
+        cells = line.split("|")
+        if line.startswith("| floor |"):
+            cells[7] = " - "
+        lines.append("|".join(cells))
+    return "\n".join(lines)
 
 
 def plot(results: Path, out: Path, before: Path | None) -> None:
@@ -430,9 +464,10 @@ def plot(results: Path, out: Path, before: Path | None) -> None:
     old = read(before) if before is not None else {}
     groups = sorted({(p, c) for p, _, c in now}, key=lambda g: (g[0] != "/", g[1]))
     fig, ax = plt.subplots(figsize=(7.5, 3.6), dpi=100)
-    width = 0.38
-    for i, name in enumerate(("route", "preview")):
-        xs = [g + (i - 0.5) * width for g in range(len(groups))]
+    names = [n for n in ("route", "preview", "floor") if any(k[1] == n for k in now)]
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        xs = [g + (i - (len(names) - 1) / 2) * width for g in range(len(groups))]
         ax.bar(xs, [now.get((p, name, c), 0.0) for p, c in groups], width, label=name)
         if old:
             ax.bar(xs, [old.get((p, name, c), 0.0) for p, c in groups], width, fill=False,
@@ -442,7 +477,7 @@ def plot(results: Path, out: Path, before: Path | None) -> None:
     ax.set_xticks(range(len(groups)), [f"{p} ({'2 B' if p == '/' else '1 KiB'})\n{c} conns"
                                        for p, c in groups])  # fmt: skip
     ax.set_ylabel("req/s ratio to nginx-proxy")
-    ax.set_title("miren serve (EdgeRouter + activator leases) vs nginx-proxy, same run")
+    ax.set_title("miren serve and the floor proxy vs nginx-proxy, same run")
     ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     fig.savefig(out)
@@ -477,6 +512,10 @@ def main() -> int:
     ap.add_argument(
         "--gc-threshold", type=int, default=0, help="run miren serve with this gen0 threshold"
     )
+    ap.add_argument(
+        "--no-floor", dest="floor", action="store_false",
+        help="skip the floor target (benchmarks/floor_proxy.py: uvloop + httptools, no features)",
+    )  # fmt: skip
     ap.add_argument("--out", default="", help="append the tables here (default: WORK/results.md)")
     args = ap.parse_args()
     if not args.out:

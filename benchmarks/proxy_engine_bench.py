@@ -29,7 +29,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, installed or not
 CLK = os.sysconf("SC_CLK_TCK")
 NGINX_CONF = """worker_processes 1; daemon off; pid {run}/nginx.pid; error_log {run}/err warn;
 events {{ worker_connections 8192; }}

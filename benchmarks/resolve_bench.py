@@ -16,10 +16,14 @@ import gc
 import random
 import resource
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout
 
 from miren_ingress.routes import RouteTable
 from miren_store.entities import App, AppVersion, HttpRoute, Runtime, VersionSpec
@@ -93,10 +97,14 @@ def main() -> None:
     n_apps = max(1, args.routes // 10)
     rnd = random.Random(7)
     kinds: dict[str, list[str]] = {
-        "exact route": [f"h{r}.example.com" for r in rnd.sample(range(args.routes), 1000) if r % 10 != 9],
+        "exact route": [
+            f"h{r}.example.com" for r in rnd.sample(range(args.routes), 1000) if r % 10 != 9
+        ],
         "wildcard route": [f"tenant.t{r}.example.com" for r in range(9, args.routes, 10)][:1000],
         "preview (plain route)": [
-            f"pr-{p}.h{p % n_apps}.example.com" for p in range(args.previews) if (p % n_apps) % 10 != 9
+            f"pr-{p}.h{p % n_apps}.example.com"
+            for p in range(args.previews)
+            if (p % n_apps) % 10 != 9
         ][:1000],
         "unknown host (404)": [f"nope{i}.other.org" for i in range(1000)],
     }
