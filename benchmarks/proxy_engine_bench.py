@@ -23,7 +23,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, installed or not
+
+from ingress_bench import wait_port
+
 CLK = os.sysconf("SC_CLK_TCK")
 NGINX_CONF = """worker_processes 1; daemon off; pid {run}/nginx.pid; error_log {run}/err warn;
 events {{ worker_connections 8192; }}
@@ -141,17 +143,6 @@ def micro(n: int) -> None:
 
 
 # --- driver -----------------------------------------------------------------------------------
-def wait_port(port: int, timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {port}")
-
-
 def cpu_ticks(pid: int) -> int:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
