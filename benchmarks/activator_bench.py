@@ -3,7 +3,8 @@
     python benchmarks/activator_bench.py [--ops 200000] [--trials 15] [--store memory|etcd]
 
 1. Warm path: `try_acquire` + `release` on a pool with a running sandbox, each pair timed with
-   `perf_counter_ns`; also `await acquire()` (the async entry on a warm pool) + `release`.
+   `perf_counter_ns`; `hold` + `release` (what the ingress calls per request: no Lease object);
+   also `await acquire()` (the async entry on a warm pool) + `release`.
    Baselines: the timer alone, and a dict lookup plus a `__slots__` object (the floor of any
    lease lookup that returns an object).
 2. Cold start: the time from `acquire()` on a version with no pool to the lease, for 1 caller and
@@ -35,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from miren_activator import Activator, ActivatorConfig, Lease  # noqa: E402
+from miren_activator.activator import _Ref  # noqa: E402
 from miren_activator.process import pick_port  # noqa: E402
 from miren_store.entities import AppVersion, Concurrency, Runtime, VersionSpec  # noqa: E402
 from miren_store.memory import MemoryStore  # noqa: E402
@@ -103,6 +105,11 @@ async def bench_warm(act: Activator, ops: int) -> list[str]:
         lease = try_acquire(vid, "web")
         release(lease)  # type: ignore[arg-type]
 
+    hold, ref = act.hold, _Ref(vid, "web")
+
+    def held() -> None:  # the ingress's per-request pair
+        release(hold(ref))  # type: ignore[arg-type]
+
     table: dict[str, int] = {"x": 1}
 
     def floor() -> None:
@@ -119,6 +126,7 @@ async def bench_warm(act: Activator, ops: int) -> list[str]:
         timer = time_pairs(ops, nothing)
         base = time_pairs(ops, floor)
         warm = time_pairs(ops, pair)
+        warm_held = time_pairs(ops, held)
     finally:
         gc.enable()
     # Bulk rate: no per-call timer.
@@ -136,6 +144,7 @@ async def bench_warm(act: Activator, ops: int) -> list[str]:
         row("baseline: timer only", "us", timer),
         row("baseline: dict.get + __slots__ object", "us", base),
         row("try_acquire + release (warm)", "us", warm),
+        row("hold + release (warm, the ingress's pair)", "us", warm_held),
         row("await acquire + release (warm)", "us", async_times),
         f"{'try_acquire + release, bulk loop (no timer)':<46} {bulk:>9.2f} {'':>9} {'':>9}  us",
     ]

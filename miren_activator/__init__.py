@@ -3,6 +3,7 @@
 from miren_activator.activator import (
     Activator,
     ActivatorConfig,
+    Held,
     Lease,
     PoolSnapshot,
     SandboxInfo,
@@ -34,6 +35,7 @@ __all__ = [
     "Clock",
     "CrashBackoff",
     "CrashPolicy",
+    "Held",
     "IllegalTransition",
     "Lease",
     "ManualClock",

@@ -17,7 +17,10 @@ synchronous step between two awaits, so no other task can observe it half done.
 - **Warm path** (`try_acquire`, `release`): a dict lookup and a scan of the pool's running
   sandboxes for spare capacity, first fit (packing load onto the first sandboxes lets the others
   go idle and scale down). No await, no store call. `try_acquire` declines while anyone waits,
-  so newcomers never overtake queued callers.
+  so newcomers never overtake queued callers. The ingress uses `hold` instead: the same unit of
+  capacity without a Lease object (the sandbox's own handle, given back with `release` exactly
+  once), trying first the sandbox it got last for the version (it keeps the load packed there
+  until it is full), so a request costs a dict lookup on the version id and a few comparisons.
 - **Miss path** (`acquire`): if the pool is not loaded, one creation per (version, service) runs
   in its own task behind an in-process sentinel future that every concurrent caller awaits; its
   outcome, pool or error, reaches all of them, and the sentinel is removed before it resolves, so
@@ -74,7 +77,7 @@ import socket
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Final, NamedTuple, Protocol
+from typing import Any, Final, NamedTuple, Protocol, cast
 
 import attrs
 from prometheus_client import CollectorRegistry
@@ -138,6 +141,20 @@ class VersionRef(Protocol):
 
     @property
     def service(self) -> str: ...
+
+
+class Held(Protocol):
+    """A unit of a sandbox's capacity from `Activator.hold`: where to send one request. Give it
+    back with `Activator.release` exactly once."""
+
+    @property
+    def addr(self) -> tuple[str, int]: ...
+
+    @property
+    def host(self) -> str: ...
+
+    @property
+    def port(self) -> int: ...
 
 
 @attrs.frozen(kw_only=True)
@@ -208,6 +225,11 @@ class Lease:
 
 
 _new_lease = Lease.__new__
+
+
+def _sandbox_of(lease: Lease | Held) -> _Sandbox:
+    """The sandbox behind a Lease, or a Held (the sandbox itself: see `Activator.hold`)."""
+    return lease._sandbox if isinstance(lease, Lease) else cast(_Sandbox, lease)
 
 
 class _Sandbox:
@@ -366,6 +388,8 @@ class Activator:
         self.metrics = ActivatorMetrics(registry)
         self._writer = StateWriter(store)
         self._pools: dict[tuple[str, str], _Pool] = {}
+        # hold(): the sandbox found last per version id (checked, never trusted: see hold).
+        self._warm: dict[str, _Sandbox] = {}
         self._creating: dict[tuple[str, str], asyncio.Future[_Pool]] = {}
         self._sandboxes: dict[str, _Sandbox] = {}  # live and retained ended ones
         self._subscribers: list[InvalidationCallback] = []
@@ -420,6 +444,7 @@ class Activator:
             for sb in list(pool.live):
                 self._request_stop(sb, grace)
         self._pools.clear()
+        self._warm.clear()
         # Stops end within the grace (SIGKILL then); a boot still spawning stops its sandbox
         # as soon as the spawn returns, which may add a stop task: wait until none is left.
         while pending := [t for t in self._tasks if not t.done()]:
@@ -466,33 +491,69 @@ class Activator:
 
     def try_acquire_for(self, ref: VersionRef) -> Lease | None:
         """`try_acquire(ref.version, ref.service)`, for a caller that keeps such an object per
-        route (the ingress's Target) and calls this once per request."""
+        route and calls this once per request."""
+        sb = self._take(ref)
+        if sb is None:
+            return None
+        lease = _new_lease(Lease)
+        lease._sandbox = sb
+        lease._released = False
+        lease.addr = sb.addr
+        return lease
+
+    def hold(self, ref: VersionRef) -> Held | None:
+        """`try_acquire_for` for the ingress's hot path: the unit of capacity comes as the
+        sandbox's own `Held` handle (its `addr`, `host` and `port`), not a new Lease, and goes
+        back with `release(held)` exactly once (unlike a Lease's, a second release is not
+        detected: the caller's bookkeeping guarantees one). The sandbox found last for the
+        version is tried first; it is checked on every call (running, spare capacity, nobody
+        queued), so a stale one only costs the scan."""
+        sb = self._warm.get(ref.version)
+        if (
+            sb is not None
+            and sb.in_use < sb.capacity
+            and sb.state is RUNNING
+            and not sb.pool.waiters
+            and sb.service == ref.service
+        ):
+            sb.in_use += 1
+            return sb
+        sb = self._take(ref)
+        if sb is not None:
+            self._warm[ref.version] = sb
+        elif ref.version in self._warm:
+            del self._warm[ref.version]  # (no stale sandbox kept alive by the cache)
+        return sb
+
+    def _take(self, ref: VersionRef) -> _Sandbox | None:
+        """One unit of capacity on the first running sandbox with spare capacity, unless
+        anyone waits."""
         pool = self._pools.get((ref.version, ref.service))
         if pool is None or pool.waiters:
             return None
         for sb in pool.running:
             if sb.in_use < sb.capacity:
                 sb.in_use += 1
-                lease = _new_lease(Lease)
-                lease._sandbox = sb
-                lease._released = False
-                lease.addr = sb.addr
-                return lease
+                return sb
         return None
 
-    def release(self, lease: Lease) -> None:
-        """Give a lease's capacity back (hands it to the next waiter, if any)."""
-        if lease._released:
-            return
-        lease._released = True
-        sb = lease._sandbox
+    def release(self, lease: Lease | Held) -> None:
+        """Give a lease's capacity back (hands it to the next waiter, if any); a `Held` from
+        `hold` too."""
+        if isinstance(lease, Lease):
+            if lease._released:
+                return
+            lease._released = True
+            sb = lease._sandbox
+        else:
+            sb = lease  # type: ignore[assignment]  # (a Held is its _Sandbox: see hold)
         sb.in_use -= 1
         if not sb.in_use:
             sb.last_used = self._mono()
         if sb.pool.waiters and sb.state is RUNNING:
             self._grant(sb.pool)
 
-    def report_unreachable(self, lease: Lease) -> None:
+    def report_unreachable(self, lease: Lease | Held) -> None:
         """The ingress could not connect to the lease's sandbox: release the lease and take the
         sandbox out of service now (marked dead and stopped), so the retry gets another one.
 
@@ -500,7 +561,7 @@ class Activator:
         runtime, the server went away. Either way no further lease may point at it.
         """
         self.release(lease)
-        sb = lease._sandbox
+        sb = _sandbox_of(lease)
         if sb.state is not RUNNING:
             return
         sb.error = "refused connections"

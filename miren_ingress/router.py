@@ -7,10 +7,12 @@ Per request on the warm path this is two dict lookups and a float compare:
   monotonic `now`, else never (then nothing is compared). The whole cache is dropped when the route table changes (its `generation` moved), so no
   entry outlives the data it was computed from. The cache is bounded (random Host values cannot
   grow it without limit).
-- `cached_lease(target)` is the activator's synchronous `try_acquire_for` on the target's
-  (version id, service): leases are scoped by version id, so a preview and the active version
-  never share a sandbox. It, `release` and `discard` are the activator's own bound methods (no
-  wrapper frame per request).
+- `cached_lease(target)` is the activator's synchronous `hold` on the target's (version id,
+  service): a unit of a running sandbox's capacity without a Lease object (the engine hands
+  every lease back exactly once, so none is needed to make a second release harmless). Leases
+  are scoped by version id, so a preview and the active version never share a sandbox. It,
+  `release` and `discard` are the activator's own bound methods (no wrapper frame per
+  request).
 - `acquire` (a miss) awaits the activator, translating its errors into the engine's, in one
   place.
 """
@@ -69,9 +71,10 @@ class EdgeRouter:
         self._targets: dict[tuple[str, str, bool], Target] = {}
         if activator is not None:  # (None: resolution only, e.g. benchmarks/resolve_bench.py)
             # A Target is the activator's VersionRef (version id, service): no wrapper frame.
-            self.cached_lease = activator.try_acquire_for  # type: ignore[assignment]
-            self.release = activator.release  # type: ignore[assignment]
-            self.discard = activator.report_unreachable  # type: ignore[assignment]
+            # A hit is a Held (the engine reads only its addr), handed back once by the engine.
+            self.cached_lease = activator.hold  # type: ignore[assignment]
+            self.release = activator.release
+            self.discard = activator.report_unreachable
 
     def __repr__(self) -> str:
         hosts = len(self._hosts) + len(self._expiring)

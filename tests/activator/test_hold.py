@@ -1,0 +1,125 @@
+"""`Activator.hold`: the ingress's warm path (a unit of capacity without a Lease object), on
+real echo-server sandboxes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from typing import NamedTuple
+
+from miren_activator import Lease, ManualClock
+from tests.activator.conftest import ActivatorFactory, make_version, wait_until
+
+
+class Ref(NamedTuple):
+    version: str
+    service: str = "web"
+
+
+async def test_hold_counts_like_a_lease_without_one(make_activator: ActivatorFactory) -> None:
+    act = await make_activator()
+    version = make_version("app-v1", rpi=3, max_instances=1)
+    assert act.hold(Ref("app-v1")) is None  # no pool yet
+    first = await act.acquire(version)
+    a, b = act.hold(Ref("app-v1")), act.hold(Ref("app-v1"))
+    assert a is not None and b is not None
+    assert not isinstance(a, Lease)
+    assert a.addr == b.addr == first.addr == (first.host, first.port)
+    assert act.snapshot("app-v1").in_use == 3  # type: ignore[union-attr]
+    assert act.hold(Ref("app-v1")) is None  # full
+    waiter = asyncio.ensure_future(act.acquire(version))
+    await wait_until(lambda: act.snapshot("app-v1").waiters == 1)  # type: ignore[union-attr]
+    act.release(a)  # the unit goes straight to the waiter...
+    assert act.hold(Ref("app-v1")) is None  # ...and a newcomer does not overtake it
+    lease = await waiter
+    assert lease.addr == first.addr
+    for unit in (first, b, lease):
+        act.release(unit)
+    assert act.snapshot("app-v1").in_use == 0  # type: ignore[union-attr]
+
+
+async def test_hold_is_scoped_by_service(make_activator: ActivatorFactory) -> None:
+    act = await make_activator()
+    act.release(await act.acquire(make_version("app-v1")))
+    held = act.hold(Ref("app-v1"))  # the web sandbox is now the one tried first
+    assert held is not None
+    assert act.hold(Ref("app-v1", "worker")) is None  # never the web sandbox for another service
+    act.release(held)
+
+
+async def test_hold_stays_on_its_sandbox_until_full_then_moves_on(
+    make_activator: ActivatorFactory,
+) -> None:
+    act = await make_activator()
+    version = make_version("app-v1", rpi=1, max_instances=2)
+    one, two = await asyncio.gather(act.acquire(version), act.acquire(version))
+    assert one.addr != two.addr  # two sandboxes, one unit each
+    act.release(one)
+    act.release(two)
+    first = act.hold(Ref("app-v1"))  # first fit: the first sandbox
+    second = act.hold(Ref("app-v1"))  # it is full: the scan finds the other one
+    assert first is not None and second is not None and first.addr != second.addr
+    act.release(first)
+    act.release(second)
+    again = act.hold(Ref("app-v1"))  # the sandbox found last, while it has room
+    assert again is not None and again.addr == second.addr
+    act.release(again)
+
+
+async def test_hold_never_returns_a_sandbox_that_left_running(
+    make_activator: ActivatorFactory,
+) -> None:
+    act = await make_activator()
+    invalidated: list[str] = []
+    act.subscribe(invalidated.append)
+    version = make_version("app-v1")
+    lease = await act.acquire(version)
+    held = act.hold(Ref("app-v1"))
+    assert held is not None and held.addr == lease.addr
+    act.release(held)
+    snap = act.snapshot("app-v1")
+    assert snap is not None
+    (info,) = snap.sandboxes
+    assert info.pid is not None
+    os.kill(info.pid, signal.SIGKILL)
+    await wait_until(lambda: invalidated == [info.id], 2.0, "the invalidation")
+    assert act.hold(Ref("app-v1")) is None  # not the dead sandbox it tried first before
+    fresh = await act.acquire(version)  # a new sandbox boots
+    held = act.hold(Ref("app-v1"))
+    assert held is not None and held.addr == fresh.addr != lease.addr
+    for unit in (lease, fresh, held):
+        act.release(unit)
+
+
+async def test_releasing_the_last_held_unit_starts_the_idle_clock(
+    make_activator: ActivatorFactory,
+) -> None:
+    clock = ManualClock()
+    act = await make_activator(clock=clock, sweep_interval=3600)
+    act.release(await act.acquire(make_version("app-v1", scale_down=1.0)))
+    held = act.hold(Ref("app-v1"))
+    assert held is not None
+    clock.advance(3600)
+    assert act.sweep() == 0  # a unit in flight: never stopped
+    act.release(held)
+    clock.advance(0.5)
+    assert act.sweep() == 0  # idle, but not yet for the delay
+    clock.advance(0.5)
+    assert act.sweep() == 1
+
+
+async def test_report_unreachable_takes_a_held_sandbox_out_of_service(
+    make_activator: ActivatorFactory,
+) -> None:
+    act = await make_activator()
+    invalidated: list[str] = []
+    act.subscribe(invalidated.append)
+    act.release(await act.acquire(make_version("app-v1")))
+    held = act.hold(Ref("app-v1"))
+    assert held is not None
+    act.report_unreachable(held)  # (releases it too)
+    snap = act.snapshot("app-v1")
+    assert snap is not None and snap.in_use == 0 and snap.ready == 0
+    assert len(invalidated) == 1
+    assert act.hold(Ref("app-v1")) is None
