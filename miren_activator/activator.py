@@ -388,7 +388,7 @@ class Activator:
         self.metrics = ActivatorMetrics(registry)
         self._writer = StateWriter(store)
         self._pools: dict[tuple[str, str], _Pool] = {}
-        # hold(): the sandbox found last per version id (checked, never trusted: see hold).
+        # hold(): the sandbox found last per version id; running ones only (see _set_state).
         self._warm: dict[str, _Sandbox] = {}
         self._creating: dict[tuple[str, str], asyncio.Future[_Pool]] = {}
         self._sandboxes: dict[str, _Sandbox] = {}  # live and retained ended ones
@@ -506,13 +506,12 @@ class Activator:
         sandbox's own `Held` handle (its `addr`, `host` and `port`), not a new Lease, and goes
         back with `release(held)` exactly once (unlike a Lease's, a second release is not
         detected: the caller's bookkeeping guarantees one). The sandbox found last for the
-        version is tried first; it is checked on every call (running, spare capacity, nobody
-        queued), so a stale one only costs the scan."""
+        version is tried first while it runs (it leaves the cache when it stops) and has spare
+        capacity and nobody is queued; otherwise the scan finds one."""
         sb = self._warm.get(ref.version)
         if (
             sb is not None
             and sb.in_use < sb.capacity
-            and sb.state is RUNNING
             and not sb.pool.waiters
             and sb.service == ref.service
         ):
@@ -521,8 +520,6 @@ class Activator:
         sb = self._take(ref)
         if sb is not None:
             self._warm[ref.version] = sb
-        elif ref.version in self._warm:
-            del self._warm[ref.version]  # (no stale sandbox kept alive by the cache)
         return sb
 
     def _take(self, ref: VersionRef) -> _Sandbox | None:
@@ -886,6 +883,8 @@ class Activator:
         pool = sb.pool
         if prev is RUNNING:
             pool.running.remove(sb)
+            if self._warm.get(sb.version_id) is sb:
+                del self._warm[sb.version_id]  # (hold() trusts that it only holds running ones)
             self._invalidate(sb.id)
         if new is RUNNING:
             pool.running.append(sb)

@@ -84,6 +84,7 @@ async def test_hold_never_returns_a_sandbox_that_left_running(
     assert info.pid is not None
     os.kill(info.pid, signal.SIGKILL)
     await wait_until(lambda: invalidated == [info.id], 2.0, "the invalidation")
+    assert "app-v1" not in act._warm  # it left the cache as it left RUNNING (no stale ref kept)
     assert act.hold(Ref("app-v1")) is None  # not the dead sandbox it tried first before
     fresh = await act.acquire(version)  # a new sandbox boots
     held = act.hold(Ref("app-v1"))
@@ -122,4 +123,18 @@ async def test_report_unreachable_takes_a_held_sandbox_out_of_service(
     snap = act.snapshot("app-v1")
     assert snap is not None and snap.in_use == 0 and snap.ready == 0
     assert len(invalidated) == 1
+    assert act.hold(Ref("app-v1")) is None
+
+
+async def test_a_removed_version_leaves_nothing_in_the_cache(
+    make_activator: ActivatorFactory,
+) -> None:
+    act = await make_activator()
+    act.release(await act.acquire(make_version("app-v1")))
+    held = act.hold(Ref("app-v1"))
+    assert held is not None
+    act.release(held)
+    assert "app-v1" in act._warm
+    await act.remove_version("app-v1")  # (previews expire all the time: nothing may pile up)
+    assert "app-v1" not in act._warm
     assert act.hold(Ref("app-v1")) is None
