@@ -442,7 +442,8 @@ class UpstreamConnection(asyncio.Protocol):
     # --- used by the exchange and the pool ---------------------------------------------------
     def begin(self, ex: Exchange, now: float) -> None:
         """Attach an exchange (the connection is open and idle; `now` is a monotonic time) and
-        write its request head, with any body bytes collected meanwhile."""
+        write its request head, with any body bytes collected meanwhile. (Written out in
+        Exchange.start for the common request: keep the two in step.)"""
         self.ex = ex
         self._head_done = False
         self._cl = None
