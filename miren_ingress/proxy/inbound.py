@@ -92,7 +92,6 @@ class InboundConnection(asyncio.Protocol):
         "_head_raw",
         "_host",
         "_idle_deadline",
-        "_in_head",
         "_keepalive",
         "_lines",
         "_parser",
@@ -110,10 +109,11 @@ class InboundConnection(asyncio.Protocol):
         "_timer_at",
         "_tunnel",
         "_upgrade_value",
-        "_url",
+        "_url_parts",
         "_xff",
         "blocked",
         "engine",
+        "on_url",
         "peer",
         "transport",
         "write_paused",
@@ -123,6 +123,10 @@ class InboundConnection(asyncio.Protocol):
         self.engine = engine
         self.peer = b""
         self._fwd = b""  # X-Forwarded-For/-Proto lines and the X-Forwarded-Host name, rendered
+        # The request target's parts, as llhttp delivers them: `on_url` is this list's append
+        # (a C call, no Python frame); non-empty while a head is being parsed.
+        self._url_parts: list[bytes] = []
+        self.on_url = self._url_parts.append
         self._parser = HttpRequestParser(self)
         self._active: Exchange | None = None
         self._parsing: Exchange | None = None  # the exchange whose body is being parsed
@@ -138,8 +142,7 @@ class InboundConnection(asyncio.Protocol):
         self._timer_at = _INF
         self._idle_deadline = _INF
         self._body_deadline = _INF  # meaningful while a body is read (see _reading_body)
-        self._head_deadline = _INF  # meaningful while _in_head (set once the head spans reads)
-        self._in_head = False
+        self._head_deadline = _INF  # meaningful while a head is parsed (set once it spans reads)
         self._head_raw = 0  # bytes of earlier reads of the head being parsed
         self._seg = 0  # length of the read being parsed
         config = engine.config
@@ -151,7 +154,6 @@ class InboundConnection(asyncio.Protocol):
         # A head within this many bytes is within every limit (see on_headers_complete).
         self._head_check = min(config.max_header_bytes, config.max_request_line)
         # The head being parsed: request line placeholder, then forwarded header lines.
-        self._url = b""
         self._lines: list[bytes] = [b"", b" ", b"", b" HTTP/1.1\r\n"]  # method, url at 0, 2
         self._host: bytes | None = None
         self._rare = True
@@ -161,7 +163,7 @@ class InboundConnection(asyncio.Protocol):
         state = (
             "tunnel" if self._tunnel is not None
             else "busy" if self._active is not None
-            else "reading" if self._in_head
+            else "reading" if self._url_parts
             else "idle"
         )  # fmt: skip
         return f"<InboundConnection {self.peer.decode()} {state} queued={len(self._queue)}>"
@@ -254,7 +256,7 @@ class InboundConnection(asyncio.Protocol):
         except HttpParserError:
             self._reject(BadRequest())
             return
-        if self._in_head:
+        if self._url_parts:
             # A head still incomplete: it must be complete within header_timeout of this read,
             # and what httptools buffers for it is bounded (one huge header value is only
             # counted once complete). The count may include the end of the previous message
@@ -299,17 +301,14 @@ class InboundConnection(asyncio.Protocol):
 
     # --- httptools callbacks (request parser) --------------------------------------------------
     # No on_message_begin (one callback less per request): a head is "in progress" from its
-    # first URL bytes; a client that sends only some method bytes counts as idle until then.
-
-    def on_url(self, url: bytes) -> None:
-        self._url += url
-        self._in_head = True
+    # first URL bytes (`_url_parts` non-empty); a client that sends only some method bytes
+    # counts as idle until then. `on_url` is `_url_parts.append` (see __init__): no frame.
 
     def on_header(self, name: bytes, value: bytes) -> None:
         # Forwarded lines are collected as parts (`name`, ": ", `value`, CRLF), joined once.
-        if name in _ORDINARY and self._in_head:
+        if name in _ORDINARY and self._url_parts:
             self._lines += (name, b": ", value, b"\r\n")
-        elif name == b"Host" and self._host is None and self._in_head:
+        elif name == b"Host" and self._host is None and self._url_parts:
             self._host = value
             self._lines += (name, b": ", value, b"\r\n")
         else:
@@ -317,7 +316,7 @@ class InboundConnection(asyncio.Protocol):
 
     def _header(self, name: bytes, value: bytes) -> None:
         """Any other header: a special one, another spelling, or a chunked trailer."""
-        if not self._in_head:  # a chunked trailer: never forwarded, bounded like a head
+        if not self._url_parts:  # a chunked trailer: never forwarded, bounded like a head
             self._rare = True
             self._head_bytes += len(name) + len(value) + 4
             if self._head_bytes > self.engine.config.max_header_bytes:
@@ -363,13 +362,13 @@ class InboundConnection(asyncio.Protocol):
         # HOP and FORWARDED_SET: dropped (the engine sets X-Forwarded-Proto/-Host itself)
 
     def on_headers_complete(self) -> None:
-        self._in_head = False
         parser = self._parser
         method = parser.get_method()
-        url = self._url
+        parts = self._url_parts
+        url = parts[0] if len(parts) == 1 else b"".join(parts)
+        parts.clear()  # (the head is no longer in progress)
         host = self._host
         lines = self._lines
-        self._url = b""
         self._lines = [b"", b" ", b"", b" HTTP/1.1\r\n"]
         self._host = None
         # The head lies within this read and the earlier reads of it: when those are small,
@@ -628,7 +627,7 @@ class InboundConnection(asyncio.Protocol):
         now = monotonic()
         tick = now + self._tick
         if self._active is None and self._tunnel is None:
-            deadline = self._head_deadline if self._in_head else self._idle_deadline
+            deadline = self._head_deadline if self._url_parts else self._idle_deadline
             if now >= deadline:
                 self.abort()  # slow or idle client: nothing to answer
                 return

@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from .conftest import RawUpstream, parse_responses, raw_exchange, read_request
+from .conftest import RawUpstream, eventually, parse_responses, raw_exchange, read_request
 
 Respond = Callable[[asyncio.StreamWriter], Awaitable[None]]
 
@@ -181,6 +181,21 @@ async def test_request_arriving_byte_by_byte(proxy, ok_upstream: RawUpstream) ->
             await writer.drain()
         data = await asyncio.wait_for(reader.read(), 5)
         assert [(s, b) for s, _, b in parse_responses(data)] == [(200, b"ok")]
+    finally:
+        writer.close()
+
+
+async def test_request_target_split_across_reads(proxy, ok_upstream: RawUpstream) -> None:
+    p = await proxy({"*": ok_upstream.address})
+    conns = p.server._engine.connections  # (white box: to know the first piece was parsed)
+    reader, writer = await asyncio.open_connection("127.0.0.1", p.port)
+    try:
+        writer.write(b"GET /first/ha")
+        await eventually(lambda: any(c._url_parts for c in conns), what="the first piece parsed")
+        writer.write(b"lf?q=1 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        data = await asyncio.wait_for(reader.read(), 5)
+        assert [(s, b) for s, _, b in parse_responses(data)] == [(200, b"ok")]
+        assert ok_upstream.requests[0].url == b"/first/half?q=1"
     finally:
         writer.close()
 
