@@ -127,14 +127,14 @@ InvalidationCallback = Callable[[str], None]
 
 
 class _Ref(NamedTuple):
-    """A VersionRef for callers that hold plain ids (`try_acquire`; not the proxy's hot path)."""
+    """A VersionRef from plain ids (`try_acquire`; not the proxy's hot path)."""
 
     version: str
     service: str
 
 
 class VersionRef(Protocol):
-    """What `Activator.try_acquire_for` reads: a (version id, service) pair."""
+    """What `Activator.hold` reads: a (version id, service) pair."""
 
     @property
     def version(self) -> str: ...
@@ -178,8 +178,9 @@ class Lease:
     Give it back with `Activator.release` exactly once (a second release is ignored).
     """
 
-    # One is made per proxied request: only what the ingress reads per request is copied; the
-    # rest is read from the sandbox, whose id, version and service never change.
+    # Only `addr` is copied from the sandbox (the ingress's pool key); the rest is read from the
+    # sandbox, whose id, version and service never change. (The ingress's per-request unit is
+    # not a Lease: see `Activator.hold`.)
     __slots__ = ("_released", "_sandbox", "addr")
 
     def __init__(self, sandbox: _Sandbox) -> None:
@@ -222,9 +223,6 @@ class Lease:
             f"<Lease {self.sandbox_id} {self.host}:{self.port} v={self.version_id} "
             f"svc={self.service} {state}>"
         )
-
-
-_new_lease = Lease.__new__
 
 
 def _sandbox_of(lease: Lease | Held) -> _Sandbox:
@@ -487,27 +485,17 @@ class Activator:
 
     def try_acquire(self, version_id: str, service: str = WEB) -> Lease | None:
         """A lease on a running sandbox with spare capacity, or None (then call `acquire`)."""
-        return self.try_acquire_for(_Ref(version_id, service))
-
-    def try_acquire_for(self, ref: VersionRef) -> Lease | None:
-        """`try_acquire(ref.version, ref.service)`, for a caller that keeps such an object per
-        route and calls this once per request."""
-        sb = self._take(ref)
-        if sb is None:
-            return None
-        lease = _new_lease(Lease)
-        lease._sandbox = sb
-        lease._released = False
-        lease.addr = sb.addr
-        return lease
+        sb = self._take(_Ref(version_id, service))
+        return None if sb is None else Lease(sb)
 
     def hold(self, ref: VersionRef) -> Held | None:
-        """`try_acquire_for` for the ingress's hot path: the unit of capacity comes as the
-        sandbox's own `Held` handle (its `addr`, `host` and `port`), not a new Lease, and goes
-        back with `release(held)` exactly once (unlike a Lease's, a second release is not
-        detected: the caller's bookkeeping guarantees one). The sandbox found last for the
-        version is tried first while it runs (it leaves the cache when it stops) and has spare
-        capacity and nobody is queued; otherwise the scan finds one."""
+        """`try_acquire` for the ingress's hot path, on a VersionRef the caller keeps per route
+        (the ingress's Target). The unit of capacity comes as the sandbox's own `Held` handle
+        (its `addr`, `host` and `port`), not a new Lease, and goes back with `release(held)`
+        exactly once (unlike a Lease's, a second release is not detected: the caller's
+        bookkeeping guarantees one). The sandbox found last for the version is tried first
+        while it runs (it leaves the cache when it stops), has spare capacity and nobody is
+        queued; otherwise the scan finds one."""
         sb = self._warm.get(ref.version)
         if (
             sb is not None

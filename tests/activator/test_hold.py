@@ -8,13 +8,22 @@ import os
 import signal
 from typing import NamedTuple
 
-from miren_activator import Lease, ManualClock
+from miren_activator import Activator, Held, Lease, ManualClock
+from miren_store.entities import AppVersion
 from tests.activator.conftest import ActivatorFactory, make_version, wait_until
 
 
 class Ref(NamedTuple):
     version: str
     service: str = "web"
+
+
+async def boot_and_hold(act: Activator, version: AppVersion) -> Held:
+    """Boot a sandbox of `version` (one lease, given back), then hold a unit of it."""
+    act.release(await act.acquire(version))
+    held = act.hold(Ref(version.id))
+    assert held is not None
+    return held
 
 
 async def test_hold_counts_like_a_lease_without_one(make_activator: ActivatorFactory) -> None:
@@ -41,9 +50,7 @@ async def test_hold_counts_like_a_lease_without_one(make_activator: ActivatorFac
 
 async def test_hold_is_scoped_by_service(make_activator: ActivatorFactory) -> None:
     act = await make_activator()
-    act.release(await act.acquire(make_version("app-v1")))
-    held = act.hold(Ref("app-v1"))  # the web sandbox is now the one tried first
-    assert held is not None
+    held = await boot_and_hold(act, make_version("app-v1"))  # the web sandbox is tried first
     assert act.hold(Ref("app-v1", "worker")) is None  # never the web sandbox for another service
     act.release(held)
 
@@ -98,9 +105,7 @@ async def test_releasing_the_last_held_unit_starts_the_idle_clock(
 ) -> None:
     clock = ManualClock()
     act = await make_activator(clock=clock, sweep_interval=3600)
-    act.release(await act.acquire(make_version("app-v1", scale_down=1.0)))
-    held = act.hold(Ref("app-v1"))
-    assert held is not None
+    held = await boot_and_hold(act, make_version("app-v1", scale_down=1.0))
     clock.advance(3600)
     assert act.sweep() == 0  # a unit in flight: never stopped
     act.release(held)
@@ -116,9 +121,7 @@ async def test_report_unreachable_takes_a_held_sandbox_out_of_service(
     act = await make_activator()
     invalidated: list[str] = []
     act.subscribe(invalidated.append)
-    act.release(await act.acquire(make_version("app-v1")))
-    held = act.hold(Ref("app-v1"))
-    assert held is not None
+    held = await boot_and_hold(act, make_version("app-v1"))
     act.report_unreachable(held)  # (releases it too)
     snap = act.snapshot("app-v1")
     assert snap is not None and snap.in_use == 0 and snap.ready == 0
@@ -130,9 +133,7 @@ async def test_a_removed_version_leaves_nothing_in_the_cache(
     make_activator: ActivatorFactory,
 ) -> None:
     act = await make_activator()
-    act.release(await act.acquire(make_version("app-v1")))
-    held = act.hold(Ref("app-v1"))
-    assert held is not None
+    held = await boot_and_hold(act, make_version("app-v1"))
     act.release(held)
     assert "app-v1" in act._warm
     await act.remove_version("app-v1")  # (previews expire all the time: nothing may pile up)
