@@ -47,7 +47,7 @@ class _Upstream(asyncio.Protocol):
 
 
 class _Client(asyncio.Protocol):
-    __slots__ = ("early", "parser", "transport", "upstream", "upstream_addr")
+    __slots__ = ("connecting", "early", "parser", "transport", "upstream", "upstream_addr")
 
     def __init__(self, upstream_addr: tuple[str, int]) -> None:
         self.upstream_addr = upstream_addr
@@ -60,7 +60,8 @@ class _Client(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        asyncio.get_running_loop().create_task(self._connect())
+        # (kept: the loop holds only a weak reference to a task)
+        self.connecting = asyncio.get_running_loop().create_task(self._connect())
 
     async def _connect(self) -> None:
         loop = asyncio.get_running_loop()
