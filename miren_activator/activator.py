@@ -75,7 +75,7 @@ import contextlib
 import logging
 import socket
 from collections import deque
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sized
 from pathlib import Path
 from typing import Any, Final, NamedTuple, Protocol, cast
 
@@ -143,9 +143,23 @@ class VersionRef(Protocol):
     def service(self) -> str: ...
 
 
+class Queue(Protocol):
+    @property
+    def waiters(self) -> Sized: ...
+
+
 class Held(Protocol):
     """A unit of a sandbox's capacity from `Activator.hold`: where to send one request. Give it
-    back with `Activator.release` exactly once."""
+    back with `Activator.release` exactly once.
+
+    It is the running sandbox itself, and `Activator.warm` maps version ids to such sandboxes.
+    A caller on a hot path may count units on one of them without calling in (hold and release
+    written out: the ingress does, in Exchange.start and Exchange.finished), under these rules
+    only: take a unit as `in_use += 1` while `in_use < capacity`, nobody is queued
+    (`not pool.waiters`) and `service` is the one wanted; give one back as `in_use -= 1` while
+    `in_use > 1` and nobody is queued. Anything else goes through `hold` and `release`: the last
+    unit given back starts the idle clock, a queued waiter is owed the unit, and `warm` only
+    holds running sandboxes because `hold` and the state machine keep it so."""
 
     @property
     def addr(self) -> tuple[str, int]: ...
@@ -155,6 +169,17 @@ class Held(Protocol):
 
     @property
     def port(self) -> int: ...
+
+    @property
+    def service(self) -> str: ...
+
+    @property
+    def capacity(self) -> int: ...
+
+    @property
+    def pool(self) -> Queue: ...
+
+    in_use: int
 
 
 @attrs.frozen(kw_only=True)
@@ -387,7 +412,8 @@ class Activator:
         self._writer = StateWriter(store)
         self._pools: dict[tuple[str, str], _Pool] = {}
         # hold(): the sandbox found last per version id; running ones only (see _set_state).
-        self._warm: dict[str, _Sandbox] = {}
+        # Read by hot-path callers that count units themselves (see Held); written here only.
+        self.warm: dict[str, _Sandbox] = {}
         self._creating: dict[tuple[str, str], asyncio.Future[_Pool]] = {}
         self._sandboxes: dict[str, _Sandbox] = {}  # live and retained ended ones
         self._subscribers: list[InvalidationCallback] = []
@@ -442,7 +468,7 @@ class Activator:
             for sb in list(pool.live):
                 self._request_stop(sb, grace)
         self._pools.clear()
-        self._warm.clear()
+        self.warm.clear()
         # Stops end within the grace (SIGKILL then); a boot still spawning stops its sandbox
         # as soon as the spawn returns, which may add a stop task: wait until none is left.
         while pending := [t for t in self._tasks if not t.done()]:
@@ -496,7 +522,7 @@ class Activator:
         bookkeeping guarantees one). The sandbox found last for the version is tried first
         while it runs (it leaves the cache when it stops), has spare capacity and nobody is
         queued; otherwise the scan finds one."""
-        sb = self._warm.get(ref.version)
+        sb = self.warm.get(ref.version)
         if (
             sb is not None
             and sb.in_use < sb.capacity
@@ -507,7 +533,7 @@ class Activator:
             return sb
         sb = self._take(ref)
         if sb is not None:
-            self._warm[ref.version] = sb
+            self.warm[ref.version] = sb
         return sb
 
     def _take(self, ref: VersionRef) -> _Sandbox | None:
@@ -871,8 +897,8 @@ class Activator:
         pool = sb.pool
         if prev is RUNNING:
             pool.running.remove(sb)
-            if self._warm.get(sb.version_id) is sb:
-                del self._warm[sb.version_id]  # (hold() trusts that it only holds running ones)
+            if self.warm.get(sb.version_id) is sb:
+                del self.warm[sb.version_id]  # (hold() trusts that it only holds running ones)
             self._invalidate(sb.id)
         if new is RUNNING:
             pool.running.append(sb)

@@ -12,7 +12,9 @@ Per request on the warm path this is two dict lookups and a float compare:
   every lease back exactly once, so none is needed to make a second release harmless). Leases
   are scoped by version id, so a preview and the active version never share a sandbox. It,
   `release` and `discard` are the activator's own bound methods (no wrapper frame per
-  request).
+  request). `warm` is the activator's map of the sandboxes `hold` found: the engine counts
+  units on them itself while no rule needs the activator (see proxy.interfaces.Unit), so most
+  requests call neither.
 - `acquire` (a miss) awaits the activator, translating its errors into the engine's, in one
   place.
 """
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -29,7 +31,7 @@ from miren_activator import errors as act_errors
 from miren_activator.activator import Activator
 from miren_ingress.hosts import BadHost, normalize_host
 from miren_ingress.proxy import errors as proxy_errors
-from miren_ingress.proxy.interfaces import Lease, Refusal, Target
+from miren_ingress.proxy.interfaces import NO_UNITS, Lease, Refusal, Target, Unit
 from miren_ingress.routes import Refused, Resolved, RouteTable
 
 BAD_HOST = Refusal(400, "The Host header is missing or invalid.")
@@ -48,9 +50,10 @@ def _refusal(r: Refused) -> Refusal:
 class EdgeRouter:
     # The Router's `cached_lease`, `release` and `discard`: the activator's methods, bound once
     # (see __init__).
+    warm: Mapping[str, Unit]
     cached_lease: Callable[[Target], Lease | None]
-    release: Callable[[Lease], None]
-    discard: Callable[[Lease], None]
+    release: Callable[[Lease | Unit], None]
+    discard: Callable[[Lease | Unit], None]
 
     def __init__(
         self,
@@ -71,10 +74,15 @@ class EdgeRouter:
         self._targets: dict[tuple[str, str, bool], Target] = {}
         if activator is not None:  # (None: resolution only, e.g. benchmarks/resolve_bench.py)
             # A Target is the activator's VersionRef (version id, service): no wrapper frame.
-            # A hit is a Held (the engine reads only its addr), handed back once by the engine.
+            # A hit is a Held (a Unit), handed back once by the engine; the engine only hands
+            # back what this router gave it (activator Leases and Helds).
             self.cached_lease = activator.hold  # type: ignore[assignment]
-            self.release = activator.release
-            self.discard = activator.report_unreachable
+            self.release = activator.release  # type: ignore[assignment]
+            self.discard = activator.report_unreachable  # type: ignore[assignment]
+            # The sandboxes hold() found: the engine counts units on them itself (see Unit).
+            self.warm = activator.warm
+        else:
+            self.warm = NO_UNITS
 
     def __repr__(self) -> str:
         hosts = len(self._hosts) + len(self._expiring)

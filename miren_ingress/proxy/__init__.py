@@ -2,7 +2,8 @@
 
 See engine.py for the theory of operation. Public API:
 - `ProxyServer`, `ProxyConfig`, `freeze_gc`
-- the router interface: `Router`, `Target`, `Refusal`, `Lease`; `StaticRouter`
+- the router interface: `Router`, `Target`, `Refusal`, `Lease`, `Unit`, `NO_UNITS`;
+  `StaticRouter`
 - typed errors in `errors`.
 """
 
@@ -25,11 +26,12 @@ from .errors import (
     UpstreamReset,
     UpstreamTimeout,
 )
-from .interfaces import Lease, Refusal, Router, Target
+from .interfaces import NO_UNITS, Lease, Refusal, Router, Target, Unit
 from .server import ProxyServer, freeze_gc
 from .static import StaticRouter, normalize_host
 
 __all__ = [
+    "NO_UNITS",
     "ActivationTimeout",
     "BadGateway",
     "BadRequest",
@@ -47,6 +49,7 @@ __all__ = [
     "ServiceUnavailable",
     "StaticRouter",
     "Target",
+    "Unit",
     "UpstreamConnectError",
     "UpstreamProtocolError",
     "UpstreamReset",

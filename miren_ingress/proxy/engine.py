@@ -6,9 +6,10 @@ Objects
   here and in llhttp), renders the head to send upstream, and runs `Exchange`s one at a time in
   arrival order (HTTP/1.1 pipelining is answered in order, never interleaved).
 - `Exchange` (exchange.py): one request/response cycle. `start()` answers reserved paths itself,
-  asks the `Router` for a Target, takes a cached lease and a parked upstream connection: on that
-  hit path everything is synchronous, driven from protocol callbacks, with no Task, no await and
-  no lock. A lease-cache miss or a pool without an idle connection runs `_connect()` in a Task.
+  asks the `Router` for a Target, takes a unit of a warm sandbox's capacity itself (the
+  router's `warm` map, interfaces.Unit) or else a cached lease, and a parked upstream
+  connection: on that hit path everything is synchronous, driven from protocol callbacks,
+  with no Task, no await and no lock. A lease-cache miss or a pool without an idle connection runs `_connect()` in a Task.
 - `UpstreamConnection` (upstream.py): an asyncio Protocol feeding an httptools response parser,
   re-framing the body for the client and forwarding it as it arrives.
 - `UpstreamPool` (pool.py): parked keep-alive connections per upstream address.
@@ -64,7 +65,7 @@ from collections.abc import Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any
 
 from .config import ProxyConfig
-from .interfaces import Lease, Router
+from .interfaces import Lease, Router, Unit
 from .metrics import ProxyMetrics
 from .pool import UpstreamPool
 
@@ -98,6 +99,7 @@ class Engine:
         "router",
         "tasks",
         "upstream_open",
+        "warm",
     )
 
     def __init__(
@@ -109,6 +111,7 @@ class Engine:
         loop: asyncio.AbstractEventLoop,
     ) -> None:
         self.router = router
+        self.warm = router.warm  # (the router's own map, read per request: see Unit)
         self.config = config
         self.metrics = metrics
         self.health = health
@@ -153,7 +156,7 @@ class Engine:
                 n += 1
         return n
 
-    def pool_for(self, lease: Lease) -> UpstreamPool:
+    def pool_for(self, lease: Lease | Unit) -> UpstreamPool:
         key = lease.addr
         pool = self.pools.get(key)
         if pool is None:

@@ -6,7 +6,7 @@ memory (`resolve`, `cached_lease`) or, on a lease-cache miss only, awaits (`acqu
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping, Sized
 from typing import Protocol, runtime_checkable
 
 import attrs
@@ -52,6 +52,44 @@ class Lease:
         self.addr = (self.host, self.port)
 
 
+class Queue(Protocol):
+    @property
+    def waiters(self) -> Sized: ...
+
+
+class Unit(Protocol):
+    """A running sandbox as a router's `warm` map shows it (version id -> the sandbox its
+    `cached_lease` found last). The engine may count units of its capacity itself on the hit
+    path (`cached_lease` and `release` written out, in Exchange.start and Exchange.finished):
+    take one as `in_use += 1` while `in_use < capacity`, `not pool.waiters` and `service` is
+    the target's; give one back as `in_use -= 1` while `in_use > 1` and `not pool.waiters`;
+    anything else goes through `cached_lease` / `release`. A unit is a lease (it has `addr`,
+    `host` and `port`). The activator states the same rules (miren_activator.activator.Held)."""
+
+    @property
+    def addr(self) -> tuple[str, int]: ...
+
+    @property
+    def host(self) -> str: ...
+
+    @property
+    def port(self) -> int: ...
+
+    @property
+    def service(self) -> str: ...
+
+    @property
+    def capacity(self) -> int: ...
+
+    @property
+    def pool(self) -> Queue: ...
+
+    in_use: int
+
+
+NO_UNITS: Mapping[str, Unit] = {}  # the `warm` of a router whose leases are all Lease objects
+
+
 @runtime_checkable
 class Router(Protocol):
     """What the engine needs from routing and the lease cache.
@@ -69,7 +107,12 @@ class Router(Protocol):
     - Every lease the engine obtained is handed back exactly once: `release` when the request
       finished (whatever its outcome), or `discard` instead when connecting to its address was
       refused (drop it from the cache; the engine then calls `acquire` once more).
+    - `warm` maps version ids to `Unit`s the engine may count on itself (see Unit); a router
+      without them has `NO_UNITS`. The map is the router's, kept current by it: the engine
+      reads it on every request and never writes it.
     """
+
+    warm: Mapping[str, Unit]
 
     def resolve(self, host: bytes | str, now: float | None = None) -> Target | Refusal: ...
 
@@ -77,6 +120,6 @@ class Router(Protocol):
 
     async def acquire(self, target: Target) -> Lease: ...
 
-    def release(self, lease: Lease) -> None: ...
+    def release(self, lease: Lease | Unit) -> None: ...
 
-    def discard(self, lease: Lease) -> None: ...
+    def discard(self, lease: Lease | Unit) -> None: ...

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from .interfaces import Lease, Refusal, Target
+from .interfaces import NO_UNITS, Lease, Refusal, Target, Unit
 
 _CACHE_LIMIT = 4096
 
@@ -55,6 +55,7 @@ class StaticRouter:
             self._targets[host] = target
             self._leases[target] = Lease(host=addr, port=int(port), key=upstream)
         self._resolved: dict[bytes | str, Target | Refusal] = {}
+        self.warm: Mapping[str, Unit] = NO_UNITS  # (its leases are Lease objects)
         self.acquired = 0
         self.released = 0
         self.discarded = 0
@@ -87,8 +88,8 @@ class StaticRouter:
         self.acquired += 1
         return self._leases[target]
 
-    def release(self, lease: Lease) -> None:
+    def release(self, lease: Lease | Unit) -> None:
         self.released += 1
 
-    def discard(self, lease: Lease) -> None:
+    def discard(self, lease: Lease | Unit) -> None:
         self.discarded += 1

@@ -91,7 +91,7 @@ async def test_hold_never_returns_a_sandbox_that_left_running(
     assert info.pid is not None
     os.kill(info.pid, signal.SIGKILL)
     await wait_until(lambda: invalidated == [info.id], 2.0, "the invalidation")
-    assert "app-v1" not in act._warm  # it left the cache as it left RUNNING (no stale ref kept)
+    assert "app-v1" not in act.warm  # it left the cache as it left RUNNING (no stale ref kept)
     assert act.hold(Ref("app-v1")) is None  # not the dead sandbox it tried first before
     fresh = await act.acquire(version)  # a new sandbox boots
     held = act.hold(Ref("app-v1"))
@@ -135,7 +135,7 @@ async def test_a_removed_version_leaves_nothing_in_the_cache(
     act = await make_activator()
     held = await boot_and_hold(act, make_version("app-v1"))
     act.release(held)
-    assert "app-v1" in act._warm
+    assert "app-v1" in act.warm
     await act.remove_version("app-v1")  # (previews expire all the time: nothing may pile up)
-    assert "app-v1" not in act._warm
+    assert "app-v1" not in act.warm
     assert act.hold(Ref("app-v1")) is None

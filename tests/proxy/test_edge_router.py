@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry
 
-from miren_activator.activator import Activator
+from miren_activator.activator import Activator, PoolSnapshot
 from miren_ingress.proxy import Refusal, Target
 from miren_ingress.router import EdgeRouter
 from miren_ingress.routes import RouteTable
@@ -30,11 +30,13 @@ class Edge:
         self.table = table
 
 
-async def build_edge(upstream: RawUpstream, preview_ttl: float = 3600.0) -> Edge:
+async def build_edge(
+    upstream: RawUpstream, preview_ttl: float = 3600.0, capacity: int = 100
+) -> Edge:
     spec = VersionSpec(
         runtime=Runtime.UPSTREAM,
         urls=(f"http://{upstream.address}",),
-        concurrency=Concurrency(requests_per_instance=100),
+        concurrency=Concurrency(requests_per_instance=capacity, max_instances=1),
     )
     store = MemoryStore()
     expires = datetime.now(UTC) + timedelta(seconds=preview_ttl)
@@ -47,6 +49,7 @@ async def build_edge(upstream: RawUpstream, preview_ttl: float = 3600.0) -> Edge
         await store.create(AppVersion(id="v1", app="shop", spec=spec)),
         await store.create(preview),
         await store.create(HttpRoute(host="shop.test", app="shop")),
+        await store.create(HttpRoute(host="api.shop.test", app="shop", service="api")),
     ]
     table = RouteTable()
     table.load(entities, revision=1)
@@ -67,6 +70,12 @@ async def edge() -> AsyncIterator[Callable[..., Awaitable[Edge]]]:
     yield make
     for e in built:
         await e.activator.close()
+
+
+def snapshot(edge: Edge, version: str = "v1") -> PoolSnapshot:
+    snap = edge.activator.snapshot(version)
+    assert snap is not None
+    return snap
 
 
 def in_use(edge: Edge, version: str) -> int:
@@ -125,6 +134,102 @@ async def test_a_lease_is_held_while_its_request_is_in_flight(proxy, raw_upstrea
             release.set()
     await eventually(lambda: in_use(e, "v1") == 0, what="lease given back")
     assert p.server.in_flight == 0
+
+
+def gated_upstream(gates: dict[bytes, asyncio.Event], seen: list[bytes] | None = None) -> Any:
+    """A handler answering 200 "ok", after `gates[path]` is set for the paths it names; it
+    appends each request's path to `seen` as it arrives."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while head := await reader.readuntil(b"\r\n\r\n"):
+            path = head.split(b" ", 2)[1]
+            if seen is not None:
+                seen.append(path)
+            gate = gates.get(path)
+            if gate is not None:
+                await gate.wait()
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    return handler
+
+
+async def test_a_unit_the_engine_counts_goes_to_a_queued_request(proxy, raw_upstream, edge) -> None:
+    # The engine takes and gives back units itself on the hit path (interfaces.Unit): never
+    # past the sandbox's capacity, and never one a queued request is owed.
+    gates = {b"/a": asyncio.Event(), b"/b": asyncio.Event()}
+    seen: list[bytes] = []
+    up = await raw_upstream(gated_upstream(gates, seen))
+    e = await edge(up, capacity=2)
+    p = await proxy(router=e.router)
+
+    async def get(s: aiohttp.ClientSession, path: str) -> int:
+        async with s.get(p.url + path, headers={"Host": "shop.test"}) as r:
+            await r.read()
+            return r.status
+
+    async with aiohttp.ClientSession() as s:
+        try:
+            assert [await get(s, "/"), await get(s, "/")] == [200, 200]  # boot, then a hit
+            assert "v1" in e.activator.warm
+            n = len(seen)  # (with the upstream runtime's health check)
+            a = asyncio.create_task(get(s, "/a"))
+            b = asyncio.create_task(get(s, "/b"))
+            await eventually(lambda: len(seen) == n + 2, what="both slow requests upstream")
+            assert in_use(e, "v1") == 2
+            c = asyncio.create_task(get(s, "/c"))
+            await eventually(lambda: snapshot(e).waiters == 1, what="the third request queued")
+            assert len(seen) == n + 2 and in_use(e, "v1") == 2  # not let past capacity
+            gates[b"/a"].set()
+            assert await a == 200
+            # /b still holds its unit: /a's went to the queued request, which completes.
+            assert await asyncio.wait_for(c, 10) == 200
+            assert not b.done() and in_use(e, "v1") == 1
+            gates[b"/b"].set()
+            assert await b == 200
+        finally:
+            for gate in gates.values():
+                gate.set()
+    await eventually(lambda: in_use(e, "v1") == 0, what="every unit given back")
+
+
+async def test_the_last_unit_given_back_starts_the_idle_clock(proxy, raw_upstream, edge) -> None:
+    gates = {b"/slow": asyncio.Event()}
+    up = await raw_upstream(gated_upstream(gates))
+    e = await edge(up)
+    p = await proxy(router=e.router)
+    async with aiohttp.ClientSession() as s:
+        for _ in range(2):  # boot, then a hit puts the sandbox in `warm`
+            async with s.get(p.url + "/", headers={"Host": "shop.test"}) as r:
+                assert r.status == 200
+        sandbox = e.activator.warm["v1"]
+        slow = asyncio.create_task(s.get(p.url + "/slow", headers={"Host": "shop.test"}))
+        try:
+            await eventually(lambda: sandbox.in_use == 1, what="the slow request's unit")
+            async with s.get(p.url + "/", headers={"Host": "shop.test"}) as r:
+                assert r.status == 200  # taken and given back by the engine itself
+            stamp = sandbox.last_used
+            gates[b"/slow"].set()
+            async with await slow as r:
+                assert r.status == 200
+        finally:
+            gates[b"/slow"].set()
+    await eventually(lambda: sandbox.in_use == 0, what="the last unit given back")
+    assert sandbox.last_used > stamp  # the activator saw the sandbox go idle
+
+
+async def test_units_are_counted_per_service(proxy, ok_upstream, edge) -> None:
+    # Two services of one version are two pools: a sandbox of one never serves the other.
+    e = await edge(ok_upstream)
+    p = await proxy(router=e.router)
+    async with aiohttp.ClientSession() as s:
+        for host in ("shop.test", "shop.test", "api.shop.test", "api.shop.test"):
+            async with s.get(p.url + "/", headers={"Host": host}) as r:
+                assert r.status == 200
+    web, api = snapshot(e), e.activator.snapshot("v1", "api")
+    assert api is not None and api.ready == 1 and web.ready == 1
+    misses = p.registry.get_sample_value("miren_ingress_lease_lookups_total", {"result": "miss"})
+    assert misses == 2.0  # one boot per service
 
 
 async def test_resolution_is_cached_until_the_table_changes(ok_upstream, edge) -> None:

@@ -6,12 +6,14 @@ import asyncio
 import json
 import socket
 import struct
+from collections.abc import Mapping
 
 import aiohttp
 import pytest
 from aiohttp import web
 
 from miren_ingress.proxy import (
+    NO_UNITS,
     ActivationTimeout,
     BootFailed,
     Lease,
@@ -20,6 +22,7 @@ from miren_ingress.proxy import (
     ProxyError,
     Refusal,
     Target,
+    Unit,
 )
 
 from .conftest import (
@@ -52,6 +55,7 @@ class ScriptedRouter:
         self.outstanding: set[int] = set()
         self.acquire_started = asyncio.Event()
         self.acquire_gate: asyncio.Event | None = None
+        self.warm: Mapping[str, Unit] = NO_UNITS
 
     def resolve(self, host: bytes | str, now: float | None = None) -> Target | Refusal:
         if host.startswith(b"gone."):  # type: ignore[union-attr]
@@ -74,11 +78,11 @@ class ScriptedRouter:
         self.outstanding.add(id(self.acquired))
         return self.acquired
 
-    def release(self, lease: Lease) -> None:
+    def release(self, lease: Lease | Unit) -> None:
         self.calls.append("release")
         self.outstanding.discard(id(lease))
 
-    def discard(self, lease: Lease) -> None:
+    def discard(self, lease: Lease | Unit) -> None:
         self.calls.append("discard")
         self.outstanding.discard(id(lease))
         self.cached = None
