@@ -24,7 +24,17 @@ if TYPE_CHECKING:
 
 
 class UpstreamPool:
-    __slots__ = ("_engine", "closed", "host", "idle", "idle_timeout", "max_idle", "open", "port")
+    __slots__ = (
+        "_engine",
+        "closed",
+        "host",
+        "idle",
+        "idle_timeout",
+        "known",
+        "max_idle",
+        "open",
+        "port",
+    )
 
     def __init__(self, engine: Engine, host: str, port: int) -> None:
         self._engine = engine
@@ -35,6 +45,10 @@ class UpstreamPool:
         self.closed = False
         self.max_idle = engine.config.pool_max_idle
         self.idle_timeout = engine.config.pool_idle_timeout
+        # The last response head of this upstream that llhttp parsed and the fast path took
+        # (see upstream.py): (its bytes through the blank line, the response's whole length,
+        # status, has a `Connection: keep-alive` line).
+        self.known: tuple[bytes, int, int, bool] | None = None
 
     def __repr__(self) -> str:
         return f"<UpstreamPool {self.host}:{self.port} open={self.open} idle={len(self.idle)}>"

@@ -17,7 +17,16 @@ as it is, or with our lines after the status line (one `bytes.replace`); when th
 connection closes, the Connection line is cut and ours added. Anything else (other hop-by-hop
 headers, chunked or close-delimited bodies, HEAD, 1xx, 101, a head split across segments)
 takes `_general_head`, which splits the head into lines. The upstream's reason phrase is
-forwarded as sent. Any byte after a complete response in the same read (on_message_begin
+forwarded as sent.
+
+A head the fast path took is remembered per upstream address (`UpstreamPool.known`: its bytes
+through the blank line, and the response's whole length from its Content-Length). A later read
+that is exactly that head followed by exactly that many body bytes is the same message to
+llhttp, byte for byte, so it is forwarded without feeding the parser at all (which stays
+between messages): an upstream that answers alike (nginx's Date moves once a second) costs no
+parser callbacks. Never for HEAD requests, 204 or 304 (their length is not their framing), nor
+for a head that took any other path; an upstream whose heads never repeat (a request id, a
+cookie) has only every 16th remembered, so it costs a length compare per response. Any byte after a complete response in the same read (on_message_begin
 stops the parser there, or llhttp finds it is not HTTP) leaves the connection out of sync: the
 response is forwarded, trimmed to its end, and the connection is not reused.
 
@@ -58,6 +67,8 @@ if TYPE_CHECKING:
 _INF = float("inf")
 _NO_BODY_STATUS = (204, 304)
 _ORDINARY = h.RESPONSE_NAMES.ordinary  # spellings known to be ordinary (read directly: hot)
+_KNOWN_HEAD_MAX = 2048  # longer response heads are never remembered (UpstreamPool.known)
+_NOVEL = 16  # heads in a row that never repeated, after which only every 16th is remembered
 _TIMER_SLACK = 0.001  # re-arm at least this far ahead (uvloop's timers have 1 ms resolution)
 
 
@@ -78,6 +89,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_eof_body",
         "_head_done",
         "_interim",
+        "_novel",
         "_pos",
         "_pre",
         "_rare",
@@ -122,6 +134,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._spliced: bytes | None = None
         self._conn_cut = False  # a `Connection: keep-alive` line: cut out if we close
         self._done = False  # the response was read to its end (reset when handled)
+        self._novel = 0  # heads parsed on the fast path since the pool's known head matched
         # Per response, only touched off the fast path; `_rare` says whether to reset them.
         self._rare = True
         self._reset_rare()
@@ -203,30 +216,52 @@ class UpstreamConnection(asyncio.Protocol):
             ex.inbound.write(data)
             return
         out = self.out
-        self._data = data
-        try:
-            self.parser.feed_data(data)
-        except HttpParserUpgrade as upgrade:
-            self._data = None
-            if not self._head_done or ex.target is None or not ex.upgrade:
-                self._protocol_error(ex)
-                return
-            rest = data[upgrade.args[0] :]
-            if rest:
-                out.append(rest)
-            self.tunnel = True
-            self.deadline = _INF
-        except (HttpParserCallbackError, HttpParserError):
-            # A callback stopped the parser (a HEAD response, done; or a second message after
-            # the response: out of sync), or bytes after the response are not HTTP. Either way
-            # the connection is not reused; a response read whole is still forwarded.
-            self._data = None
-            self._stop_reuse = True
-            if not self._done:
-                self._protocol_error(ex)
-                return
-            if self._spliced is not None:
-                self._trim_spliced(data, ex.status)
+        known = self.pool.known
+        if (
+            known is not None
+            and len(data) == known[1]
+            and data.startswith(known[0])
+            and not self._rare
+            and not self._head_done
+            and not ex.head_only
+        ):
+            # The head llhttp parsed last time, byte for byte, then the whole body and nothing
+            # after it: the parser, between messages, need not see it.
+            self._novel = 0
+            ex.status = known[2]
+            self._conn_cut = known[3]
+            if ex.keep_alive:  # (as in on_headers_complete)
+                insert = self.engine.head_inserts[ex.target.ephemeral]  # type: ignore[union-attr]
+                self._spliced = data.replace(b"\r\n", insert, 1) if insert else data
+            else:
+                self._splice_closing(ex, data)
+            self._head_done = True
+            self._done = True
+        else:
+            self._data = data
+            try:
+                self.parser.feed_data(data)
+            except HttpParserUpgrade as upgrade:
+                self._data = None
+                if not self._head_done or ex.target is None or not ex.upgrade:
+                    self._protocol_error(ex)
+                    return
+                rest = data[upgrade.args[0] :]
+                if rest:
+                    out.append(rest)
+                self.tunnel = True
+                self.deadline = _INF
+            except (HttpParserCallbackError, HttpParserError):
+                # A callback stopped the parser (a HEAD response, done; or a second message after
+                # the response: out of sync), or bytes after the response are not HTTP. Either way
+                # the connection is not reused; a response read whole is still forwarded.
+                self._data = None
+                self._stop_reuse = True
+                if not self._done:
+                    self._protocol_error(ex)
+                    return
+                if self._spliced is not None:
+                    self._trim_spliced(data, ex.status)
         self._data = None  # never keep a segment alive past its parse
         spliced = self._spliced
         if spliced is not None:  # (then `out` is empty: see on_headers_complete)
@@ -324,20 +359,36 @@ class UpstreamConnection(asyncio.Protocol):
         # `Connection: keep-alive` line stays when the client connection stays open: it is then
         # our own option for that connection too (RFC 9110 7.6.1 lets an intermediary replace
         # the field with its own options: here the same bytes); it is cut when we close.
-        target: Target = ex.target  # type: ignore[assignment]  # (attached: routed)
         if ex.keep_alive:
+            target: Target = ex.target  # type: ignore[assignment]  # (attached: routed)
             insert = self.engine.head_inserts[target.ephemeral]
             self._spliced = data.replace(b"\r\n", insert, 1) if insert else data
         else:
-            add = self.engine.close_lines[target.ephemeral]
-            if self._conn_cut:
-                # Its name is spelled exactly so (see on_header): the first match is in the head.
-                cut = data.find(b"\r\nConnection:")  # the CRLF before that line
-                after = data.find(b"\r\n", cut + 2)  # the CRLF ending it
-            else:
-                cut = after = data.find(b"\r\n")  # after the status line
-            self._spliced = b"".join((data[:cut], add, data[after:]))
+            self._splice_closing(ex, data)
         self._head_done = True
+        # Remembered for the next response (see data_received); of an upstream whose heads
+        # never repeat (a request id, a cookie) only every _NOVEL-th head is.
+        novel = self._novel = self._novel + 1
+        if novel <= _NOVEL or not novel % _NOVEL:
+            self._remember(data, status)
+
+    def _splice_closing(self, ex: Exchange, data: bytes) -> None:
+        """The fast path's output when the client connection closes after this response."""
+        add = self.engine.close_lines[ex.target.ephemeral]  # type: ignore[union-attr]
+        if self._conn_cut:
+            # Its name is spelled exactly so (see on_header): the first match is in the head.
+            cut = data.find(b"\r\nConnection:")  # the CRLF before that line
+            after = data.find(b"\r\n", cut + 2)  # the CRLF ending it
+        else:
+            cut = after = data.find(b"\r\n")  # after the status line
+        self._spliced = b"".join((data[:cut], add, data[after:]))
+
+    def _remember(self, data: bytes, status: int) -> None:
+        """The head at the start of `data` took the fast path: it becomes the pool's known
+        head, unless its status says its Content-Length does not frame a body."""
+        end = data.find(b"\r\n\r\n") + 4
+        if status not in _NO_BODY_STATUS and end <= _KNOWN_HEAD_MAX:
+            self.pool.known = (data[:end], end + int(self._cl), status, self._conn_cut)  # type: ignore[arg-type]
 
     def _trim_spliced(self, data: bytes, status: int) -> None:
         """The parser stopped at a second message after a spliced response: drop its bytes."""

@@ -1,13 +1,16 @@
 """The hot path's shortcuts, each next to the case it must not get wrong: responses spliced from
-the upstream's raw bytes, heads split across reads, interim and HTTP/1.0 responses, the lazy
+the upstream's raw bytes, response heads seen before (not parsed again), heads split across reads, interim and HTTP/1.0 responses, the lazy
 head-size accounting, requests without on_message_begin, and trailers between requests."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
+
+from miren_ingress.proxy.pool import UpstreamPool
 
 from .conftest import RawUpstream, eventually, parse_responses, raw_exchange, read_request
 
@@ -296,3 +299,109 @@ async def test_upstream_keep_alive_decides_reuse(
         data = await raw_exchange(p.port, GET_CLOSE)
         assert [(s, b) for s, _, b in parse_responses(data)] == [(200, b"ok")]
     assert up.connections == (1 if reused else 2)
+
+
+# --- a response head seen before (UpstreamPool.known): the parser is skipped ----------------
+OK_HEAD = b"HTTP/1.1 200 OK\r\nServer: up\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\n"
+
+
+def only_pool(p: Any) -> UpstreamPool:
+    engine = p.server.engine
+    assert engine is not None and len(engine.pools) == 1
+    return next(iter(engine.pools.values()))  # type: ignore[no-any-return]
+
+
+def parsed_since_known(pool: UpstreamPool) -> int:
+    """Heads its (one, parked) connection parsed since the pool's known head last matched."""
+    (conn,) = pool.idle
+    return conn._novel
+
+
+@pytest.mark.parametrize("ephemeral", [False, True])
+async def test_a_head_seen_before_is_forwarded_as_when_parsed(
+    proxy, raw_upstream, ephemeral: bool
+) -> None:
+    up = await scripted(raw_upstream, *[OK_HEAD + b"ok"] * 6)
+    p = await proxy({"a": up.address}, ephemeral_hosts=frozenset({"a"} if ephemeral else ()))
+    first = await raw_exchange(p.port, GET + GET + GET_CLOSE)  # parsed, then known twice
+    pool = only_pool(p)
+    assert pool.known is not None and pool.known[0] == OK_HEAD
+    assert parsed_since_known(pool) == 0  # the last two were taken as known
+    again = await raw_exchange(p.port, GET + GET + GET_CLOSE)  # known all three times
+    assert again == first
+    responses = parse_responses(first)
+    assert [(s, b) for s, _, b in responses] == [(200, b"ok")] * 3
+    assert all(("x-robots-tag" in h) == ephemeral for _, h, _ in responses)
+    assert [h.get("connection") for _, h, _ in responses] == ["keep-alive"] * 2 + ["close"]
+    assert first.count(b"Connection:") == 3  # the upstream's line was cut on the last one
+    assert up.connections == 1
+
+
+@pytest.mark.parametrize("tail", [b"HTTP/1.1 200 OK\r\nX-Smuggled: 1\r\n", b"!"])
+async def test_a_known_head_with_bytes_after_its_body_is_parsed(
+    proxy, raw_upstream, tail: bytes
+) -> None:
+    up = await scripted(
+        raw_upstream,
+        OK_HEAD + b"ok",
+        OK_HEAD + b"ok" + tail,
+        b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+    )
+    p = await proxy({"a": up.address})
+    data = await raw_exchange(p.port, GET + GET + GET_CLOSE)
+    assert [(s, b) for s, _, b in parse_responses(data)] == [(200, b"ok")] * 2 + [(200, b"")]
+    assert b"Smuggled" not in data and b"!" not in data
+    assert up.connections == 2  # the out-of-sync connection was not reused
+
+
+async def test_a_known_head_whose_body_comes_later_is_parsed(proxy, raw_upstream) -> None:
+    async def in_two(writer: asyncio.StreamWriter) -> None:
+        writer.write(OK_HEAD + b"o")
+        await writer.drain()
+        await asyncio.sleep(0.02)  # separate reads (most likely; correct either way)
+        writer.write(b"k")
+
+    up = await scripted(raw_upstream, OK_HEAD + b"ok", in_two, OK_HEAD + b"ok")
+    p = await proxy({"a": up.address})
+    data = await raw_exchange(p.port, GET + GET + GET_CLOSE)
+    assert [(s, b) for s, _, b in parse_responses(data)] == [(200, b"ok")] * 3
+    assert up.connections == 1
+
+
+async def test_a_head_request_never_takes_a_known_head(proxy, raw_upstream) -> None:
+    # The upstream wrongly sends a body with its answer to HEAD: the head alone is forwarded.
+    up = await scripted(raw_upstream, *[OK_HEAD + b"ok"] * 3)
+    p = await proxy({"a": up.address})
+    assert parse_responses(await raw_exchange(p.port, GET_CLOSE))[0][2] == b"ok"
+    head = await raw_exchange(p.port, b"HEAD / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n") and head.endswith(b"\r\n\r\n")
+    assert parse_responses(await raw_exchange(p.port, GET_CLOSE))[0][2] == b"ok"
+
+
+@pytest.mark.parametrize("status", [b"204 No Content", b"304 Not Modified"])
+async def test_bodiless_statuses_are_never_remembered(proxy, raw_upstream, status: bytes) -> None:
+    # A 304 may announce the length of the body it does not send.
+    response = b"HTTP/1.1 " + status + b"\r\nContent-Length: 5\r\n\r\n"
+    up = await scripted(raw_upstream, response, response, OK_HEAD + b"ok")
+    p = await proxy({"a": up.address})
+    data = await raw_exchange(p.port, GET + GET_CLOSE)
+    assert [s for s, _, _ in parse_responses(data, head_request=True)] == [int(status[:3])] * 2
+    assert data.endswith(b"\r\n\r\n")
+    assert only_pool(p).known is None
+    assert parse_responses(await raw_exchange(p.port, GET_CLOSE))[0][2] == b"ok"
+    assert only_pool(p).known == (OK_HEAD, len(OK_HEAD) + 2, 200, True)
+
+
+async def test_heads_that_never_repeat_are_sampled_then_a_repeating_one_is_learnt(
+    proxy, raw_upstream
+) -> None:
+    unique = [OK_HEAD.replace(b"up", b"u%02d" % i) + b"ok" for i in range(40)]
+    up = await scripted(raw_upstream, *unique, *[OK_HEAD + b"ok"] * 20)
+    p = await proxy({"a": up.address})
+    await raw_exchange(p.port, GET * 39 + GET_CLOSE)
+    pool = only_pool(p)
+    assert parsed_since_known(pool) == 40
+    assert pool.known is not None and pool.known[0] == unique[31][:-2]  # the 32nd: sampled
+    data = await raw_exchange(p.port, GET * 19 + GET_CLOSE)
+    assert [(s, b) for s, _, b in parse_responses(data)] == [(200, b"ok")] * 20
+    assert pool.known[0] == OK_HEAD and parsed_since_known(pool) == 0  # learnt, then taken
