@@ -19,8 +19,9 @@ synchronous step between two awaits, so no other task can observe it half done.
   go idle and scale down). No await, no store call. `try_acquire` declines while anyone waits,
   so newcomers never overtake queued callers. The ingress uses `hold` instead: the same unit of
   capacity without a Lease object (the sandbox's own handle, given back with `release` exactly
-  once), trying first the sandbox it got last for the version (it keeps the load packed there
-  until it is full), so a request costs a dict lookup on the version id and a few comparisons.
+  once), trying first the sandbox it got last for the version (`warm`: it keeps the load packed
+  there until it is full). On most requests the ingress does not even call: it counts units on
+  the sandboxes in `warm` itself, under the rules `Held` states (hold/release written out).
 - **Miss path** (`acquire`): if the pool is not loaded, one creation per (version, service) runs
   in its own task behind an in-process sentinel future that every concurrent caller awaits; its
   outcome, pool or error, reaches all of them, and the sentinel is removed before it resolves, so
@@ -412,7 +413,9 @@ class Activator:
         self._writer = StateWriter(store)
         self._pools: dict[tuple[str, str], _Pool] = {}
         # hold(): the sandbox found last per version id; running ones only (see _set_state).
-        # Read by hot-path callers that count units themselves (see Held); written here only.
+        # Read by hot-path callers that count units themselves (see Held), which keep a
+        # reference to this dict: cleared, never rebound. Those callers copy the rules of
+        # hold() and release() (Exchange.start/finished): a rule added there goes there too.
         self.warm: dict[str, _Sandbox] = {}
         self._creating: dict[tuple[str, str], asyncio.Future[_Pool]] = {}
         self._sandboxes: dict[str, _Sandbox] = {}  # live and retained ended ones

@@ -13,7 +13,9 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_ruff_is_clean() -> None:
     ruff = shutil.which("ruff")
     assert ruff, "ruff is part of the [test] extra"
-    out = subprocess.run([ruff, "check", "--quiet", str(ROOT)], capture_output=True, text=True, check=False)
+    out = subprocess.run(
+        [ruff, "check", "--quiet", str(ROOT)], capture_output=True, text=True, check=False
+    )
     assert out.returncode == 0, out.stdout + out.stderr
 
 

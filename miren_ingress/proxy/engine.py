@@ -9,7 +9,8 @@ Objects
   asks the `Router` for a Target, takes a unit of a warm sandbox's capacity itself (the
   router's `warm` map, interfaces.Unit) or else a cached lease, and a parked upstream
   connection: on that hit path everything is synchronous, driven from protocol callbacks,
-  with no Task, no await and no lock. A lease-cache miss or a pool without an idle connection runs `_connect()` in a Task.
+  with no Task, no await and no lock. A lease-cache miss or a pool without an idle
+  connection runs `_connect()` in a Task.
 - `UpstreamConnection` (upstream.py): an asyncio Protocol feeding an httptools response parser,
   re-framing the body for the client and forwarding it as it arrives.
 - `UpstreamPool` (pool.py): parked keep-alive connections per upstream address.

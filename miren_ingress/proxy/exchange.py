@@ -300,7 +300,7 @@ class Exchange:
         lease = self.lease
         if lease is not None:
             self.lease = None
-            if self.unit and lease.in_use > 1 and not lease.pool.waiters:  # type: ignore[union-attr]
+            if self.unit and lease.in_use > 1 and not lease.pool.waiters:  # type: ignore
                 lease.in_use -= 1  # type: ignore[union-attr]  # Router.release written out
             else:
                 engine.router.release(lease)

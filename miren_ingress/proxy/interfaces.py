@@ -1,7 +1,9 @@
 """The narrow interface between the proxy engine and the routing / lease layer.
 
-The engine never reads the store or the activator directly: it asks a `Router`, which answers from
-memory (`resolve`, `cached_lease`) or, on a lease-cache miss only, awaits (`acquire`).
+The engine never calls the store or the activator directly: it asks a `Router`, which answers
+from memory (`resolve`, `cached_lease`) or, on a lease-cache miss only, awaits (`acquire`). The
+one exception is deliberate: on the hit path it counts units of capacity on the running
+sandboxes the router's `warm` map shows (see `Unit`), under rules the activator states.
 """
 
 from __future__ import annotations
@@ -106,7 +108,8 @@ class Router(Protocol):
       engine cancels it when the client goes away.
     - Every lease the engine obtained is handed back exactly once: `release` when the request
       finished (whatever its outcome), or `discard` instead when connecting to its address was
-      refused (drop it from the cache; the engine then calls `acquire` once more).
+      refused (drop it from the cache; the engine then calls `acquire` once more); a unit it
+      took itself from `warm` goes back the same way, or by `in_use -= 1` where Unit allows.
     - `warm` maps version ids to `Unit`s the engine may count on itself (see Unit); a router
       without them has `NO_UNITS`. The map is the router's, kept current by it: the engine
       reads it on every request and never writes it.

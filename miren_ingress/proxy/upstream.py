@@ -26,9 +26,11 @@ llhttp, byte for byte, so it is forwarded without feeding the parser at all (whi
 between messages): an upstream that answers alike (nginx's Date moves once a second) costs no
 parser callbacks. Never for HEAD requests, 204 or 304 (their length is not their framing), nor
 for a head that took any other path; an upstream whose heads never repeat (a request id, a
-cookie) has only every 16th remembered, so it costs a length compare per response. Any byte after a complete response in the same read (on_message_begin
-stops the parser there, or llhttp finds it is not HTTP) leaves the connection out of sync: the
-response is forwarded, trimmed to its end, and the connection is not reused.
+cookie) has only every 16th remembered, so it costs a length compare per response.
+
+Any byte after a complete response in the same read (on_message_begin stops the parser there,
+or llhttp finds it is not HTTP) leaves the connection out of sync: the response is forwarded,
+trimmed to its end, and the connection is not reused.
 
 The connection's timer serves both the request idle timeout (while an exchange is attached)
 and the pool idle timeout (while parked). It is re-armed lazily: activity only moves `deadline`;
@@ -134,7 +136,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._spliced: bytes | None = None
         self._conn_cut = False  # a `Connection: keep-alive` line: cut out if we close
         self._done = False  # the response was read to its end (reset when handled)
-        self._novel = 0  # heads parsed on the fast path since the pool's known head matched
+        self._novel = 0  # heads this connection parsed on the fast path since one was known
         # Per response, only touched off the fast path; `_rare` says whether to reset them.
         self._rare = True
         self._reset_rare()
@@ -388,7 +390,8 @@ class UpstreamConnection(asyncio.Protocol):
         head, unless its status says its Content-Length does not frame a body."""
         end = data.find(b"\r\n\r\n") + 4
         if status not in _NO_BODY_STATUS and end <= _KNOWN_HEAD_MAX:
-            self.pool.known = (data[:end], end + int(self._cl), status, self._conn_cut)  # type: ignore[arg-type]
+            cl = int(self._cl)  # type: ignore[arg-type]  # (the fast path: Content-Length)
+            self.pool.known = (data[:end], end + cl, status, self._conn_cut)
 
     def _trim_spliced(self, data: bytes, status: int) -> None:
         """The parser stopped at a second message after a spliced response: drop its bytes."""

@@ -103,9 +103,7 @@ def store() -> MemoryStore:
 
 
 @pytest.fixture
-async def make_activator(
-    tmp_path: Path, store: MemoryStore
-) -> AsyncIterator[ActivatorFactory]:
+async def make_activator(tmp_path: Path, store: MemoryStore) -> AsyncIterator[ActivatorFactory]:
     """Start activators on the test's store; at teardown close them and check that every
     sandbox process they ever started is gone."""
     made: list[Activator] = []
@@ -122,7 +120,9 @@ async def make_activator(
         config_kwargs.setdefault("node", "node-a")
         config_kwargs.setdefault("log_dir", tmp_path / "logs")
         config_kwargs.setdefault("stop_grace", 2.0)
-        act = Activator(kwargs.pop("store", store), config=ActivatorConfig(**config_kwargs), **kwargs)
+        act = Activator(
+            kwargs.pop("store", store), config=ActivatorConfig(**config_kwargs), **kwargs
+        )
         await act.start()
         made.append(act)
         return act

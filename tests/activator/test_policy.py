@@ -20,8 +20,9 @@ from miren_activator.policy import (
 )
 from miren_store.entities import AppVersion, Concurrency, Runtime, VersionSpec
 
-P = PoolParams(capacity=10, max_instances=3, min_instances=0, scale_down_delay=60.0,
-               boot_timeout=5.0)
+P = PoolParams(
+    capacity=10, max_instances=3, min_instances=0, scale_down_delay=60.0, boot_timeout=5.0
+)
 
 
 def version(label: str = "", runtime: Runtime = Runtime.PROCESS, **conc: object) -> AppVersion:

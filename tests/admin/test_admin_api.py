@@ -52,7 +52,12 @@ async def client(
 
 
 async def call(
-    client: TestClient[Any, Any], method: str, path: str, body: Any = None, *, raw: bytes | None = None
+    client: TestClient[Any, Any],
+    method: str,
+    path: str,
+    body: Any = None,
+    *,
+    raw: bytes | None = None,
 ) -> tuple[int, Any]:
     kwargs: dict[str, Any] = {"headers": AUTH}
     if raw is not None:
@@ -136,18 +141,74 @@ async def test_app_lifecycle(client: TestClient[Any, Any]) -> None:
         ("POST", "/v1/apps", {"name": "Not_Valid"}, None, 422, "invalid_name"),
         ("PUT", "/v1/routes/*.com", {"app": "web"}, None, 422, "invalid_host"),
         ("PUT", "/v1/routes/a.example.com", {"app": "nope"}, None, 404, "app_not_found"),
-        ("PUT", "/v1/routes/a.example.com", {"app": "web", "default": "yes"}, None, 400, "bad_request"),
-        ("PUT", "/v1/routes/a.example.com", {"app": "web", "request_timeout": "0s"}, None, 422, "invalid_timeout"),
+        (
+            "PUT",
+            "/v1/routes/a.example.com",
+            {"app": "web", "default": "yes"},
+            None,
+            400,
+            "bad_request",
+        ),
+        (
+            "PUT",
+            "/v1/routes/a.example.com",
+            {"app": "web", "request_timeout": "0s"},
+            None,
+            422,
+            "invalid_timeout",
+        ),
         ("POST", "/v1/apps/nope/deploys", {"spec": SPEC}, None, 404, "app_not_found"),
-        ("POST", "/v1/apps/web/deploys", {"spec": {"runtime": "process"}}, None, 422, "invalid_spec"),
+        (
+            "POST",
+            "/v1/apps/web/deploys",
+            {"spec": {"runtime": "process"}},
+            None,
+            422,
+            "invalid_spec",
+        ),
         ("POST", "/v1/apps/web/deploys", {"spec": {"runtime": 7}}, None, 400, "bad_request"),
-        ("POST", "/v1/apps/web/deploys", {"spec": {"runtime": "process", "command": "python app.py"}}, None, 400, "bad_request"),
+        (
+            "POST",
+            "/v1/apps/web/deploys",
+            {"spec": {"runtime": "process", "command": "python app.py"}},
+            None,
+            400,
+            "bad_request",
+        ),
         ("POST", "/v1/apps/web/deploys", {"spec": {"runtime": "nope"}}, None, 422, "invalid_spec"),
-        ("POST", "/v1/apps/web/deploys", {"spec": SPEC, "ephemeral": {"label": "Feat_X"}}, None, 422, "invalid_label"),
-        ("POST", "/v1/apps/web/deploys", {"spec": SPEC, "ephemeral": {"label": "x", "ttl": "0s"}}, None, 422, "invalid_ttl"),
-        ("POST", "/v1/apps/web/deploys", {"spec": SPEC, "ephemeral": {"label": "x", "ttl": "31d"}}, None, 422, "invalid_ttl"),
+        (
+            "POST",
+            "/v1/apps/web/deploys",
+            {"spec": SPEC, "ephemeral": {"label": "Feat_X"}},
+            None,
+            422,
+            "invalid_label",
+        ),
+        (
+            "POST",
+            "/v1/apps/web/deploys",
+            {"spec": SPEC, "ephemeral": {"label": "x", "ttl": "0s"}},
+            None,
+            422,
+            "invalid_ttl",
+        ),
+        (
+            "POST",
+            "/v1/apps/web/deploys",
+            {"spec": SPEC, "ephemeral": {"label": "x", "ttl": "31d"}},
+            None,
+            422,
+            "invalid_ttl",
+        ),
         ("POST", "/v1/apps/web/deploys", {"from_version": "ghost"}, None, 404, "version_not_found"),
-        ("POST", "/v1/apps/web/deploys", {"spec": SPEC, "from_version": "x"}, None, 422, "invalid_request"),
+        (
+            "POST",
+            "/v1/apps/web/deploys",
+            {"spec": SPEC, "from_version": "x"},
+            None,
+            422,
+            "invalid_request",
+        ),
         ("GET", "/v1/apps/web/versions?limit=lots", None, None, 400, "bad_request"),
         ("GET", "/v1/apps/web/versions?ephemeral=maybe", None, None, 400, "bad_request"),
         ("GET", "/v1/apps/nope/versions", None, None, 404, "app_not_found"),
@@ -173,7 +234,9 @@ async def test_bad_input_gets_a_json_4xx(
     assert data["error"]["message"]
 
 
-async def test_deploy_active_then_preview_then_list(client: TestClient[Any, Any], clock: Clock) -> None:
+async def test_deploy_active_then_preview_then_list(
+    client: TestClient[Any, Any], clock: Clock
+) -> None:
     await setup_app(client)
     status, active = await call(client, "POST", "/v1/apps/web/deploys", {"spec": SPEC})
     assert status == 201 and active["status"] == "active"
@@ -206,7 +269,9 @@ async def test_extend_and_delete_preview(client: TestClient[Any, Any], clock: Cl
     await call(client, "POST", "/v1/apps/web/deploys", body)
     clock.t += timedelta(minutes=30)
     status, v = await call(client, "PATCH", "/v1/apps/web/ephemeral/pr-1", {"ttl": "2h"})
-    assert status == 200 and v["expires_at"] == "2026-06-01T02:30:00Z" and v["ephemeral_ttl"] == "2h"
+    assert (
+        status == 200 and v["expires_at"] == "2026-06-01T02:30:00Z" and v["ephemeral_ttl"] == "2h"
+    )
     clock.t += timedelta(hours=3)
     got, err = await call(client, "PATCH", "/v1/apps/web/ephemeral/pr-1", {"ttl": "2h"})
     assert (got, err["error"]["code"]) == (404, "label_expired")
@@ -219,14 +284,22 @@ async def test_extend_and_delete_preview(client: TestClient[Any, Any], clock: Cl
 
 async def test_only_one_default_route(client: TestClient[Any, Any]) -> None:
     await call(client, "POST", "/v1/apps", {"name": "web"})
-    assert (await call(client, "PUT", "/v1/routes/a.example.com", {"app": "web", "default": True}))[0] == 201
-    got, err = await call(client, "PUT", "/v1/routes/b.example.com", {"app": "web", "default": True})
+    assert (await call(client, "PUT", "/v1/routes/a.example.com", {"app": "web", "default": True}))[
+        0
+    ] == 201
+    got, err = await call(
+        client, "PUT", "/v1/routes/b.example.com", {"app": "web", "default": True}
+    )
     assert (got, err["error"]["code"]) == (409, "default_route_exists")
     # re-putting the default route itself is fine (an update)
-    assert (await call(client, "PUT", "/v1/routes/a.example.com", {"app": "web", "default": True}))[0] == 200
+    assert (await call(client, "PUT", "/v1/routes/a.example.com", {"app": "web", "default": True}))[
+        0
+    ] == 200
 
 
-async def test_store_outage_is_503_store_unavailable(client: TestClient[Any, Any], store: MemoryStore) -> None:
+async def test_store_outage_is_503_store_unavailable(
+    client: TestClient[Any, Any], store: MemoryStore
+) -> None:
     await call(client, "POST", "/v1/apps", {"name": "web"})
     store.unavailable = True
     for method, path, body in [
@@ -246,8 +319,15 @@ async def test_sandbox_list_and_logs(
 
     await call(client, "POST", "/v1/apps", {"name": "web"})
     await store.create(
-        Sandbox(id="sb-1", pool="p", app="web", version="web-1", status=SandboxStatus.RUNNING,
-                url="http://127.0.0.1:5", pid=42)
+        Sandbox(
+            id="sb-1",
+            pool="p",
+            app="web",
+            version="web-1",
+            status=SandboxStatus.RUNNING,
+            url="http://127.0.0.1:5",
+            pid=42,
+        )
     )
     status, boxes = await call(client, "GET", "/v1/apps/web/sandboxes")
     assert status == 200 and boxes[0]["id"] == "sb-1" and boxes[0]["status"] == "running"

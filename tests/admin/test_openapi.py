@@ -14,7 +14,9 @@ from miren_store.memory import MemoryStore
 
 
 def served_routes() -> set[tuple[str, str]]:
-    ctx = AdminContext(store=MemoryStore(), config=load_config(env={}), registry=CollectorRegistry())
+    ctx = AdminContext(
+        store=MemoryStore(), config=load_config(env={}), registry=CollectorRegistry()
+    )
     app: web.Application = make_admin_app(ctx)
     out = set()
     for route in app.router.routes():

@@ -207,9 +207,9 @@ def websocket(conn: socket.socket, rfile: BinaryIO, headers: list[tuple[str, str
         payload = rfile.read(n)
         if mask and n:
             key_bytes = (mask * (n // 4 + 1))[:n]
-            payload = (
-                int.from_bytes(payload, "big") ^ int.from_bytes(key_bytes, "big")
-            ).to_bytes(n, "big")
+            payload = (int.from_bytes(payload, "big") ^ int.from_bytes(key_bytes, "big")).to_bytes(
+                n, "big"
+            )
         if opcode == 0x9:  # ping
             fin_op = 0x80 | 0xA
         send_frame(conn, fin_op, payload)
@@ -255,8 +255,9 @@ def handle(conn: socket.socket, port: int) -> None:
             if NEVER_HEALTHY:
                 respond(conn, 503, b"never healthy", content_type="text/plain", close=close)
             elif path == "/health":
-                respond(conn, 200, b"ok", content_type="text/plain", close=close,
-                        head_only=head_only)
+                respond(
+                    conn, 200, b"ok", content_type="text/plain", close=close, head_only=head_only
+                )
             elif path == "/echo":
                 ctype = header(headers, "content-type") or "application/octet-stream"
                 respond(conn, 200, body, content_type=ctype, close=close, head_only=head_only)

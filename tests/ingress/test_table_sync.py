@@ -45,7 +45,9 @@ async def synced() -> AsyncIterator[tuple[MemoryStore, RouteTable, TableSync]]:
         await store.close()
 
 
-async def test_loads_then_follows_changes(synced: tuple[MemoryStore, RouteTable, TableSync]) -> None:
+async def test_loads_then_follows_changes(
+    synced: tuple[MemoryStore, RouteTable, TableSync],
+) -> None:
     store, table, sync = synced
     assert serves(table, "a.example.com") == "a-1"
     await store.create(HttpRoute(host="b.example.com", app="a"))

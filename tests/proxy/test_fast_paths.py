@@ -1,6 +1,7 @@
 """The hot path's shortcuts, each next to the case it must not get wrong: responses spliced from
-the upstream's raw bytes, response heads seen before (not parsed again), heads split across reads, interim and HTTP/1.0 responses, the lazy
-head-size accounting, requests without on_message_begin, and trailers between requests."""
+the upstream's raw bytes, response heads seen before (not parsed again), heads split across
+reads, interim and HTTP/1.0 responses, the lazy head-size accounting, requests without
+on_message_begin, and trailers between requests."""
 
 from __future__ import annotations
 
