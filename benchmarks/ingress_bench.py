@@ -483,7 +483,7 @@ def plot(results: Path, out: Path, before: Path | None) -> None:
     now = read(results)
     old = read(before) if before is not None else {}
     groups = sorted({(p, c) for p, _, c in now}, key=lambda g: (g[0] != "/", g[1]))
-    fig, ax = plt.subplots(figsize=(7.5, 3.6), dpi=100)
+    fig, ax = plt.subplots(figsize=(8.8, 3.6), dpi=100)
     names = [n for n in ("route", "preview", "floor") if any(k[1] == n for k in now)]
     width = 0.8 / len(names)
     for i, name in enumerate(names):
@@ -498,7 +498,7 @@ def plot(results: Path, out: Path, before: Path | None) -> None:
                                        for p, c in groups])  # fmt: skip
     ax.set_ylabel("req/s ratio to nginx-proxy")
     ax.set_title("miren serve and the floor proxy vs nginx-proxy, same run")
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(out)
     print(f"wrote {out}")
