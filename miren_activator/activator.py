@@ -76,7 +76,7 @@ import contextlib
 import logging
 import socket
 from collections import deque
-from collections.abc import Callable, Coroutine, Iterable, Mapping, Sized
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Final, NamedTuple, Protocol, cast
 
@@ -144,17 +144,14 @@ class VersionRef(Protocol):
     def service(self) -> str: ...
 
 
-class Queue(Protocol):
-    @property
-    def waiters(self) -> Sized: ...
-
-
 class Held(Protocol):
     """A unit of a sandbox's capacity from `Activator.hold`: where to send one request. Give it
     back with `Activator.release` exactly once.
 
-    It is the running sandbox itself, and `Activator.warm` maps version ids to such sandboxes.
-    A caller on a hot path may count units on one of them without calling in (hold and release
+    It is the running sandbox itself, and `Activator.warm` maps version ids to such sandboxes
+    (with `in_use`, `capacity`, `service` and `pool.waiters`: the ingress's view of them is
+    miren_ingress.proxy.interfaces.Unit). A caller on a hot path may count units on one of
+    them without calling in (hold and release
     written out: the ingress does, in Exchange.start and Exchange.finished), under these rules
     only: take a unit as `in_use += 1` while `in_use < capacity`, nobody is queued
     (`not pool.waiters`) and `service` is the one wanted; give one back as `in_use -= 1` while
@@ -170,17 +167,6 @@ class Held(Protocol):
 
     @property
     def port(self) -> int: ...
-
-    @property
-    def service(self) -> str: ...
-
-    @property
-    def capacity(self) -> int: ...
-
-    @property
-    def pool(self) -> Queue: ...
-
-    in_use: int
 
 
 @attrs.frozen(kw_only=True)

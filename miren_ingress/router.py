@@ -74,11 +74,10 @@ class EdgeRouter:
         self._targets: dict[tuple[str, str, bool], Target] = {}
         if activator is not None:  # (None: resolution only, e.g. benchmarks/resolve_bench.py)
             # A Target is the activator's VersionRef (version id, service): no wrapper frame.
-            # A hit is a Held (a Unit), handed back once by the engine; the engine only hands
-            # back what this router gave it (activator Leases and Helds).
+            # A hit is a Held (a Unit), handed back once by the engine.
             self.cached_lease = activator.hold  # type: ignore[assignment]
-            self.release = activator.release  # type: ignore[assignment]
-            self.discard = activator.report_unreachable  # type: ignore[assignment]
+            self.release = activator.release
+            self.discard = activator.report_unreachable
             # The sandboxes hold() found: the engine counts units on them itself (see Unit).
             self.warm = activator.warm
         else:
