@@ -46,6 +46,7 @@ once, parks the connection.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from time import monotonic
 from typing import TYPE_CHECKING, cast
@@ -65,6 +66,8 @@ if TYPE_CHECKING:
     from .exchange import Exchange
     from .interfaces import Target
     from .pool import UpstreamPool
+
+log = logging.getLogger(__name__)
 
 _INF = float("inf")
 _NO_BODY_STATUS = (204, 304)
@@ -295,7 +298,14 @@ class UpstreamConnection(asyncio.Protocol):
                     self.resume_reading()  # must see the upstream's close while parked
                 self.deadline = now + pool.idle_timeout
                 idle.append(self)
-            ex.finished(now)
+            try:
+                ex.finished(now)
+            except Exception:  # (free in 3.11 until raised)
+                # A defect in the bookkeeping after a forwarded response: the connection is
+                # parked, so nothing else would ever move the client's connection on (its next
+                # request would wait forever). Close it instead.
+                log.exception("finishing an exchange failed; closing its client connection")
+                ex.inbound.abort()
         else:
             if not self._head_done:  # keep what we have of the head for on_headers_complete
                 self._rare = True

@@ -103,6 +103,25 @@ async def test_retry_once_when_cached_lease_is_refused(proxy, ok_upstream: RawUp
     assert router.outstanding == set()
 
 
+async def test_a_defect_after_the_response_closes_the_client_connection(
+    proxy, ok_upstream: RawUpstream
+) -> None:
+    # A fault we cannot cause for real: the router's release raises (a defect), after the
+    # response went out. The client connection must close, not wait for a next answer.
+    router = ScriptedRouter(lease_for(ok_upstream.port, "a"), lease_for(ok_upstream.port, "b"))
+    faulty = router.release
+
+    def release(lease: Lease | Unit) -> None:
+        faulty(lease)
+        raise RuntimeError("defect")
+
+    router.release = release  # type: ignore[method-assign]
+    p = await proxy(router=router)
+    data = await raw_exchange(p.port, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n" * 2)
+    assert [(s, b) for s, _, b in parse_responses(data)] == [(200, b"ok")]  # then closed
+    assert router.calls == ["cached", "release"]
+
+
 async def test_fresh_lease_refused_is_502_without_retry(proxy) -> None:
     router = ScriptedRouter(None, lease_for(closed_port(), "dead"))
     p = await proxy(router=router)
