@@ -356,16 +356,34 @@ async def test_a_known_head_with_bytes_after_its_body_is_parsed(
 
 
 async def test_a_known_head_whose_body_comes_later_is_parsed(proxy, raw_upstream) -> None:
+    # The second response's body is split: the proxy forwards the head and "o" (the client
+    # sees them) before the upstream sends "k", so the two reads are certainly separate.
+    forwarded = asyncio.Event()
+
     async def in_two(writer: asyncio.StreamWriter) -> None:
         writer.write(OK_HEAD + b"o")
         await writer.drain()
-        await asyncio.sleep(0.02)  # separate reads (most likely; correct either way)
+        await forwarded.wait()
         writer.write(b"k")
 
     up = await scripted(raw_upstream, OK_HEAD + b"ok", in_two, OK_HEAD + b"ok")
     p = await proxy({"a": up.address})
-    data = await raw_exchange(p.port, GET + GET + GET_CLOSE)
-    assert [(s, b) for s, _, b in parse_responses(data)] == [(200, b"ok")] * 3
+    reader, writer = await asyncio.open_connection("127.0.0.1", p.port)
+    try:
+        async with asyncio.timeout(5):
+            writer.write(GET)
+            first = await reader.readexactly(len(OK_HEAD) + 2)
+            writer.write(GET)
+            second = await reader.readexactly(len(OK_HEAD) + 1)
+            forwarded.set()
+            second += await reader.readexactly(1)
+            writer.write(GET_CLOSE)
+            third = await reader.read()
+    finally:
+        forwarded.set()
+        writer.close()
+    assert first == second == OK_HEAD + b"ok"
+    assert [(s, b) for s, _, b in parse_responses(third)] == [(200, b"ok")]
     assert up.connections == 1
 
 
