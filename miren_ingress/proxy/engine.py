@@ -35,6 +35,19 @@ mark and resumes on drain, so memory stays flat whatever the body size. Bodies a
 buffered whole: Content-Length bodies pass through unchanged, chunked ones are re-framed chunk
 by chunk, bodies delimited by the upstream's close are re-framed as chunked.
 
+Writes
+The hit path's two writes (the request head to the upstream, the spliced response to the
+client) are deferred to the end of the loop iteration: appended to `Engine.later` and written
+by one callback, scheduled with `call_soon` by the first of them, which runs before the loop
+polls again. Under load one iteration handles the ready events of many connections, so the
+peers (the sandboxes, the clients) get their bytes together instead of being woken one write
+at a time (measured at 32 connections: p99 -9 %, req/s +4 %). With one request in flight the
+flush runs right after its callback, at the price of two more loop callbacks per request
+(measured at one connection: +7 µs of latency). Every other write, close or abort of a
+connection, and a client's FIN, calls `Engine.flush_writes` first, so each transport gets its
+bytes in program order: a pipelined local answer after a deferred response, a close after it,
+or a request body after a deferred head all follow what was written before them.
+
 Timeouts
 One timer per connection, lazily re-armed (see upstream.py and inbound.py): the upstream side
 enforces the route's request_timeout as an idle timeout (504 before a response head, close
@@ -91,9 +104,12 @@ class Engine:
         "closing",
         "config",
         "connections",
+        "flush_soon",
         "head_inserts",
         "head_tails",
         "health",
+        "later",
+        "later_armed",
         "loop",
         "metrics",
         "pools",
@@ -123,6 +139,11 @@ class Engine:
         self.upstream_open = 0  # upstream connections with an open transport
         self.closing = False
         self._drained: asyncio.Event | None = None
+        # Writes of the hit path, deferred to the end of the loop iteration (see "Writes"
+        # above): (transport, data) in the order they were made.
+        self.later: list[tuple[asyncio.WriteTransport, bytes]] = []
+        self.later_armed = False  # flush_soon is scheduled
+        self.flush_soon = self._flush_soon  # (bound once: the hit path schedules it)
         # The end of a response head, after the upstream's own header lines:
         # head_tails[ephemeral][keep_alive].
         # (An empty robots_tag: no X-Robots-Tag line at all.)
@@ -156,6 +177,34 @@ class Engine:
             if conn.busy:
                 n += 1
         return n
+
+    def write_later(self, transport: asyncio.WriteTransport, data: bytes) -> None:
+        """Write `data` at the end of this loop iteration (the hit path has this written out)."""
+        self.later.append((transport, data))
+        if not self.later_armed:
+            self.later_armed = True
+            self.loop.call_soon(self.flush_soon)
+
+    def flush_writes(self) -> None:
+        """Write what the hit path deferred, in order. Every write, close or abort that is not
+        deferred calls this first, so bytes reach each transport in the order they were
+        written. A transport closed meanwhile gets nothing (its peer is gone)."""
+        later = self.later
+        if not later:
+            return
+        self.later = []
+        for transport, data in later:
+            if transport.is_closing():
+                continue
+            try:
+                transport.write(data)
+            except Exception:  # (a defect: never leave the peer waiting for these bytes)
+                log.exception("a deferred write failed; aborting its connection")
+                transport.abort()
+
+    def _flush_soon(self) -> None:
+        self.later_armed = False
+        self.flush_writes()
 
     def pool_for(self, lease: Lease | Unit) -> UpstreamPool:
         key = lease.addr

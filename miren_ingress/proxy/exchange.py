@@ -195,7 +195,12 @@ class Exchange:
                             deadline = conn.deadline = now + self.timeout
                             if deadline < conn._timer_at:
                                 conn._arm(deadline)
-                            conn.transport.write(self.head)
+                            # Engine.write_later() written out: sent at the end of the
+                            # loop iteration, with the other writes of this iteration.
+                            engine.later.append((conn.transport, self.head))
+                            if not engine.later_armed:
+                                engine.later_armed = True
+                                engine.loop.call_soon(engine.flush_soon)
                         if self.inbound.blocked:
                             self.inbound.attached()
                         return
