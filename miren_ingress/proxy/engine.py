@@ -188,16 +188,18 @@ class Engine:
     def flush_writes(self) -> None:
         """Write what the hit path deferred, in order. Every write, close or abort that is not
         deferred calls this first, so bytes reach each transport in the order they were
-        written. A transport closed meanwhile gets nothing (its peer is gone)."""
+        written. A transport that is closing still takes them (a graceful close sends what
+        is buffered first, as for a write made before the deferral); one whose connection
+        was lost meanwhile drops them (uvloop: RuntimeError, its handle is closed)."""
         later = self.later
         if not later:
             return
         self.later = []
         for transport, data in later:
-            if transport.is_closing():
-                continue
             try:
                 transport.write(data)
+            except RuntimeError:  # the connection is gone: nobody to deliver to
+                continue
             except Exception:  # (a defect: never leave the peer waiting for these bytes)
                 log.exception("a deferred write failed; aborting its connection")
                 transport.abort()
