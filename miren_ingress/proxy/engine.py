@@ -179,11 +179,16 @@ class Engine:
         return n
 
     def write_later(self, transport: asyncio.WriteTransport, data: bytes) -> None:
-        """Write `data` at the end of this loop iteration (the hit path has this written out)."""
+        """Write `data` at the end of this loop iteration. (The hit path has these two lines
+        written out; `arm_flush` runs once per iteration, not per write.)"""
         self.later.append((transport, data))
         if not self.later_armed:
-            self.later_armed = True
-            self.loop.call_soon(self.flush_soon)
+            self.arm_flush()
+
+    def arm_flush(self) -> None:
+        """Schedule the flush of `later` for the end of this loop iteration."""
+        self.later_armed = True
+        self.loop.call_soon(self.flush_soon)
 
     def flush_writes(self) -> None:
         """Write what the hit path deferred, in order. Every write, close or abort that is not

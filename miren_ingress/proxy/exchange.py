@@ -199,8 +199,7 @@ class Exchange:
                             # loop iteration, with the other writes of this iteration.
                             engine.later.append((conn.transport, self.head))
                             if not engine.later_armed:
-                                engine.later_armed = True
-                                engine.loop.call_soon(engine.flush_soon)
+                                engine.arm_flush()
                         if self.inbound.blocked:
                             self.inbound.attached()
                         return

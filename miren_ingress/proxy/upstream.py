@@ -274,8 +274,7 @@ class UpstreamConnection(asyncio.Protocol):
             engine = self.engine  # Engine.write_later() written out: at the iteration's end
             engine.later.append((ex.inbound.transport, spliced))
             if not engine.later_armed:
-                engine.later_armed = True
-                engine.loop.call_soon(engine.flush_soon)
+                engine.arm_flush()
             ex.head_sent = True
         elif out:
             # Invariant: an exchange whose client connection is lost is detached from its
