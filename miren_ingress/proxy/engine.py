@@ -143,7 +143,7 @@ class Engine:
         # above): (transport, data) in the order they were made.
         self.later: list[tuple[asyncio.WriteTransport, bytes]] = []
         self.later_armed = False  # flush_soon is scheduled
-        self.flush_soon = self._flush_soon  # (bound once: the hit path schedules it)
+        self.flush_soon = self._flush_soon  # (bound once: arm_flush schedules it)
         # The end of a response head, after the upstream's own header lines:
         # head_tails[ephemeral][keep_alive].
         # (An empty robots_tag: no X-Robots-Tag line at all.)
@@ -197,7 +197,7 @@ class Engine:
         is buffered first, as for a write made before the deferral); one whose connection
         was lost meanwhile drops them (uvloop: RuntimeError, its handle is closed)."""
         later = self.later
-        if not later:
+        if not later:  # (the common case: callers need not test first)
             return
         self.later = []
         for transport, data in later:

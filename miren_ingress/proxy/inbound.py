@@ -224,8 +224,7 @@ class InboundConnection(asyncio.Protocol):
         # Like nginx, a client's FIN otherwise ends its requests (499): a half-close cannot be
         # told apart from a client that went away, and a cold start must not wait for a gone
         # client. (A response already written goes out before our side closes.)
-        if self.engine.later:
-            self.engine.flush_writes()
+        self.engine.flush_writes()
         return None
 
     def pause_writing(self) -> None:
@@ -516,8 +515,7 @@ class InboundConnection(asyncio.Protocol):
     # --- used by exchanges ----------------------------------------------------------------------
     def write(self, data: bytes) -> None:
         if not self._closed:
-            if self.engine.later:
-                self.engine.flush_writes()  # (in order: see Engine.flush_writes)
+            self.engine.flush_writes()  # (in order: see Engine.flush_writes)
             self.transport.write(data)
 
     def attached(self) -> None:
@@ -559,8 +557,7 @@ class InboundConnection(asyncio.Protocol):
         self._stop_after = True
         if not self._closed:
             self._block(_BLOCK_CLOSED)
-            if self.engine.later:
-                self.engine.flush_writes()  # (a response written before the close goes first)
+            self.engine.flush_writes()  # (a response written before the close goes first)
             self.transport.close()
 
     def stop_after_active(self) -> None:
@@ -582,8 +579,7 @@ class InboundConnection(asyncio.Protocol):
 
     def abort(self) -> None:
         if not self._closed:
-            if self.engine.later:
-                self.engine.flush_writes()  # (as if written at once: see Engine.flush_writes)
+            self.engine.flush_writes()  # (as if written at once: see Engine.flush_writes)
             self.transport.abort()
 
     # --- internals ------------------------------------------------------------------------------

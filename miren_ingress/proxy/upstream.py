@@ -279,8 +279,7 @@ class UpstreamConnection(asyncio.Protocol):
         elif out:
             # Invariant: an exchange whose client connection is lost is detached from its
             # upstream connection at once (Exchange.abort), so the client transport is open.
-            if self.engine.later:
-                self.engine.flush_writes()  # (in order: see Engine.flush_writes)
+            self.engine.flush_writes()  # (in order: see Engine.flush_writes)
             ex.inbound.transport.write(b"".join(out))  # (one part: joined without a copy)
             out.clear()
             if self._head_done:
@@ -524,8 +523,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._arm(deadline)
         if ex.inbound.write_paused:
             self.pause_reading()
-        if self.engine.later:
-            self.engine.flush_writes()  # (in order: see Engine.flush_writes)
+        self.engine.flush_writes()  # (in order: see Engine.flush_writes)
         pending = ex.pending
         if pending is None:
             self.transport.write(ex.head)
@@ -552,8 +550,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def write(self, data: bytes) -> None:
         """Write request bytes; activity re-arms the idle timeout too."""
-        if self.engine.later:
-            self.engine.flush_writes()  # (in order: see Engine.flush_writes)
+        self.engine.flush_writes()  # (in order: see Engine.flush_writes)
         self.transport.write(data)
         ex = self.ex
         if ex is not None and not self.tunnel:
@@ -572,15 +569,13 @@ class UpstreamConnection(asyncio.Protocol):
     def close(self) -> None:
         self.ex = None
         self.dead = True
-        if self.engine.later:
-            self.engine.flush_writes()  # (what was written before the close goes first)
+        self.engine.flush_writes()  # (what was written before the close goes first)
         self.transport.close()
 
     def abort(self) -> None:
         self.ex = None
         self.dead = True
-        if self.engine.later:
-            self.engine.flush_writes()  # (as if written at once: see Engine.flush_writes)
+        self.engine.flush_writes()  # (as if written at once: see Engine.flush_writes)
         self.transport.abort()
 
     def _protocol_error(self, ex: Exchange) -> None:
