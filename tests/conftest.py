@@ -1,4 +1,5 @@
-"""Suite-wide settings: every async test runs on uvloop, as `miren serve` does."""
+"""Suite-wide settings: every async test runs on uvloop, as `miren serve` does, and a test that
+hangs on it fails at its timeout (tests/loop_timeout.py) instead of hanging the run."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 import pytest
 import uvloop
 
-pytest_plugins = ["tests.etcd_fixtures"]
+pytest_plugins = ["tests.etcd_fixtures", "tests.loop_timeout"]
 
 
 def pytest_asyncio_loop_factories(
