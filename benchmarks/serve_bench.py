@@ -91,10 +91,16 @@ def run(root: Path, starts: int, n: int) -> None:
         listing = timed_calls(conn, [("GET", "/v1/apps/bench/versions", None)] * n)
         conn.close()
 
-    print(f"miren serve, embedded etcd, {time.strftime('%Y-%m-%d')}, python {sys.version.split()[0]}")
+    print(
+        f"miren serve, embedded etcd, {time.strftime('%Y-%m-%d')}, python {sys.version.split()[0]}"
+    )
     print()
-    print("| measurement (ms)                               |    n |      p50 |      p99 |      max |")
-    print("|------------------------------------------------|------|----------|----------|----------|")
+    print(
+        "| measurement (ms)                               |    n |      p50 |      p99 |      max |"
+    )
+    print(
+        "|------------------------------------------------|------|----------|----------|----------|"
+    )
     print(row("ready, fresh data dir (spawn -> /healthz 200)", cold))
     print(row("ready, restart on the same data dir", warm))
     print(row("baseline: GET /v1/apps", baseline))
