@@ -1,4 +1,5 @@
-"""The strict gates run with the suite: ruff on everything, mypy --strict on the packages."""
+"""The strict gates run with the suite: ruff check and ruff format on everything, mypy --strict
+on the packages."""
 
 from __future__ import annotations
 
@@ -29,3 +30,15 @@ def test_mypy_strict_is_clean() -> None:
         timeout=600,
     )
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_ruff_format_is_clean() -> None:
+    ruff = shutil.which("ruff")
+    assert ruff, "ruff is part of the [test] extra"
+    out = subprocess.run(
+        [ruff, "format", "--check", "--quiet", str(ROOT)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 0, "ruff format would change:\n" + out.stdout + out.stderr
