@@ -277,10 +277,12 @@ def micro(n: int, profile: bool, gc_threshold: int, opcodes: bool = False) -> No
         gc.freeze()
         if gc_threshold:
             gc.set_threshold(gc_threshold, 50, 100)
-        # The hit path's writes wait for the end of the loop iteration (Engine.later): flushed
-        # here every BATCH requests, about what one iteration handles at 32 connections. The
-        # flush the loop would schedule is not (`later_armed`): this loop never yields to it.
+        # The loaded case: the hit path's writes wait for the end of the loop iteration
+        # (Engine.later; `busy_gap` inf: always busy): flushed here every BATCH requests, about
+        # what one iteration handles at 32 connections. The flush the loop would schedule is
+        # not (`later_armed`): this loop never yields to it.
         flush = engine.flush_writes
+        engine.busy_gap = float("inf")
         engine.later_armed = True
         for i in range(n // 10):  # warm-up
             inbound.data_received(request)

@@ -195,11 +195,16 @@ class Exchange:
                             deadline = conn.deadline = now + self.timeout
                             if deadline < conn._timer_at:
                                 conn._arm(deadline)
-                            # Engine.write_later() written out: sent at the end of the
-                            # loop iteration, with the other writes of this iteration.
-                            engine.later.append((conn.transport, self.head))
-                            if not engine.later_armed:
-                                engine.arm_flush()
+                            # Engine.write_hit() written out: at once while the loop
+                            # is quiet, with the other writes of this iteration when busy.
+                            later = engine.later
+                            if later or now - engine.last_write < engine.busy_gap:
+                                later.append((conn.transport, self.head))
+                                if not engine.later_armed:
+                                    engine.arm_flush()
+                            else:
+                                conn.transport.write(self.head)
+                            engine.last_write = now
                         if self.inbound.blocked:
                             self.inbound.attached()
                         return

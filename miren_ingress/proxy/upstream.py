@@ -268,13 +268,19 @@ class UpstreamConnection(asyncio.Protocol):
                 if self._spliced is not None:
                     self._trim_spliced(data, ex.status)
         self._data = None  # never keep a segment alive past its parse
+        now = monotonic()
         spliced = self._spliced
         if spliced is not None:  # (then `out` is empty: see on_headers_complete)
             self._spliced = None
-            engine = self.engine  # Engine.write_later() written out: at the iteration's end
-            engine.later.append((ex.inbound.transport, spliced))
-            if not engine.later_armed:
-                engine.arm_flush()
+            engine = self.engine  # Engine.write_hit() written out: at once, or deferred
+            later = engine.later  # to the iteration's end when the loop is busy
+            if later or now - engine.last_write < engine.busy_gap:
+                later.append((ex.inbound.transport, spliced))
+                if not engine.later_armed:
+                    engine.arm_flush()
+            else:
+                ex.inbound.transport.write(spliced)
+            engine.last_write = now
             ex.head_sent = True
         elif out:
             # Invariant: an exchange whose client connection is lost is detached from its
@@ -288,7 +294,6 @@ class UpstreamConnection(asyncio.Protocol):
             ex.switched()
         elif self._done:
             self._done = False
-            now = monotonic()
             # park() written out (the hit path); a request body not sent whole leaves the
             # stream unusable.
             pool = self.pool
@@ -317,7 +322,7 @@ class UpstreamConnection(asyncio.Protocol):
                     self._pre = [data]
                 else:
                     self._pre.append(data)
-            self.deadline = monotonic() + ex.timeout
+            self.deadline = now + ex.timeout
 
     # --- httptools callbacks (response parser) ----------------------------------------------
     def on_header(self, name: bytes, value: bytes) -> None:
