@@ -14,7 +14,8 @@ This plugin arms the same timer. When it fires:
   `finally` blocks and its fixtures' tear-downs run, and the next test starts;
 - anywhere else (Python code blocked in a call, a synchronous test, the default asyncio loop)
   it does what pytest-timeout does: dump the stacks and raise `pytest.fail`;
-- if the cancelled test is still not done `GRACE` seconds later, it falls back to
+- if a loop was running and the test is still not done `GRACE` seconds later (it ignored the
+  cancellation, or a loop entered some other way swallowed the exception), it falls back to
   pytest-timeout's thread method: dump the stacks and end the process (a hang must not outlive
   its timeout in CI).
 """
@@ -66,31 +67,35 @@ def _dump_tasks(item: pytest.Item, loop: asyncio.AbstractEventLoop) -> None:
 def pytest_timeout_set_timer(item: pytest.Item, settings: Any) -> bool | None:
     if settings.method != "signal" or threading.current_thread() is not threading.main_thread():
         return None  # pytest-timeout's own implementation
-    cancelled: list[asyncio.Task[Any]] = []
+    fired: list[bool] = []  # (set once the timer fired while a loop was running)
 
     def handler(signum: int, frame: FrameType | None) -> None:
         __tracebackhide__ = True
-        if cancelled:  # the cancelled test did not finish: end the process
+        if fired:  # the first firing did not end the test: end the process
             pytest_timeout.timeout_timer(item, settings)
             return
         loop = asyncio._get_running_loop()
-        if loop is None or not loop_is_waiting(frame):
-            pytest_timeout.timeout_sigalrm(item, settings)  # raises where Python is blocked
+        if loop is None:
+            pytest_timeout.timeout_sigalrm(item, settings)  # raises: nothing can swallow it
             return
         if not settings.disable_debugger_detection and pytest_timeout.is_debugging():
+            return
+        fired.append(True)
+        signal.setitimer(signal.ITIMER_REAL, GRACE)  # the fallback, if what follows fails
+        if not loop_is_waiting(frame):
+            # Python code blocked in a call under the loop: the exception ends it there. (Or
+            # the loop was entered some other way and swallows it: the grace covers that.)
+            pytest_timeout.timeout_sigalrm(item, settings)
             return
         terminal = item.config.get_terminal_writer()
         terminal.sep("+", title="Timeout")
         pytest_timeout.dump_stacks(terminal)
         _dump_tasks(item, loop)
         task = completing_task(loop)
-        message = pytest_timeout.PYTEST_FAILURE_MESSAGE % settings.timeout
         if task is None:
             loop.stop()  # run_until_complete then raises: "Event loop stopped before ..."
         else:
-            task.cancel(message)
-            cancelled.append(task)
-        signal.setitimer(signal.ITIMER_REAL, GRACE)
+            task.cancel(pytest_timeout.PYTEST_FAILURE_MESSAGE % settings.timeout)
 
     def cancel() -> None:
         signal.setitimer(signal.ITIMER_REAL, 0)

@@ -157,3 +157,23 @@ def test_cancelled_test_that_keeps_running_ends_the_process(session: pytest.Pyte
     result = run(session)
     assert result.ret == 1
     result.stdout.fnmatch_lines(["*Timeout*"])
+
+
+def test_a_loop_run_by_the_test_itself_still_ends(session: pytest.Pytester) -> None:
+    # The test drives a uvloop itself: the interrupted frame is the test's, so the plugin
+    # raises, and the loop swallows it. The grace then ends the process.
+    session.makeconftest(CONFTEST + "\nimport tests.loop_timeout\ntests.loop_timeout.GRACE = 1.0\n")
+    session.makepyfile(
+        """
+        import pytest
+        import uvloop
+
+        @pytest.mark.timeout(1)
+        def test_runs_its_own_loop():
+            loop = uvloop.new_event_loop()
+            loop.run_until_complete(loop.create_future())
+        """
+    )
+    result = run(session)
+    assert result.ret == 1
+    result.stdout.fnmatch_lines(["*Timeout*"])
