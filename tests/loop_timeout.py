@@ -7,17 +7,18 @@ that catches every exception and only logs it. The timeout is swallowed and the 
 good: the whole run with it.
 
 This plugin arms the same timer. When it fires:
-- inside a running event loop that is waiting for I/O (the frame Python interrupted is
-  asyncio's own: `Runner.run` or `run_until_complete`), it prints the stacks of the threads and
-  of the loop's tasks, then cancels the task the loop is running to completion (the test, or an
-  async fixture's set-up or tear-down). The test fails with `CancelledError: Timeout >Ns`, its
-  `finally` blocks and its fixtures' tear-downs run, and the next test starts;
-- anywhere else (Python code blocked in a call, a synchronous test, the default asyncio loop)
-  it does what pytest-timeout does: dump the stacks and raise `pytest.fail`;
-- if a loop was running and the test is still not done `GRACE` seconds later (it ignored the
-  cancellation, or a loop entered some other way swallowed the exception), it falls back to
-  pytest-timeout's thread method: dump the stacks and end the process (a hang must not outlive
-  its timeout in CI).
+- with no event loop running (a synchronous test), it does what pytest-timeout does: dump the
+  stacks and raise `pytest.fail`;
+- inside a running loop, it prints the stacks of the threads and of the loop's tasks. Then, if
+  the task the loop is running to completion (the test, or an async fixture's set-up or
+  tear-down) is the one executing, blocked in a call, it raises there; otherwise (the loop
+  waits for I/O, or runs another task or a callback) it cancels that task. The test fails with
+  `CancelledError: Timeout (>Ns) ...`, its `finally` blocks and its fixtures' tear-downs run,
+  and the next test starts. With no such task (a bare future), it stops the loop;
+- if the test is still not done `GRACE` seconds later (it ignored the cancellation, or the
+  exception was swallowed), it prints the main thread's stack and the loop's tasks and falls
+  back to pytest-timeout's thread method, which ends the process: a hang must not outlive its
+  timeout in CI.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from __future__ import annotations
 import asyncio
 import io
 import signal
-import sys
 import threading
+import traceback
 from types import FrameType
 from typing import Any
 
@@ -34,14 +35,6 @@ import pytest
 import pytest_timeout
 
 GRACE = 10.0  # seconds a cancelled test gets to finish before the process is ended
-_ASYNCIO_FILES = frozenset(
-    sys.modules[name].__file__ for name in ("asyncio.runners", "asyncio.base_events")
-)
-
-
-def loop_is_waiting(frame: FrameType | None) -> bool:
-    """True when the interrupted frame is asyncio's own run call: the loop is in its poll."""
-    return frame is not None and frame.f_code.co_filename in _ASYNCIO_FILES
 
 
 def completing_task(loop: asyncio.AbstractEventLoop) -> asyncio.Task[Any] | None:
@@ -68,13 +61,19 @@ def pytest_timeout_set_timer(item: pytest.Item, settings: Any) -> bool | None:
     if settings.method != "signal" or threading.current_thread() is not threading.main_thread():
         return None  # pytest-timeout's own implementation
     fired: list[bool] = []  # (set once the timer fired while a loop was running)
+    message = pytest_timeout.PYTEST_FAILURE_MESSAGE % settings.timeout
 
     def handler(signum: int, frame: FrameType | None) -> None:
         __tracebackhide__ = True
-        if fired:  # the first firing did not end the test: end the process
-            pytest_timeout.timeout_timer(item, settings)
-            return
         loop = asyncio._get_running_loop()
+        if fired:  # the first firing did not end the test: show where it is, end the process
+            terminal = item.config.get_terminal_writer()
+            terminal.sep("+", title=f"Timeout: still running {GRACE}s later; the main thread")
+            terminal.write("".join(traceback.format_stack(frame)))
+            if loop is not None:
+                _dump_tasks(item, loop)
+            pytest_timeout.timeout_timer(item, settings)  # (ends the process)
+            return
         if loop is None:
             pytest_timeout.timeout_sigalrm(item, settings)  # raises: nothing can swallow it
             return
@@ -82,11 +81,6 @@ def pytest_timeout_set_timer(item: pytest.Item, settings: Any) -> bool | None:
             return
         fired.append(True)
         signal.setitimer(signal.ITIMER_REAL, GRACE)  # the fallback, if what follows fails
-        if not loop_is_waiting(frame):
-            # Python code blocked in a call under the loop: the exception ends it there. (Or
-            # the loop was entered some other way and swallows it: the grace covers that.)
-            pytest_timeout.timeout_sigalrm(item, settings)
-            return
         terminal = item.config.get_terminal_writer()
         terminal.sep("+", title="Timeout")
         pytest_timeout.dump_stacks(terminal)
@@ -94,8 +88,10 @@ def pytest_timeout_set_timer(item: pytest.Item, settings: Any) -> bool | None:
         task = completing_task(loop)
         if task is None:
             loop.stop()  # run_until_complete then raises: "Event loop stopped before ..."
+        elif asyncio.current_task(loop) is task:
+            pytest.fail(message)  # its own code is blocked in a call: the exception ends it
         else:
-            task.cancel(pytest_timeout.PYTEST_FAILURE_MESSAGE % settings.timeout)
+            task.cancel(message)
 
     def cancel() -> None:
         signal.setitimer(signal.ITIMER_REAL, 0)

@@ -155,25 +155,116 @@ def test_cancelled_test_that_keeps_running_ends_the_process(session: pytest.Pyte
         """
     )
     result = run(session)
-    assert result.ret == 1
-    result.stdout.fnmatch_lines(["*Timeout*"])
+    assert result.ret == 1  # the process ended: no report, but where the test was is printed
+    result.stdout.fnmatch_lines(
+        ["*Timeout: still running 1.0s later; the main thread*", "*in test_refuses_to_stop"]
+    )
 
 
-def test_a_loop_run_by_the_test_itself_still_ends(session: pytest.Pytester) -> None:
-    # The test drives a uvloop itself: the interrupted frame is the test's, so the plugin
-    # raises, and the loop swallows it. The grace then ends the process.
+def test_a_blocked_test_that_swallows_the_timeout_ends_the_process(
+    session: pytest.Pytester,
+) -> None:
     session.makeconftest(CONFTEST + "\nimport tests.loop_timeout\ntests.loop_timeout.GRACE = 1.0\n")
     session.makepyfile(
         """
+        import time
         import pytest
-        import uvloop
 
         @pytest.mark.timeout(1)
-        def test_runs_its_own_loop():
-            loop = uvloop.new_event_loop()
-            loop.run_until_complete(loop.create_future())
+        async def test_swallows():
+            while True:
+                try:
+                    time.sleep(30)
+                except BaseException:
+                    pass
         """
     )
     result = run(session)
     assert result.ret == 1
-    result.stdout.fnmatch_lines(["*Timeout*"])
+    result.stdout.fnmatch_lines(  # the main thread's own stack shows where it is blocked
+        [
+            "*Timeout: still running 1.0s later; the main thread*",
+            "*in test_swallows",
+            "*time.sleep(30)",
+            "*Timeout: the event loop's tasks*",
+        ]
+    )
+
+
+def test_a_hang_on_a_busy_loop_is_cancelled_too(session: pytest.Pytester) -> None:
+    # The signal lands while another task or a callback runs, not in the loop's poll: the
+    # test's task is cancelled all the same, and the run goes on.
+    session.makepyfile(
+        """
+        import asyncio
+        import pytest
+
+        @pytest.fixture
+        async def busy():
+            def tick():
+                sum(range(20000))
+                handle[0] = loop.call_later(0.001, tick)
+
+            async def spin():
+                while True:
+                    sum(range(20000))
+                    await asyncio.sleep(0)
+
+            loop = asyncio.get_running_loop()
+            handle = [loop.call_later(0.001, tick)]
+            task = asyncio.create_task(spin())
+            yield
+            task.cancel()
+            handle[0].cancel()
+
+        @pytest.mark.timeout(1)
+        async def test_hangs_while_busy(busy):
+            await asyncio.Event().wait()
+
+        def test_next():
+            pass
+        """
+    )
+    for _ in range(3):  # (where the signal lands varies: three tries)
+        result = run(session)
+        result.assert_outcomes(failed=1, passed=1)
+        result.stdout.fnmatch_lines(["*CancelledError: Timeout (>1.0s) from pytest-timeout."])
+
+
+def test_a_loop_run_by_the_test_itself_is_stopped(session: pytest.Pytester) -> None:
+    session.makepyfile(
+        """
+        import asyncio
+        import pytest
+        import uvloop
+
+        @pytest.mark.timeout(1)
+        def test_runs_a_task():
+            loop = uvloop.new_event_loop()
+            try:
+                loop.run_until_complete(asyncio.sleep(3600))
+            finally:
+                loop.close()
+
+        @pytest.mark.timeout(1)
+        def test_runs_a_bare_future():
+            loop = uvloop.new_event_loop()
+            try:
+                loop.run_until_complete(loop.create_future())
+            finally:
+                loop.close()
+
+        def test_next():
+            pass
+        """
+    )
+    result = run(session)
+    result.assert_outcomes(failed=2, passed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*_ test_runs_a_task _*",
+            "E*CancelledError: Timeout (>1.0s) from pytest-timeout.",
+            "*_ test_runs_a_bare_future _*",
+            "E*RuntimeError: Event loop stopped before Future completed.",
+        ]
+    )
