@@ -9,6 +9,7 @@ Everything started here is closed at teardown, also when the test fails.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -188,8 +189,14 @@ class ProxyHandle:
         return self.server.registry
 
 
-@pytest.fixture
-async def proxy() -> AsyncIterator[Callable[..., Awaitable[ProxyHandle]]]:
+@pytest.fixture(params=["default", "deferred"], ids=["writes-default", "writes-deferred"])
+async def proxy(
+    request: pytest.FixtureRequest,
+) -> AsyncIterator[Callable[..., Awaitable[ProxyHandle]]]:
+    """Start ProxyServers on free ports. Each test runs twice: with the engine's default write
+    mode (at the pace of a test, the hit path's writes go out at once) and with every
+    hit-path write deferred to the end of the loop iteration (`busy_gap` inf, as under load:
+    engine.py, "Writes"), so what a test checks holds in both."""
     servers: list[ProxyServer] = []
 
     async def make(
@@ -207,6 +214,9 @@ async def proxy() -> AsyncIterator[Callable[..., Awaitable[ProxyHandle]]]:
         server = ProxyServer(router, config=ProxyConfig(**config), registry=CollectorRegistry())
         servers.append(server)
         await server.start("127.0.0.1", 0)
+        if request.param == "deferred":
+            assert server.engine is not None
+            server.engine.busy_gap = math.inf
         return ProxyHandle(server, router)
 
     yield make
