@@ -23,6 +23,7 @@ pytest_plugins = ["tests.loop_timeout"]
 def pytest_asyncio_loop_factories(config, item):
     return {"uvloop": uvloop.new_event_loop}
 """
+CONFTEST_SHORT_GRACE = CONFTEST + "\nimport tests.loop_timeout\n\ntests.loop_timeout.GRACE = 1.0\n"
 LIMIT = 30  # seconds: the subprocess must end well within this, or the plugin failed
 
 
@@ -139,7 +140,7 @@ def test_synchronous_test_still_fails(session: pytest.Pytester) -> None:
 
 
 def test_cancelled_test_that_keeps_running_ends_the_process(session: pytest.Pytester) -> None:
-    session.makeconftest(CONFTEST + "\nimport tests.loop_timeout\ntests.loop_timeout.GRACE = 1.0\n")
+    session.makeconftest(CONFTEST_SHORT_GRACE)
     session.makepyfile(
         """
         import asyncio
@@ -164,7 +165,7 @@ def test_cancelled_test_that_keeps_running_ends_the_process(session: pytest.Pyte
 def test_a_blocked_test_that_swallows_the_timeout_ends_the_process(
     session: pytest.Pytester,
 ) -> None:
-    session.makeconftest(CONFTEST + "\nimport tests.loop_timeout\ntests.loop_timeout.GRACE = 1.0\n")
+    session.makeconftest(CONFTEST_SHORT_GRACE)
     session.makepyfile(
         """
         import time

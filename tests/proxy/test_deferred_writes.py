@@ -60,6 +60,12 @@ def _record_flushes(engine) -> list[list[bytes]]:
 TWO_REQUESTS = (
     b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\nGET /2 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
 )
+ONE_REQUEST = b"GET /1 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+# Both take the hit path once ONE_REQUEST has parked an upstream connection; /3 starts when /2
+# is answered, in the same callback.
+NEXT_TWO = (
+    b"GET /2 HTTP/1.1\r\nHost: a\r\n\r\nGET /3 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+)
 
 
 async def test_a_busy_hit_path_defers_the_request_head_and_the_response(
@@ -103,7 +109,7 @@ async def test_a_quiet_hit_write_still_queues_behind_queued_writes(
     assert engine is not None
     engine.busy_gap = 0.0
     sink = _Transport()
-    await raw_exchange(p.port, b"GET /1 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    await raw_exchange(p.port, ONE_REQUEST)
     batches: list[list[bytes]] = []
     flush = engine.flush_soon
 
@@ -114,11 +120,7 @@ async def test_a_quiet_hit_write_still_queues_behind_queued_writes(
 
     engine.flush_soon = flush_and_refill
     engine.later.append((sink, b"queued"))  # type: ignore[arg-type]
-    data = await raw_exchange(  # /3 starts when /2 is answered, in the same callback
-        p.port,
-        b"GET /2 HTTP/1.1\r\nHost: a\r\n\r\n"
-        b"GET /3 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
-    )
+    data = await raw_exchange(p.port, NEXT_TWO)
     assert [(s, b) for s, _, b in parse_responses(data)] == [(200, b"ok"), (200, b"ok")]
     assert [[d[:15] for d in batch] for batch in batches[:2]] == [
         [b"queued", b"GET /2 HTTP/1.1"],
@@ -147,14 +149,10 @@ async def test_every_hit_path_write_sets_the_time_the_next_is_measured_from(
     p = await proxy({"*": ok_upstream.address})
     engine = p.server.engine
     assert engine is not None
-    await raw_exchange(p.port, b"GET /1 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    await raw_exchange(p.port, ONE_REQUEST)
     gap = engine.busy_gap = _QuietGap(engine)  # type: ignore[assignment]
     batches = _record_flushes(engine)
-    data = await raw_exchange(
-        p.port,
-        b"GET /2 HTTP/1.1\r\nHost: a\r\n\r\n"
-        b"GET /3 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
-    )
+    data = await raw_exchange(p.port, NEXT_TWO)
     assert [s for s, _, _ in parse_responses(data)] == [200, 200]
     assert batches == []  # all four went out at once
     assert len(gap.seen) == 4  # two request heads, two responses
