@@ -172,7 +172,7 @@ def count_opcodes(step: Any, n: int, per_step: int = 1) -> None:
     finally:
         sys.settrace(None)
     n *= per_step
-    total = sum(n for key, n in ops.items() if not key.endswith(":step"))  # (not the driver)
+    total = sum(c for key, c in ops.items() if not key.endswith(":step"))  # (not the driver)
     print(f"  {total / n:.0f} bytecodes, {sum(calls.values()) / n:.0f} Python calls per request")
     for key, count in ops.most_common(40):
         print(f"  {count / n:7.1f} ops {calls[key] / n:4.1f} calls  {key}")

@@ -272,8 +272,10 @@ class UpstreamConnection(asyncio.Protocol):
         spliced = self._spliced
         if spliced is not None:  # (then `out` is empty: see on_headers_complete)
             self._spliced = None
-            engine = self.engine  # Engine.write_hit() written out: at once, or deferred
-            later = engine.later  # to the iteration's end when the loop is busy
+            # Engine.write_hit() written out: at once while the loop is quiet, with the other
+            # writes of this iteration when busy.
+            engine = self.engine
+            later = engine.later
             if later or now - engine.last_write < engine.busy_gap:
                 later.append((ex.inbound.transport, spliced))
                 if not engine.later_armed:

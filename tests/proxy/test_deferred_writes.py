@@ -17,9 +17,23 @@ from time import monotonic
 
 import pytest
 
-from .conftest import RawUpstream, parse_responses, raw_exchange
+from miren_ingress.proxy.engine import Engine
+
+from .conftest import ProxyHandle, RawUpstream, parse_responses, raw_exchange
 
 HEALTH = b"GET /.well-known/miren/health HTTP/1.1\r\nHost: a\r\n\r\n"
+
+
+async def _started(
+    proxy, upstream: RawUpstream | None = None, busy_gap: float | None = None
+) -> tuple[ProxyHandle, Engine]:
+    """A proxy (to `upstream` for every host, if given) and its engine, `busy_gap` set."""
+    p = await proxy({"*": upstream.address} if upstream is not None else None)
+    engine = p.server.engine
+    assert engine is not None
+    if busy_gap is not None:
+        engine.busy_gap = busy_gap
+    return p, engine
 
 
 async def test_a_local_answer_follows_the_deferred_response_before_it(
@@ -27,9 +41,7 @@ async def test_a_local_answer_follows_the_deferred_response_before_it(
 ) -> None:
     # The upstream's response is spliced and deferred; finishing it starts the next pipelined
     # request in the same callback, answered by the proxy itself (written at once).
-    p = await proxy({"*": ok_upstream.address})
-    assert p.server.engine is not None
-    p.server.engine.busy_gap = math.inf
+    p, _ = await _started(proxy, ok_upstream, busy_gap=math.inf)
     data = await raw_exchange(
         p.port,
         b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n"
@@ -71,10 +83,7 @@ NEXT_TWO = (
 async def test_a_busy_hit_path_defers_the_request_head_and_the_response(
     proxy, ok_upstream: RawUpstream
 ) -> None:
-    p = await proxy({"*": ok_upstream.address})
-    engine = p.server.engine
-    assert engine is not None
-    engine.busy_gap = math.inf
+    p, engine = await _started(proxy, ok_upstream, busy_gap=math.inf)
     batches = _record_flushes(engine)
     # The first request connects (the slow path, written at once); its response and the
     # second request, on the parked connection, take the hit path.
@@ -86,10 +95,7 @@ async def test_a_busy_hit_path_defers_the_request_head_and_the_response(
 
 
 async def test_a_quiet_hit_path_writes_at_once(proxy, ok_upstream: RawUpstream) -> None:
-    p = await proxy({"*": ok_upstream.address})
-    engine = p.server.engine
-    assert engine is not None
-    engine.busy_gap = 0.0
+    p, engine = await _started(proxy, ok_upstream, busy_gap=0.0)
     batches = _record_flushes(engine)
     data = await raw_exchange(p.port, TWO_REQUESTS)
     assert [s for s, _, _ in parse_responses(data)] == [200, 200]
@@ -104,10 +110,7 @@ async def test_a_quiet_hit_write_still_queues_behind_queued_writes(
     # Order before speed: with writes queued, a hit-path write joins the queue however quiet
     # the loop is. The queue is kept non-empty here (re-filled after each flush), so the
     # hit-path writes must reach a flush, behind what was queued.
-    p = await proxy({"*": ok_upstream.address})
-    engine = p.server.engine
-    assert engine is not None
-    engine.busy_gap = 0.0
+    p, engine = await _started(proxy, ok_upstream, busy_gap=0.0)
     sink = _Transport()
     await raw_exchange(p.port, ONE_REQUEST)
     batches: list[list[bytes]] = []
@@ -146,9 +149,7 @@ class _QuietGap:
 async def test_every_hit_path_write_sets_the_time_the_next_is_measured_from(
     proxy, ok_upstream: RawUpstream
 ) -> None:
-    p = await proxy({"*": ok_upstream.address})
-    engine = p.server.engine
-    assert engine is not None
+    p, engine = await _started(proxy, ok_upstream)
     await raw_exchange(p.port, ONE_REQUEST)
     gap = engine.busy_gap = _QuietGap(engine)  # type: ignore[assignment]
     batches = _record_flushes(engine)
@@ -192,9 +193,7 @@ class _Transport:
 
 
 async def test_deferred_writes_go_out_in_order_when_the_iteration_ends(proxy) -> None:
-    engine = (await proxy()).server.engine
-    assert engine is not None
-    engine.busy_gap = math.inf
+    _, engine = await _started(proxy, busy_gap=math.inf)
     a, b = _Transport(), _Transport()
     now = monotonic()
     engine.write_hit(a, b"1", now)  # type: ignore[arg-type]
@@ -209,8 +208,7 @@ async def test_deferred_writes_go_out_in_order_when_the_iteration_ends(proxy) ->
 
 
 async def test_busy_means_a_recent_write_a_recent_flush_or_a_queue(proxy) -> None:
-    engine = (await proxy()).server.engine
-    assert engine is not None
+    _, engine = await _started(proxy)
     gap = engine.busy_gap = 0.001
     t = _Transport()
     start = monotonic() + 10.0  # (a time ahead of the clock: the flush reads the clock)
@@ -233,10 +231,8 @@ async def test_busy_means_a_recent_write_a_recent_flush_or_a_queue(proxy) -> Non
 
 
 async def test_a_lost_or_failing_transport_does_not_stop_the_others(proxy, caplog) -> None:
-    engine = (await proxy()).server.engine
-    assert engine is not None
+    _, engine = await _started(proxy, busy_gap=math.inf)
     gone, broken, fine = _Transport(gone=True), _Transport(fails=True), _Transport()
-    engine.busy_gap = math.inf
     for t in (gone, broken, fine):
         engine.write_hit(t, b"r", monotonic())  # type: ignore[arg-type]
     engine.flush_writes()
@@ -250,8 +246,7 @@ async def test_a_lost_or_failing_transport_does_not_stop_the_others(proxy, caplo
 async def test_a_closing_transport_still_delivers_what_was_deferred_to_it(proxy) -> None:
     # A graceful close with bytes still buffered (a slow reader) is "closing" but delivers
     # them; bytes deferred to it before the flush follow them, as a write made at once would.
-    engine = (await proxy()).server.engine
-    assert engine is not None
+    _, engine = await _started(proxy)
     accepted: asyncio.Future[asyncio.StreamWriter] = asyncio.get_running_loop().create_future()
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
