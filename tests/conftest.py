@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import uvloop
 
-pytest_plugins = ["tests.etcd_fixtures", "tests.loop_timeout"]
+pytest_plugins = ["tests.etcd_fixtures", "tests.loop_timeout", "tests.support.apps"]
 
 
 def pytest_asyncio_loop_factories(

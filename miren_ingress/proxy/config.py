@@ -11,8 +11,9 @@ class ProxyConfig:
     keepalive_timeout: float = 75.0  # an idle client connection is closed after this
     body_timeout: float = 30.0  # a request body must not stall longer than this (408)
     request_buffer: int = 16 * 1024  # body bytes read before the upstream is chosen (0: none)
-    max_header_bytes: int = 64 * 1024  # request line + header section
-    max_request_line: int = 8 * 1024  # request target length
+    max_header_bytes: int = 64 * 1024  # request line + header section (larger: 431)
+    max_request_line: int = 8 * 1024  # request target length (longer: 414)
+    max_headers: int = 100  # header fields in a request head (more: 431)
     robots_tag: str = "noindex"  # X-Robots-Tag value on ephemeral targets' responses
     connect_timeout: float = 10.0  # TCP connect to an upstream
     pool_max_idle: int = 512  # idle keep-alive connections kept per upstream address

@@ -37,6 +37,22 @@ class MethodNotAllowed(ProxyError):
     default_message = "This method is not supported by the proxy."
 
 
+class UriTooLong(ProxyError):
+    """The request target is longer than max_request_line."""
+
+    status = 414
+    reason = "bad_request"
+    default_message = "The request target is too long."
+
+
+class HeaderFieldsTooLarge(ProxyError):
+    """The header section is larger than max_header_bytes or has more than max_headers fields."""
+
+    status = 431
+    reason = "bad_request"
+    default_message = "The request header section is too large."
+
+
 class RequestTimeout(ProxyError):
     """The client stopped sending its request body for longer than body_timeout."""
 

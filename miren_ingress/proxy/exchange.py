@@ -54,6 +54,7 @@ F_CHUNKED = 16
 F_RESERVED = 32  # the target is under RESERVED_PREFIX: answered by the proxy
 F_HEALTH = 64  # ... and it is the health endpoint
 F_HEAD = 128  # a HEAD request
+F_REJECT = 256  # not a request: the answer to a malformed one (`error`), then a close
 
 
 def reserved_flags(url: bytes) -> int:
@@ -94,6 +95,9 @@ class Exchange:
     arrived = 0.0  # a buffered request: when its head arrived (its duration's origin)
     reserved = 0
     head_only = False
+    error: ProxyError | None = None  # F_REJECT: the answer (None: close without one)
+    stops_parser = False  # llhttp stops after this request (`Connection: upgrade` + `Upgrade`)
+    body_length = 0  # ... and its Content-Length, which the inbound side then counts itself
 
     def __init__(  # noqa: PLR0917  (positional: keywords cost per request, measured)
         self,
@@ -115,6 +119,18 @@ class Exchange:
         self.reserved = 0
         self.started = 0.0
         self.pending: list[bytes] | None = None
+
+    @classmethod
+    def rejection(
+        cls, inbound: InboundConnection, error: ProxyError | None, method: bytes, accept: bytes
+    ) -> Exchange:
+        """The answer to a malformed request, queued behind the requests read before it."""
+        ex = cls(inbound, method, b"", b"\r\nAccept: " + accept + b"\r\n" if accept else b"",
+                 True, False)  # fmt: skip
+        ex.reserved = F_REJECT
+        ex.error = error
+        ex.keep_alive = False
+        return ex
 
     def set_flags(self, flags: int) -> None:
         """Properties of a request that is not the common one (see the F_* flags)."""
@@ -212,6 +228,14 @@ class Exchange:
 
     def _reserved(self) -> None:
         self.local = True
+        if self.reserved & F_REJECT:
+            err = self.error
+            if err is None:  # (HTTP/0.9: no answer the client could read)
+                self.status = 400
+                self._finish(monotonic())
+            else:
+                self.respond_error(err.status, err.public_message, err.retry_after)
+            return
         if self.reserved & F_HEALTH:
             status, payload = self.engine.health()
             self.status = status

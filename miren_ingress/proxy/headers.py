@@ -33,6 +33,7 @@ _COMMON = {
     b"upgrade": UPGRADE,
     b"proxy-authorization": HOP,
     b"proxy-authenticate": HOP,
+    b"http2-settings": HOP,  # only meaningful with `Upgrade: h2c`, which is never forwarded
     b"content-length": CONTENT_LENGTH,
 }
 _REQUEST = {
@@ -50,19 +51,27 @@ _CACHE_LIMIT = 4096  # distinct spellings remembered; beyond it names are classi
 
 class NameTable:
     """Raw header name -> kind, memoized per spelling (bounded). `ordinary` holds the memoized
-    spellings of ORDINARY names: `name in table.ordinary` is the hot paths' cheapest test."""
+    spellings of ORDINARY names: `name in table.ordinary` is the hot paths' cheapest test.
 
-    __slots__ = ("_table", "cache", "ordinary")
+    With `drop_underscores`, a name containing `_` is HOP (dropped), as nginx does by default:
+    an application that normalises names (`X_Forwarded_For` -> `X-Forwarded-For`, as CGI-style
+    frameworks do) would otherwise take a client's value for one the proxy sets."""
 
-    def __init__(self, table: dict[bytes, int]) -> None:
+    __slots__ = ("_table", "_underscores", "cache", "ordinary")
+
+    def __init__(self, table: dict[bytes, int], *, drop_underscores: bool = False) -> None:
         self._table = table
+        self._underscores = drop_underscores
         self.cache: dict[bytes, int] = {}
         self.ordinary: set[bytes] = set()
 
     def kind(self, name: bytes) -> int:
         kind = self.cache.get(name)
         if kind is None:
-            kind = self._table.get(name.lower(), ORDINARY)
+            if self._underscores and b"_" in name:
+                kind = HOP
+            else:
+                kind = self._table.get(name.lower(), ORDINARY)
             if len(self.cache) < _CACHE_LIMIT:
                 self.cache[name] = kind
                 if kind == ORDINARY:
@@ -70,11 +79,15 @@ class NameTable:
         return kind
 
 
-REQUEST_NAMES = NameTable(_REQUEST)
+REQUEST_NAMES = NameTable(_REQUEST, drop_underscores=True)
 RESPONSE_NAMES = NameTable(_RESPONSE)
 
 # Connection tokens that name nothing beyond what is dropped anyway.
 _PLAIN_CONNECTION_TOKENS = frozenset((b"close", b"keep-alive", b"upgrade", b""))
+# Fields a Connection option can never remove: the routing key and the framing, which the engine
+# decides and writes itself (`Connection: Host` would otherwise strip Host upstream, and
+# `Connection: Content-Length` a response's framing towards the client).
+PROTECTED = frozenset((b"host", b"content-length", b"transfer-encoding"))
 
 
 _connection_cache: dict[bytes, tuple[frozenset[bytes], bool]] = {}
@@ -98,7 +111,7 @@ def _parse_connection(value: bytes) -> tuple[frozenset[bytes], bool]:
         token = raw.strip().lower()
         if token == b"upgrade":
             upgrade = True
-        elif token not in _PLAIN_CONNECTION_TOKENS:
+        elif token not in _PLAIN_CONNECTION_TOKENS and token not in PROTECTED:
             extra.add(token)
     return frozenset(extra), upgrade
 
@@ -120,6 +133,14 @@ def accept_of(head: bytes) -> bytes:
         values.append(head[start:end].strip())
         pos = low.find(b"\r\naccept:", end)
     return b",".join(values)
+
+
+def upgrade_protocols(value: bytes) -> bytes | None:
+    """An `Upgrade` request value with `h2c` removed (None when nothing is left). The proxy
+    never forwards an upgrade to cleartext HTTP/2: a 101 would hand the client an HTTP/2
+    connection to the app that bypasses the proxy's per-request rules (h2c smuggling)."""
+    kept = [p.strip() for p in value.split(b",") if p.strip() and p.strip().lower() != b"h2c"]
+    return b", ".join(kept) if kept else None
 
 
 def is_chunked_only(value: bytes) -> bool:

@@ -40,8 +40,14 @@ from typing import TYPE_CHECKING, cast
 from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade, HttpRequestParser
 
 from . import headers as h
-from .errorpage import render_response
-from .errors import BadRequest, MethodNotAllowed, ProxyError, RequestTimeout
+from .errors import (
+    BadRequest,
+    HeaderFieldsTooLarge,
+    MethodNotAllowed,
+    ProxyError,
+    RequestTimeout,
+    UriTooLong,
+)
 from .exchange import (
     F_BODY,
     F_CHUNKED,
@@ -53,6 +59,7 @@ from .exchange import (
     Exchange,
     reserved_flags,
 )
+from .target import absolute_target
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -64,14 +71,39 @@ _BLOCK_UPSTREAM = 1  # the upstream's write buffer is above its high-water mark
 _BLOCK_PIPELINE = 2  # a pipelined request waits for the active one
 _BLOCK_BUFFER = 4  # request bytes pile up while no upstream connection is attached
 _BLOCK_CLOSED = 8  # the connection is closing
+_BLOCK_UPGRADE = 16  # an upgrade request waits for its answer (RFC 9931: nothing is forwarded)
+_BLOCK_DONE = 32  # a malformed request was seen: nothing more is read
 _READ_SLACK = 256 * 1024  # uvloop reads at most this much at once
+# A read longer than this, outside a request body, is parsed in slices of it, so a head with
+# thousands of tiny header fields is refused after one slice, not after all its callbacks.
+_SLICE = 8 * 1024
 
 
 _ORDINARY = h.REQUEST_NAMES.ordinary  # spellings known to be ordinary (read directly: hot)
+_HOST_NAME = frozenset((b"host",))
 
 
 class _Reject(Exception):
     """Raised inside a parser callback after `_reject_with` was set."""
+
+
+def _is_http09_line(data: bytes) -> bool:
+    """True when the last complete line of `data` is a request line without an HTTP version
+    (`GET /`, an HTTP/0.9 request): llhttp would wait for a header section that never comes.
+    (A header line has a colon; a request line of HTTP/1.x ends with its version.)"""
+    end = data.rfind(b"\n")
+    if end < 0:
+        return False
+    line = data[data.rfind(b"\n", 0, end) + 1 : end].rstrip(b"\r")
+    method, sp, target = line.partition(b" ")
+    return (
+        bool(sp)
+        and method.isalpha()
+        and method.isupper()
+        and b":" not in method
+        and b" " not in target
+        and bool(target)
+    )
 
 
 class InboundConnection(asyncio.Protocol):
@@ -80,6 +112,7 @@ class InboundConnection(asyncio.Protocol):
     __slots__ = (
         "_active",
         "_body_deadline",
+        "_body_left",
         "_body_timeout",
         "_cl",
         "_closed",
@@ -88,12 +121,15 @@ class InboundConnection(asyncio.Protocol):
         "_fwd",
         "_head_bytes",
         "_head_check",
+        "_head_count",
         "_head_deadline",
         "_head_raw",
+        "_held",
         "_host",
         "_idle_deadline",
         "_keepalive",
         "_lines",
+        "_max_headers",
         "_parser",
         "_parsing",
         "_queue",
@@ -135,7 +171,11 @@ class InboundConnection(asyncio.Protocol):
         self.write_paused = False
         self._closed = False
         self._stop_after = False  # close once the active exchange is done
-        self._raw = False  # the parser is done (upgrade): bytes go to the exchange unparsed
+        self._raw = False  # the parser is done (upgrade, or a malformed request): not parsed
+        # Bytes after an upgrade request, held until its answer (RFC 9931): written to the
+        # tunnel after a 101, parsed as the next requests after any other answer.
+        self._held: list[bytes] | None = None
+        self._body_left = 0  # body bytes of an upgrade request still to come (counted by us)
         self._tunnel: UpstreamConnection | None = None
         self._reject_with: ProxyError | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -151,8 +191,12 @@ class InboundConnection(asyncio.Protocol):
         self._body_timeout = config.body_timeout
         # (Never more than buffer_limit: reading pauses there until an upstream is attached.)
         self._request_buffer = min(config.request_buffer, config.buffer_limit)
-        # A head within this many bytes is within every limit (see on_headers_complete).
-        self._head_check = min(config.max_header_bytes, config.max_request_line)
+        self._max_headers = config.max_headers
+        # A head within this many bytes is within every limit (see on_headers_complete): each
+        # header field takes at least 4 bytes (`a:` CRLF).
+        self._head_check = min(
+            config.max_header_bytes, config.max_request_line, 4 * config.max_headers
+        )
         # The head being parsed: request line placeholder, then forwarded header lines.
         self._lines: list[bytes] = [b"", b" ", b"", b" HTTP/1.1\r\n"]  # method, url at 0, 2
         self._host: bytes | None = None
@@ -178,6 +222,7 @@ class InboundConnection(asyncio.Protocol):
         self._upgrade_value: bytes | None = None
         self._expect = False
         self._head_bytes = 0  # bytes of the special (not forwarded as is) header lines
+        self._head_count = 0  # ... and their number (or of a chunked trailer's fields)
 
     # --- asyncio.Protocol ---------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -245,30 +290,18 @@ class InboundConnection(asyncio.Protocol):
             return
         self._seg = len(data)
         try:
-            self._parser.feed_data(data)
+            if len(data) > _SLICE and self._parsing is None:
+                self._feed_sliced(data)
+            else:
+                self._parser.feed_data(data)
         except HttpParserUpgrade as upgrade:
-            self._raw = True
-            rest = data[upgrade.args[0] :]
-            if rest:
-                self._raw_received(rest)
+            self._upgrade_point(data, upgrade.args[0])
         except HttpParserCallbackError:
             self._reject(self._reject_with or BadRequest())
-            return
         except HttpParserError:
             self._reject(BadRequest())
-            return
         if self._url_parts:
-            # A head still incomplete: it must be complete within header_timeout of this read,
-            # and what httptools buffers for it is bounded (one huge header value is only
-            # counted once complete). The count may include the end of the previous message
-            # when both came in one read, hence the slack of one read.
-            config = self.engine.config
-            if not self._head_raw:
-                self._head_deadline = monotonic() + config.header_timeout
-            self._head_raw += len(data)
-            if self._head_raw > config.max_header_bytes + _READ_SLACK:
-                self._reject(BadRequest("The request header section is too large."))
-                return
+            self._head_in_progress(data)
         ex = self._active
         if ex is not None:
             # Not started: its head was parsed in this segment, or its body is buffered.
@@ -286,19 +319,141 @@ class InboundConnection(asyncio.Protocol):
         if self._parsing is not None and not self._parsing.request_complete:
             self._body_deadline = monotonic() + self._body_timeout
 
+    def _feed_sliced(self, data: bytes) -> None:
+        """Parse a long read outside a request body in slices: between two, a head in progress
+        with too many header fields is refused (each field costs a parser callback)."""
+        parser = self._parser
+        start, end = 0, len(data)
+        while start < end:
+            try:
+                parser.feed_data(data[start : start + _SLICE])
+            except HttpParserUpgrade as upgrade:
+                raise HttpParserUpgrade(start + upgrade.args[0]) from None
+            start += _SLICE
+            if self._url_parts and self._field_count() > self._max_headers:
+                self._reject_with = HeaderFieldsTooLarge()
+                raise HttpParserCallbackError("too many header fields")
+            ex = self._parsing
+            if ex is not None and not ex.request_complete and start < end:
+                try:  # inside a body: the rest at once
+                    parser.feed_data(data[start:])
+                except HttpParserUpgrade as upgrade:
+                    raise HttpParserUpgrade(start + upgrade.args[0]) from None
+                return
+
+    def _field_count(self) -> int:
+        """Header fields of the head in progress (forwarded ones are 4 parts in `_lines`)."""
+        return (len(self._lines) - 4) // 4 + self._head_count
+
+    def _head_in_progress(self, data: bytes) -> None:
+        """A head is still incomplete after this read (split across reads, or slow): it must
+        be complete within header_timeout of its first read, and what httptools buffers for it
+        is bounded (one huge header value is only counted once complete: the count may include
+        the end of the previous message when both came in one read, hence the slack of one
+        read). A request line without a version (HTTP/0.9) would wait for headers that never
+        come: the connection is closed at once."""
+        if self._raw:
+            return
+        config = self.engine.config
+        if len(self._lines) == 4 and self._host is None and _is_http09_line(data):
+            self._reject(None)
+            return
+        if not self._head_raw:
+            self._head_deadline = monotonic() + config.header_timeout
+        self._head_raw += len(data)
+        if (
+            self._head_raw > config.max_header_bytes + _READ_SLACK
+            or self._field_count() > self._max_headers
+        ):
+            self._reject(HeaderFieldsTooLarge())
+
+    def _upgrade_point(self, data: bytes, offset: int) -> None:
+        """llhttp stopped after the head of a request with `Connection: upgrade` and
+        `Upgrade` (it takes such a request as complete there, body or not); `data[offset:]` is
+        what followed. See `_upgrade_head_done`. A refused upgrade parses on with a new parser:
+        a loop, not a recursion (a read may hold thousands of them)."""
+        while True:
+            rest = self._upgrade_head_done(data[offset:])
+            if rest is None:
+                return
+            try:
+                self._parser.feed_data(rest)
+                return
+            except HttpParserUpgrade as upgrade:
+                data, offset = rest, upgrade.args[0]
+            except HttpParserCallbackError:
+                self._reject(self._reject_with or BadRequest())
+                return
+            except HttpParserError:
+                self._reject(BadRequest())
+                return
+
+    def _upgrade_head_done(self, rest: bytes) -> bytes | None:
+        """An upgrade request's head was parsed. Its body (by Content-Length) is read here,
+        counted, since llhttp does not; a chunked one is refused (llhttp would have parsed its
+        chunks as the next request). Returns bytes to parse as the next requests, or None."""
+        ex = self._parsing
+        assert ex is not None  # (an upgrade request is a general head: see on_message_complete)
+        if ex.chunked_in:
+            ex.request_complete = False  # (so that _reject answers this request itself)
+            self._reject(BadRequest("An upgrade request cannot have a chunked body."))
+            return None
+        if ex.body_length > 0:
+            ex.request_complete = False
+            self._raw = True
+            self._body_left = ex.body_length
+            return self._take_body(rest)
+        self._parsing = None
+        return self._upgrade_request_done(ex, rest)
+
+    def _take_body(self, data: bytes) -> bytes | None:
+        """Body bytes of an upgrade request (see _upgrade_head_done), then what follows it."""
+        ex = self._parsing
+        assert ex is not None
+        n = self._body_left
+        body, rest = data[:n], data[n:]
+        if body:
+            self._body_left -= len(body)
+            ex.add_body(body)
+            if ex.conn is not None and ex is self._active:
+                ex.flush()
+            elif ex.pending_size > self.engine.config.buffer_limit:
+                self._block(_BLOCK_BUFFER)
+            self._body_deadline = monotonic() + self._body_timeout
+        if self._body_left:
+            return None
+        ex.request_complete = True
+        self._parsing = None
+        return self._upgrade_request_done(ex, rest)
+
+    def _upgrade_request_done(self, ex: Exchange, rest: bytes) -> bytes | None:
+        """The upgrade request was read whole. One the proxy forwards holds what follows (and
+        stops reading) until its answer: RFC 9931, no client byte after an upgrade request goes
+        upstream before a 101 (see exchange_done and become_tunnel). One it refuses itself (h2c:
+        forwarded as a plain request) parses on at once: returns those bytes."""
+        if ex.upgrade:
+            self._raw = True
+            self._held = [rest] if rest else []
+            self._block(_BLOCK_UPGRADE)
+            return None
+        self._raw = False
+        self._parser = HttpRequestParser(self)  # (llhttp cannot resume after an upgrade)
+        return rest
+
     def _raw_received(self, data: bytes) -> None:
         tunnel = self._tunnel
         if tunnel is not None:
             tunnel.write(data)
             return
-        ex = self._parsing
-        if ex is None or ex.done:
-            return  # the upgrade was refused: the connection closes after the response
-        ex.add_body(data)
-        if ex.conn is not None and ex is self._active:
-            ex.flush()
-        elif ex.pending_size > self.engine.config.buffer_limit:
-            self._block(_BLOCK_BUFFER)
+        if self._body_left:
+            rest = self._take_body(data)
+            if rest:  # a refused upgrade's body is complete: the next requests
+                self.data_received(rest)
+            return
+        held = self._held
+        if held is not None:  # (reading is paused: at most what was already on its way)
+            held.append(data)
+        # else: nothing more is parsed (a malformed request): dropped
 
     # --- httptools callbacks (request parser) --------------------------------------------------
     # No on_message_begin (one callback less per request): a head is "in progress" from its
@@ -320,8 +475,14 @@ class InboundConnection(asyncio.Protocol):
         if not self._url_parts:  # a chunked trailer: never forwarded, bounded like a head
             self._rare = True
             self._head_bytes += len(name) + len(value) + 4
-            if self._head_bytes > self.engine.config.max_header_bytes:
-                self._reject_with = BadRequest("The request header section is too large.")
+            self._head_count += 1
+            if (
+                self._head_bytes > self.engine.config.max_header_bytes
+                or self._head_count > self._max_headers
+            ):
+                self._reject_with = HeaderFieldsTooLarge(
+                    "The request trailer section is too large."
+                )
                 raise _Reject
             return
         kind = h.REQUEST_NAMES.kind(name)
@@ -340,10 +501,11 @@ class InboundConnection(asyncio.Protocol):
             self._expect = True
             self._lines += (name, b": ", value, b"\r\n")
             return
-        # Not forwarded as it is: counted here for the size limit (forwarded lines are
-        # counted from `_lines`, see _check_head).
+        # Not forwarded as it is: counted here for the limits (forwarded lines are counted
+        # from `_lines`, see _check_head).
         self._rare = True
         self._head_bytes += len(name) + len(value) + 4
+        self._head_count += 1
         if kind == h.FORWARDED_FOR:
             self._xff = value if self._xff is None else self._xff + b", " + value
         elif kind == h.CONTENT_LENGTH:
@@ -409,7 +571,7 @@ class InboundConnection(asyncio.Protocol):
     def _body_started(self, ex: Exchange) -> None:
         """A request with a body: buffer it or not, and watch that it keeps arriving."""
         now = monotonic()
-        if self._request_buffer > 0 and not self._expect and not ex.upgrade:
+        if self._request_buffer > 0 and not self._expect and not ex.stops_parser:
             ex.buffered = True
             ex.arrived = now
         deadline = self._body_deadline = now + self._body_timeout
@@ -427,12 +589,15 @@ class InboundConnection(asyncio.Protocol):
     def _check_head(self, url: bytes, lines: list[bytes]) -> None:
         config = self.engine.config
         if len(url) > config.max_request_line:
-            self._reject_with = BadRequest("The request target is too long.")
+            self._reject_with = UriTooLong()
             raise _Reject
-        # Forwarded lines are `name: value\r\n` (4 bytes over name and value, as counted
-        # for the others in _head_bytes); lines[:4] is the request line.
+        # Forwarded lines are `name: value\r\n`, 4 parts each (4 bytes over name and value, as
+        # counted for the others in _head_bytes); lines[:4] is the request line.
+        if (len(lines) - 4) // 4 + self._head_count > self._max_headers:
+            self._reject_with = HeaderFieldsTooLarge()
+            raise _Reject
         if self._head_bytes + sum(map(len, lines[4:])) > config.max_header_bytes:
-            self._reject_with = BadRequest("The request header section is too large.")
+            self._reject_with = HeaderFieldsTooLarge()
             raise _Reject
 
     def _general_head(
@@ -447,22 +612,36 @@ class InboundConnection(asyncio.Protocol):
         if method == b"CONNECT":
             self._reject_with = MethodNotAllowed()
             raise _Reject
-        if url[:1] != b"/" and not (url == b"*" and method == b"OPTIONS"):
-            self._reject_with = BadRequest("The request target must be a path.")
-            raise _Reject
         http10 = version == "1.0"
-        if host is None:
-            if not http10:
-                self._reject_with = BadRequest("The Host header is missing.")
+        if host is None and not http10:
+            self._reject_with = BadRequest("The Host header is missing.")
+            raise _Reject
+        authority = None
+        if url[:1] != b"/" and not (url == b"*" and method == b"OPTIONS"):
+            # RFC 9112 3.2.2: an absolute-form target is accepted, and its authority wins over
+            # Host: it is routed by and forwarded as Host, with the target in origin-form.
+            absolute = absolute_target(url)
+            if absolute is None:
+                self._reject_with = BadRequest("The request target must be a path or a URL.")
                 raise _Reject
+            authority, url = absolute
+            host = authority
+        if host is None:
             host = b""
-        upgrade = parser.should_upgrade()
+        upgrade = stops = parser.should_upgrade()  # (llhttp stops after this request)
+        protocols = self._upgrade_value
+        if upgrade and protocols is not None:
+            protocols = h.upgrade_protocols(protocols)  # (never h2c: see there)
+            upgrade = protocols is not None
         # Header lines from their parts (see on_header), after the request line.
         lines = [
             b"".join(lines[i : i + 4]) for i in range(4, len(lines), 4)
         ]  # fmt: skip
         if self._conn_extra:
             lines = h.drop_named(lines, self._conn_extra)
+        if authority is not None:
+            lines = h.drop_named(lines, _HOST_NAME)
+            lines.append(b"Host: " + authority + b"\r\n")
         lines.insert(0, method + b" " + url + b" HTTP/1.1\r\n")
         chunked = self._te is not None
         cl = self._cl
@@ -470,15 +649,15 @@ class InboundConnection(asyncio.Protocol):
             lines.append(b"Transfer-Encoding: chunked\r\n")
         elif cl is not None:
             lines.append(b"Content-Length: " + cl + b"\r\n")
-        if upgrade and self._upgrade_value is not None:
-            lines.append(b"Connection: Upgrade\r\nUpgrade: " + self._upgrade_value + b"\r\n")
+        if upgrade and protocols is not None:
+            lines.append(b"Connection: Upgrade\r\nUpgrade: " + protocols + b"\r\n")
         xff = self.peer if self._xff is None else self._xff + b", " + self.peer
         lines.append(
             b"X-Forwarded-For: " + xff + b"\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: "
             + host + b"\r\n\r\n"
         )  # fmt: skip
         flags = (
-            (F_KEEP_ALIVE if parser.should_keep_alive() and not http10 and not upgrade else 0)
+            (F_KEEP_ALIVE if parser.should_keep_alive() and not http10 else 0)
             | (F_HTTP10 if http10 else 0)
             | (F_UPGRADE if upgrade else 0)
             | (F_BODY if chunked or (cl is not None and cl.strip(b"0") != b"") else 0)
@@ -489,6 +668,9 @@ class InboundConnection(asyncio.Protocol):
             flags |= reserved_flags(url)
         ex = Exchange(self, method, host, b"".join(lines), False, False)
         ex.set_flags(flags)
+        if stops:
+            ex.stops_parser = True
+            ex.body_length = int(cl) if cl is not None and not chunked else 0
         return ex
 
     def on_body(self, body: bytes) -> None:
@@ -509,7 +691,7 @@ class InboundConnection(asyncio.Protocol):
         if ex.chunked_in and not ex.local and not ex.done:
             ex.add_body(b"0\r\n\r\n")
         ex.request_complete = True
-        if not ex.upgrade:
+        if not ex.stops_parser:  # (an upgrade request: see _upgrade_point, llhttp's next step)
             self._parsing = None
 
     # --- used by exchanges ----------------------------------------------------------------------
@@ -528,7 +710,14 @@ class InboundConnection(asyncio.Protocol):
         self._unblock(_BLOCK_UPSTREAM)
 
     def become_tunnel(self, conn: UpstreamConnection) -> None:
+        """The upgrade was accepted (101): what the client sent after its request goes now."""
         self._tunnel = conn
+        self._body_left = 0  # (the rest of the body, if any, goes on through the tunnel)
+        self._parsing = None
+        held, self._held = self._held, None
+        if held:
+            conn.write(b"".join(held))
+        self._unblock(_BLOCK_UPGRADE)
 
     def exchange_done(self, ex: Exchange, now: float) -> None:
         """The active exchange finished (at monotonic `now`): start the next request, go idle,
@@ -541,6 +730,9 @@ class InboundConnection(asyncio.Protocol):
             return
         if self.blocked:
             self._unblock(_BLOCK_UPSTREAM | _BLOCK_BUFFER)
+        if self._held is not None and ex.upgrade:
+            self._upgrade_refused(now)
+            return
         if self._queue:
             nxt = self._active = self._queue.popleft()
             if not self._queue:
@@ -583,28 +775,45 @@ class InboundConnection(asyncio.Protocol):
             self.transport.abort()
 
     # --- internals ------------------------------------------------------------------------------
-    def _reject(self, err: ProxyError) -> None:
-        """A malformed request: answer 400 (if the response channel is free) and close."""
+    def _upgrade_refused(self, now: float) -> None:
+        """The upgrade request was answered without a 101: the connection goes on as
+        HTTP/1.1 (RFC 9931), and what the client sent after it is parsed as its next requests."""
+        held = self._held or []
+        self._held = None
+        self._raw = False
+        self._parser = HttpRequestParser(self)
+        self._idle_deadline = now + self._keepalive
+        self._unblock(_BLOCK_UPGRADE)
+        data = b"".join(held)
+        if data:
+            self.data_received(data)
+
+    def _reject(self, err: ProxyError | None) -> None:
+        """A malformed request: nothing more is parsed or read. The requests read whole
+        before it are answered first, in order (as nginx does); then `err` (None: no answer,
+        for an HTTP/0.9 request) and the connection closes. If the bytes were part of a body
+        whose exchange was started, that exchange fails instead (400, or a close when its
+        response is under way): none of its bytes past the good ones ever go upstream."""
+        owner = self._reading_body()
         self._raw = True  # parse nothing more
+        self._body_left = 0
         self._parsing = None
-        self._queue.clear()
-        ex = self._active
-        method = accept = b""  # (unknown: the request that failed to parse)
-        if ex is not None and not ex.started:
-            method, accept = ex.method, ex.accept
-            self._active = ex = None  # its head was parsed in this segment, or it is buffered
-        if ex is not None and not ex.done:
-            ex.keep_alive = False
-            if ex.head_sent or ex.request_complete:
-                # Its response is under way; the bad bytes belong to a later request.
-                self.engine.metrics.request_done("unknown", err.status, b"", 0.0)
-                self._stop_after = True
-                return
-            ex.fail(err, upstream=False)  # its own body was malformed
+        self._url_parts.clear()
+        self._block(_BLOCK_DONE)
+        if owner is not None and owner.started:
+            owner.fail(err or BadRequest(), upstream=False)
             return
-        self.engine.metrics.request_done("unknown", err.status, method, 0.0)
-        self.write(render_response(err.status, err.public_message, accept, keep_alive=False))
-        self.close()
+        method = accept = b""  # (unknown: the head that failed to parse)
+        if owner is not None:  # buffered or queued, not started: it is answered the error
+            method, accept = owner.method, owner.accept
+        bad = Exchange.rejection(self, err, method, accept)
+        if owner is not None and owner is not self._active:
+            self._queue[self._queue.index(owner)] = bad
+        elif owner is not None or self._active is None:
+            self._active = bad
+            bad.start()
+        else:
+            self._queue.append(bad)
 
     def _block(self, reason: int) -> None:
         if not self.blocked and not self._closed:
@@ -645,11 +854,6 @@ class InboundConnection(asyncio.Protocol):
         self._arm(tick)
 
     def _body_timed_out(self, ex: Exchange) -> None:
-        """The client stopped sending the body of `ex` (the active exchange)."""
-        if ex is self._active and ex.started:
-            self._raw = True  # parse nothing more
-            self._parsing = None
-            self._queue.clear()
-            ex.fail(RequestTimeout(), upstream=False)  # 408, or a close if the response is out
-        else:
-            self._reject(RequestTimeout())  # not started (buffered): no lease, no upstream
+        """The client stopped sending the body of `ex`: 408 (or a close if its response is
+        under way); a buffered one that was not started yet holds no lease and no upstream."""
+        self._reject(RequestTimeout())

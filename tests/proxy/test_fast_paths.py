@@ -170,7 +170,7 @@ async def test_head_over_the_limit_in_pieces_is_rejected(proxy, ok_upstream: Raw
             await writer.drain()
         writer.write(b"\r\n")
         data = await asyncio.wait_for(reader.read(), 5)
-        assert data.startswith(b"HTTP/1.1 400 ") and b"too large" in data
+        assert data.startswith(b"HTTP/1.1 431 ") and b"too large" in data
         assert ok_upstream.connections == 0
     finally:
         writer.close()

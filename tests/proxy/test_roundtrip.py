@@ -274,25 +274,6 @@ async def test_http10_client_gets_close_delimited_body(proxy, raw_upstream) -> N
     assert body == b"hello"
 
 
-async def test_refused_upgrade_answers_then_closes(proxy, raw_upstream) -> None:
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        req = await read_request(reader)
-        assert req is not None and req.header("Upgrade") == [b"websocket"]
-        writer.write(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 2\r\n\r\nno")
-        await writer.drain()
-
-    up = await raw_upstream(handler)
-    p = await proxy({"*": up.address})
-    data = await raw_exchange(
-        p.port,
-        b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
-        b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-    )
-    responses = parse_responses(data)
-    assert [(s, b) for s, _, b in responses] == [(403, b"no")]
-    assert responses[0][1]["connection"] == "close"
-
-
 async def test_pipelined_requests_with_bodies(proxy, aiohttp_upstream) -> None:
     p = await proxy({"*": await aiohttp_upstream(await echo_app())})
     reqs = (
