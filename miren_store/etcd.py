@@ -34,6 +34,10 @@ whole response before reading the next; so when the stream breaks, every event u
 revision of the last event seen) was yielded, and re-watching from `last + 1` loses and repeats
 nothing. A compacted start revision raises `Resync`.
 
+Endpoints. `host:port` over TCP, or `unix:/abs/path/name:N` for an etcd on a unix socket (the
+embedded one listens only there); `parse_endpoints` turns either into the (host, port) pair aetcd
+joins into its gRPC target, see `miren_store.backends`. Everything below is the same for both.
+
 Faults. Every call runs under one deadline (`timeout`): each RPC gets the remaining time as its
 gRPC deadline, and the whole operation is also wrapped in `asyncio.timeout` so nothing can hang
 on a frozen etcd. Connection errors are retried with backoff inside the deadline, rotating
@@ -336,7 +340,10 @@ def plan_commit(
 
 
 def _unsent(details: str) -> bool:
-    """True when gRPC says the request never reached a server (safe to retry even a write)."""
+    """True when gRPC says the request never reached a server (safe to retry even a write).
+
+    A unix socket that is gone or stale reads "failed to connect to all addresses; ... No such
+    file or directory" / "... Connection refused", so it counts too."""
     lowered = details.lower()
     return "failed to connect" in lowered or "connection refused" in lowered
 

@@ -3,7 +3,9 @@ nothing running; and how long a start takes is measured, not asserted (see the r
 
 from __future__ import annotations
 
+import os
 import socket
+import stat
 import subprocess
 from pathlib import Path
 
@@ -123,3 +125,27 @@ def test_port_in_use_is_refused_and_leaves_no_etcd(tmp_path: Path, listener: str
     leftovers = pids_naming(str(tmp_path / "data" / "etcd"), process_table())
     alive = [pid for pid in leftovers if (info := process_table().get(pid)) and info.state != "Z"]
     assert alive == [], f"etcd survived a failed start: {alive}"
+
+
+def test_the_embedded_etcd_listens_only_on_private_unix_sockets(tmp_path: Path) -> None:
+    """Issue #15: sandboxes share the host's loopback, so the unauthenticated embedded etcd must
+    have no TCP port at all; `miren serve` reaches it through a socket in the 0700 data dir."""
+    with MirenServer(tmp_path, store="embedded") as edge:
+        edge.cli("app", "create", "private")  # the store works, over the socket
+        edge.observe()
+        (etcd,) = edge.etcd_pids()
+        etcd_dir = edge.data_dir / "etcd"
+        assert stat.S_IMODE(etcd_dir.stat().st_mode) == 0o700
+        sockets = [p for p in etcd_dir.iterdir() if stat.S_ISSOCK(p.lstat().st_mode)]
+        assert sorted(p.name.partition(":")[0] for p in sockets) == ["client.sock", "peer.sock"]
+        assert all(stat.S_IMODE(p.stat().st_mode) & 0o077 == 0 for p in sockets)
+        held = set()
+        for fd in os.listdir(f"/proc/{etcd.pid}/fd"):
+            target = os.readlink(f"/proc/{etcd.pid}/fd/{fd}")
+            if target.startswith("socket:["):
+                held.add(int(target[len("socket:[") : -1]))
+        inet = set()
+        for table in ("tcp", "tcp6", "udp", "udp6"):
+            rows = Path(f"/proc/net/{table}").read_text().splitlines()[1:]
+            inet |= {int(row.split()[9]) for row in rows}
+        assert held and not held & inet, "the embedded etcd holds a TCP or UDP socket"

@@ -1,4 +1,5 @@
-"""The embedded etcd launcher: lookup, lifecycle, durability, failures, and parent death.
+"""The embedded etcd launcher: lookup, lifecycle, durability, failures, parent death, and its
+isolation (unix sockets only, unreachable for other users).
 
 Every wait is a poll against a deadline; nothing sleeps in place of a condition. Fake etcd
 binaries (small scripts) stand in where a real etcd cannot be made to misbehave on cue.
@@ -8,20 +9,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
+import re
+import shutil
 import signal
 import socket
+import stat
+import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import aetcd
 import aiohttp
 import pytest
 
-from miren_store import embedded
+from miren_store.backends import UNIX_PATH_MAX, open_store, parse_endpoints, parse_etcd_url
 from miren_store.embedded import (
     ENV_ETCD_BIN,
     EmbeddedEtcd,
@@ -30,6 +37,7 @@ from miren_store.embedded import (
     find_etcd_binary,
     wheel_etcd_binary,
 )
+from miren_store.entities import App
 from miren_store.errors import StoreError
 
 if TYPE_CHECKING:
@@ -87,32 +95,88 @@ def write_script(path: Path, text: str) -> Path:
     return path
 
 
+def raw_client(server: EmbeddedEtcd) -> Any:
+    """A plain aetcd client on the server's unix socket (make it in the loop that uses it)."""
+    ((host, port),) = parse_endpoints(server.endpoint)
+    return aetcd.Client(host=host, port=port, timeout=2)
+
+
 async def put_get(server: EmbeddedEtcd, key: bytes, value: bytes | None = None) -> bytes | None:
     """Put `value` (if given) then read `key` back, with a client made in this loop."""
-    async with aetcd.Client(host=server.host, port=server.port, timeout=2) as client:
+    async with raw_client(server) as client:
         if value is not None:
             await client.put(key, value)
         got = await client.get(key)
         return None if got is None else got.value
 
 
-# A fake etcd that is healthy but ignores SIGTERM: only SIGKILL stops it.
-STUBBORN_ETCD = f"""#!{sys.executable}
-import http.server, signal, sys
-signal.signal(signal.SIGTERM, signal.SIG_IGN)
+async def get_health(socket_path: Path) -> tuple[int, Any]:
+    async with (
+        aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(socket_path))) as http,
+        http.get("http://localhost/health") as resp,
+    ):
+        # etcd labels its JSON text/plain.
+        return resp.status, await resp.json(content_type=None)
+
+
+# Serves a healthy /health on the unix socket named by --listen-client-urls=unix://NAME (relative
+# to the cwd, the data dir, as etcd does); the fake etcds below exec or spawn it.
+HEALTH_SERVER = """
+import http.server, socketserver, sys
 url = next(a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--listen-client-urls="))
-host, port = url.removeprefix("http://").rsplit(":", 1)
 class Health(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
-        body = b'{{"health":"true","reason":""}}'
+        body = b'{"health":"true","reason":""}'
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+        with open("answered", "a") as f:
+            f.write("1")
+    def address_string(self):
+        return "unix"
     def log_message(self, *args):
         pass
-http.server.HTTPServer((host, int(port)), Health).serve_forever()
+socketserver.UnixStreamServer(url.removeprefix("unix://"), Health).serve_forever()
 """
+
+# A fake etcd that is healthy but ignores SIGTERM: only SIGKILL stops it.
+STUBBORN_ETCD = f"""#!{sys.executable}
+import signal
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+{HEALTH_SERVER}
+"""
+
+
+def proc_socket_inodes(pid: int) -> set[int]:
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(int(target.removeprefix("socket:[").removesuffix("]")))
+    return inodes
+
+
+def inet_sockets() -> dict[int, str]:
+    """Inode -> "table state local_address" of every TCP and UDP socket in this netns."""
+    found = {}
+    for table in ("tcp", "tcp6", "udp", "udp6"):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            found[int(fields[9])] = f"{table} st={fields[3]} {fields[1]}"
+    return found
+
+
+def unix_listeners() -> dict[int, str]:
+    """Inode -> bound path of every listening unix socket in this netns."""
+    found = {}
+    for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+        # "Num RefCount Protocol Flags Type St Inode Path"; flag 0x10000 is __SO_ACCEPTCON.
+        fields = line.split()
+        if len(fields) >= 8 and int(fields[3], 16) & 0x10000:
+            found[int(fields[6])] = fields[7]
+    return found
 
 
 # -- a real server ------------------------------------------------------------------------------
@@ -123,57 +187,68 @@ async def test_starts_healthy_and_serves_put_get(etcd_server: EmbeddedEtcd) -> N
     assert etcd_server.pid is not None and pid_alive(etcd_server.pid)
     # The pid is etcd itself (the trampoline exec'd in place), not a wrapper.
     assert "etcd --name=" in cmdline(etcd_server.pid)
-    assert etcd_server.port not in (2379, 2380)
-    assert etcd_server.endpoint == f"127.0.0.1:{etcd_server.port}"
-    assert etcd_server.url == f"etcd://127.0.0.1:{etcd_server.port}"
+    sock = etcd_server.socket_path
+    assert sock.parent == etcd_server.data_dir and sock.name.startswith("client.sock:")
+    assert stat.S_ISSOCK(sock.stat().st_mode)
+    assert etcd_server.endpoint == f"unix:{sock}"
+    # The URL carries the path with each '/' as %2F and round-trips to the endpoint.
+    assert etcd_server.url == "etcd://unix:" + str(sock).replace("/", "%2F")
+    assert parse_etcd_url(etcd_server.url) == ([etcd_server.endpoint], None)
+    # aetcd dials f"{host}:{port}": exactly the socket path.
+    ((host, port),) = parse_endpoints(etcd_server.endpoint)
+    assert f"{host}:{port}" == f"unix:{sock}"
     assert repr(etcd_server) == (
         f"<EmbeddedEtcd running pid={etcd_server.pid} endpoint={etcd_server.endpoint} "
         f"data_dir={etcd_server.data_dir}>"
     )
 
-    async with (
-        aiohttp.ClientSession() as http,
-        http.get(f"http://{etcd_server.endpoint}/health") as resp,
-    ):
-        assert resp.status == 200
-        # etcd labels its JSON text/plain.
-        assert (await resp.json(content_type=None))["health"] == "true"
+    status, health = await get_health(sock)
+    assert status == 200
+    assert health["health"] == "true"
 
     assert await put_get(etcd_server, b"/t/k", b"v1") == b"v1"
+    store = open_store(etcd_server.url, prefix="/s")  # the store reaches it through the URL
+    try:
+        made = await store.create(App(name="via-url"))
+        assert (await store.get(App, "via-url")).revision == made.revision
+    finally:
+        await store.close()
     # Logs go to the data dir, etcd's own data to a subdirectory of it.
     assert etcd_server.log_path == etcd_server.data_dir / "etcd.log"
     assert "ready to serve client requests" in etcd_server.log_path.read_text()
     assert (etcd_server.etcd_data_dir / "member").is_dir()
 
 
-async def test_data_survives_restart_on_same_dir_and_port(
+async def test_data_survives_restart_on_same_dir_and_socket(
     etcd_factory: EtcdFactory, tmp_path: Path
 ) -> None:
     data_dir = tmp_path / "shared"
     first = etcd_factory(data_dir=data_dir)
+    endpoint = first.endpoint  # known before the first start
     await first.start()
-    port = first.port
     assert await put_get(first, b"/t/durable", b"yes") == b"yes"
 
     await first.stop()
     assert not first.running and first.pid is None
     assert first.returncode == -signal.SIGTERM  # a graceful stop, not a kill
+    assert not first.socket_path.exists()  # etcd unlinks its sockets on a clean exit
 
-    # Same object: same client port, same data.
+    # Same object: same client socket, same data.
     await first.start()
-    assert first.port == port
+    assert first.endpoint == endpoint
     assert await put_get(first, b"/t/durable") == b"yes"
     await first.stop()
 
-    # A new launcher told the port (how a test restarts "the same" server).
-    again = etcd_factory(data_dir=data_dir, client_port=port)
+    # A new launcher told the socket name (how a test restarts "the same" server).
+    again = etcd_factory(data_dir=data_dir, client_socket=first.socket_path.name)
     await again.start()
-    assert again.endpoint == f"127.0.0.1:{port}"
+    assert again.endpoint == endpoint
     assert await put_get(again, b"/t/durable") == b"yes"
     await again.stop()
 
-    # A new launcher on fresh ports (how `miren serve` restarts): the data is still there.
+    # A new launcher with its own socket (how `miren serve` restarts): the data is still there.
     fresh = etcd_factory(data_dir=data_dir)
+    assert fresh.endpoint != endpoint
     await fresh.start()
     assert await put_get(fresh, b"/t/durable") == b"yes"
 
@@ -204,10 +279,16 @@ async def test_freeze_thaw_kill_and_crash_durability(etcd_server: EmbeddedEtcd) 
     await etcd_server.stop()  # reaps
     assert etcd_server.returncode == -signal.SIGKILL
     assert proc_state(pid) is None
+    # A crash leaves its sockets behind: stale, so the next start clears them.
+    assert etcd_server.socket_path.exists()
+    old_peer = etcd_server.peer_socket_path
+    assert old_peer is not None and old_peer.exists()
 
     # An acknowledged write survives a crash (etcd fsyncs before it answers).
     await etcd_server.start()
     assert await put_get(etcd_server, b"/t/acked") == b"1"
+    assert not old_peer.exists()  # the stale peer socket was removed, a fresh one made
+    assert etcd_server.peer_socket_path != old_peer
 
 
 async def test_stop_of_a_frozen_server_is_still_graceful(etcd_server: EmbeddedEtcd) -> None:
@@ -413,21 +494,69 @@ async def test_cancelled_start_leaves_no_process(tmp_path: Path) -> None:
     assert server.pid is None
 
 
-async def test_fixed_client_port_in_use_is_a_clear_error(tmp_path: Path, etcd_binary: Path) -> None:
-    with socket.socket() as squatter:
-        squatter.bind(("127.0.0.1", 0))
-        squatter.listen()
-        port = squatter.getsockname()[1]
-        server = EmbeddedEtcd(tmp_path / "etcd", binary=etcd_binary, client_port=port)
-        with pytest.raises(EtcdLaunchError, match=f"127.0.0.1:{port} is in use"):
+async def test_client_socket_in_use_is_a_clear_error(
+    etcd_factory: EtcdFactory, tmp_path: Path
+) -> None:
+    """A live listener on the socket path: etcd would silently unlink it and take the path, so
+    the launcher refuses before launching and leaves the other server alone."""
+    data_dir = tmp_path / "etcd"
+    data_dir.mkdir(mode=0o700)
+    name = "client.sock:1"
+    squatter = await asyncio.start_unix_server(answer_healthy, str(data_dir / name))
+    try:
+        server = etcd_factory(data_dir=data_dir, client_socket=name)
+        started = time.monotonic()
+        with pytest.raises(EtcdLaunchError, match=f"{name} is in use"):
             await server.start()
+        assert time.monotonic() - started < 2.0
         assert server.pid is None
+        assert not server.log_path.exists()  # etcd was never launched
+        status, _ = await get_health(data_dir / name)  # still the squatter's socket
+        assert status == 200
+    finally:
+        squatter.close()
+        await squatter.wait_closed()
 
 
-def test_reserved_ports_are_refused(tmp_path: Path) -> None:
-    for port in (2379, 2380, 0, 70000):
-        with pytest.raises(ValueError, match="reserved or out of range"):
-            EmbeddedEtcd(tmp_path, client_port=port)
+async def test_second_server_on_a_running_data_dir_is_refused(
+    etcd_server: EmbeddedEtcd, etcd_factory: EtcdFactory
+) -> None:
+    other = etcd_factory(data_dir=etcd_server.data_dir)
+    assert other.socket_path != etcd_server.socket_path
+    with pytest.raises(EtcdLaunchError, match="is in use: another server listens on it"):
+        await other.start()
+    assert other.pid is None
+    # The running server kept its sockets and its data.
+    assert await put_get(etcd_server, b"/t/k", b"still") == b"still"
+
+
+async def test_a_frozen_servers_socket_counts_as_in_use(
+    etcd_server: EmbeddedEtcd, etcd_factory: EtcdFactory
+) -> None:
+    etcd_server.freeze()
+    try:
+        with pytest.raises(EtcdLaunchError, match="in use"):
+            await etcd_factory(data_dir=etcd_server.data_dir).start()
+    finally:
+        etcd_server.thaw()
+
+
+def test_bad_socket_names_are_refused(tmp_path: Path) -> None:
+    for name in ("client.sock", "a/b:1", "../x:1", "x:01", "x:", ":1", "x:1 ", "x y:1"):
+        with pytest.raises(ValueError, match="is not a socket name"):
+            EmbeddedEtcd(tmp_path, client_socket=name)
+    assert EmbeddedEtcd(tmp_path, client_socket="c-1.sock:0").socket_path == tmp_path / "c-1.sock:0"
+
+
+def test_a_data_dir_too_long_for_a_socket_path_is_refused(tmp_path: Path) -> None:
+    """sun_path: clients cannot dial a longer path, so refuse up front, naming the limit."""
+    name = "client.sock:123456"  # as long as a picked name
+    fits = Path("/" + "d" * (UNIX_PATH_MAX - len(name) - 2))
+    assert len(str(fits / name)) == UNIX_PATH_MAX
+    assert EmbeddedEtcd(fits).socket_path.name != name  # accepted (not started)
+    with pytest.raises(ValueError, match=f"over the {UNIX_PATH_MAX}-byte limit") as info:
+        EmbeddedEtcd(Path(str(fits) + "d"))
+    assert "sun_path" in str(info.value)
 
 
 async def answer_healthy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -439,49 +568,232 @@ async def answer_healthy(reader: asyncio.StreamReader, writer: asyncio.StreamWri
     await writer.wait_closed()
 
 
-async def accept_only(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """A squatter that accepts and never answers (a probe would hang on it)."""
-    await reader.read()
-    writer.close()
+# A fake etcd that fails its first launch the way etcd reports a lost bind race on its client
+# socket, then execs the real etcd (the real one unlinks whatever is at its path first, so it
+# cannot be made to collide on cue).
+COLLIDING_ETCD = """#!/bin/sh
+name=
+for arg in "$@"; do
+    case "$arg" in --listen-client-urls=unix://*) name=${{arg#--listen-client-urls=unix://}};; esac
+done
+echo "$name" >> launches
+if [ ! -e collided ]; then
+    : > collided
+    echo "listen unix $name: bind: address already in use" >&2
+    exit 1
+fi
+exec {etcd} "$@"
+"""
 
 
-@pytest.mark.parametrize("squatter", [accept_only, answer_healthy], ids=["silent", "impostor"])
-async def test_lost_port_race_is_retried_with_new_ports(
-    etcd_factory: EtcdFactory,
-    monkeypatch: pytest.MonkeyPatch,
-    squatter: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+async def test_lost_socket_race_is_retried_with_a_new_name(
+    etcd_factory: EtcdFactory, tmp_path: Path, etcd_binary: Path
 ) -> None:
-    """Another server grabbed the client port we picked before etcd could bind it.
-
-    etcd exits with "address already in use"; the launcher must notice at once (not after a
-    hung probe), must not mistake the other server's /health for its own, and must relaunch on
-    fresh ports.
-    """
-    real_pick = embedded._pick_free_ports
-    other = await asyncio.start_server(squatter, "127.0.0.1", 0)
-    try:
-        taken = other.sockets[0].getsockname()[1]
-        calls = 0
-
-        def pick_taken_first(count: int, exclude: frozenset[int] = frozenset()) -> list[int]:
-            nonlocal calls
-            calls += 1
-            ports = real_pick(count, exclude | {taken})
-            return [taken, *ports[1:]] if calls == 1 else ports
-
-        monkeypatch.setattr(embedded, "_pick_free_ports", pick_taken_first)
-        # A probe that hung on the silent squatter for this long would use up the whole start
-        # deadline, so a successful start proves the exit cut the probe short.
-        monkeypatch.setattr(embedded, "_HEALTH_PROBE_TIMEOUT", 3600.0)
-        server = etcd_factory()
-        await server.start()
-    finally:
-        other.close()
-        await other.wait_closed()
-    assert calls == 2
-    assert server.port != taken
+    fake = write_script(tmp_path / "colliding-etcd", COLLIDING_ETCD.format(etcd=etcd_binary))
+    server = etcd_factory(binary=fake)
+    first = server.socket_path
+    await server.start()
+    launches = (server.data_dir / "launches").read_text().split()
+    assert launches == [first.name, server.socket_path.name]
+    assert server.socket_path != first
     assert "address already in use" in server.log_path.read_text()
     assert await put_get(server, b"/t/k", b"v") == b"v"
+
+
+async def test_lost_race_on_a_fixed_socket_is_not_retried(
+    etcd_factory: EtcdFactory, tmp_path: Path, etcd_binary: Path
+) -> None:
+    fake = write_script(tmp_path / "colliding-etcd", COLLIDING_ETCD.format(etcd=etcd_binary))
+    server = etcd_factory(binary=fake, client_socket="client.sock:5")
+    with pytest.raises(
+        EtcdLaunchError, match=re.escape("client.sock:5: bind: address already in use")
+    ):
+        await server.start()
+    assert (server.data_dir / "launches").read_text().split() == ["client.sock:5"]
+    assert server.pid is None
+
+
+# A fake etcd whose socket is served by *another* process (its child) while the pid we hold only
+# sleeps: /health answers "true", but not from the process the launcher started.
+IMPOSTOR_ETCD = """#!/bin/sh
+{python} {server} "$@" &
+echo $! > impostor.pid
+exec sleep 60
+"""
+
+
+async def test_a_healthy_answer_from_another_process_does_not_count(
+    etcd_factory: EtcdFactory, tmp_path: Path
+) -> None:
+    health_server = write_script(tmp_path / "health.py", HEALTH_SERVER)
+    fake = write_script(
+        tmp_path / "impostor-etcd",
+        IMPOSTOR_ETCD.format(python=sys.executable, server=health_server),
+    )
+    server = etcd_factory(binary=fake, start_timeout=1.5)
+    pid_file = server.data_dir / "impostor.pid"
+    try:
+        with pytest.raises(EtcdLaunchError, match=r"not healthy within 1\.5 s"):
+            await server.start()
+        # The impostor did answer /health: the refusal is the ownership check's doing.
+        assert (server.data_dir / "answered").read_text()
+    finally:
+        impostor = int(pid_file.read_text()) if pid_file.exists() else None
+        # Only if it is still the impostor (never a recycled pid).
+        if impostor is not None and "health.py" in cmdline(impostor):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(impostor, signal.SIGKILL)
+    assert server.pid is None
+
+
+# -- isolation: unix sockets only, private to our uid ----------------------------------------
+
+
+async def test_no_tcp_or_udp_socket_at_all(etcd_server: EmbeddedEtcd) -> None:
+    """Every socket etcd holds is a unix socket; it listens on exactly its two socket files."""
+    pid = etcd_server.pid
+    assert pid is not None
+    held = proc_socket_inodes(pid)
+    assert held, "etcd holds no socket?"
+    inet = inet_sockets()
+    assert {inet[i] for i in held if i in inet} == set()
+    listening = unix_listeners()
+    assert {listening[i] for i in held if i in listening} == {
+        etcd_server.socket_path.name,  # bound relative to etcd's cwd, the data dir
+        etcd_server.peer_socket_path.name if etcd_server.peer_socket_path else "",
+    }
+    unix_inodes = {
+        int(line.split()[6]) for line in Path("/proc/net/unix").read_text().splitlines()[1:]
+    }
+    assert held <= unix_inodes  # not one socket of another family (netlink, inet, ...)
+    cmd = cmdline(pid)
+    assert "--listen-peer-urls=unix://peer.sock:" in cmd
+    assert "--listen-client-urls=unix://client.sock:" in cmd
+    assert "http://" not in cmd and "metrics" not in cmd
+
+
+async def test_socket_files_and_data_dir_are_private(
+    etcd_factory: EtcdFactory, tmp_path: Path
+) -> None:
+    data_dir = tmp_path / "wide"
+    data_dir.mkdir(mode=0o755)
+    data_dir.chmod(0o755)  # whatever the umask: a pre-existing, world-readable directory
+    server = etcd_factory(data_dir=data_dir)
+    await server.start()
+    assert stat.S_IMODE(data_dir.stat().st_mode) == 0o700  # narrowed
+    peer = server.peer_socket_path
+    assert peer is not None
+    for sock in (server.socket_path, peer):
+        info = sock.stat()
+        assert stat.S_ISSOCK(info.st_mode)
+        assert stat.S_IMODE(info.st_mode) & 0o077 == 0, oct(info.st_mode)
+        assert info.st_uid == os.geteuid()
+
+
+async def test_data_dir_of_another_user_is_refused(tmp_path: Path, etcd_binary: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to hand a directory to another uid")
+    data_dir = tmp_path / "theirs"
+    data_dir.mkdir(mode=0o700)
+    os.chown(data_dir, 65532, 65532)
+    server = EmbeddedEtcd(data_dir, binary=etcd_binary)
+    with pytest.raises(EtcdLaunchError, match="belongs to uid 65532"):
+        await server.start()
+    assert server.pid is None
+
+
+# Run as another uid: tries to connect to each path, prints one result per path.
+CONNECT_PROBE = """
+import json, socket, sys
+out = []
+for path in sys.argv[1:]:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(path)
+        out.append("connected")
+    except OSError as exc:
+        out.append(f"errno {exc.errno}")
+    finally:
+        s.close()
+print(json.dumps(out))
+"""
+OTHER_UID = 65532
+
+
+@pytest.fixture
+def as_other_user() -> Callable[..., list[str]]:
+    """Run CONNECT_PROBE as uid/gid 65532 with no groups (setpriv); skip where impossible."""
+    setpriv = shutil.which("setpriv")
+    # The suite's interpreter may live under /root (0700): use the system one.
+    python = shutil.which("python3", path="/usr/bin:/bin")
+    if os.geteuid() != 0 or setpriv is None or python is None:
+        pytest.skip("needs root, setpriv and a system python3")
+
+    def run(*paths: Path) -> list[str]:
+        result = subprocess.run(
+            [
+                *(setpriv, f"--reuid={OTHER_UID}", f"--regid={OTHER_UID}", "--clear-groups"),
+                *(python, "-I", "-S", "-c", CONNECT_PROBE, *map(str, paths)),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd="/",
+            check=True,
+        )
+        answer: list[str] = json.loads(result.stdout)
+        return answer
+
+    return run
+
+
+@pytest.fixture
+def open_dir() -> Iterator[Path]:
+    """A fresh directory every user may traverse (0711), outside pytest's private tmp tree."""
+    path = Path(tempfile.mkdtemp(prefix="miren-open-"))
+    try:
+        path.chmod(0o711)
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+async def test_another_user_cannot_connect(
+    etcd_server: EmbeddedEtcd, as_other_user: Callable[..., list[str]], open_dir: Path
+) -> None:
+    """Both gates hold on their own: the 0700 data dir, and the socket file's own mode.
+
+    Through its real path the socket is behind the data dir. A hard link in a directory anyone
+    may traverse bypasses that gate, so only the socket file's mode stands between; a socket
+    made 0777 in that same directory is the control: it proves the other user *could* connect
+    if the mode allowed it, so the refusals are not an artefact of the probe."""
+    peer = etcd_server.peer_socket_path
+    assert peer is not None
+    linked_client = open_dir / "client"
+    linked_peer = open_dir / "peer"
+    os.link(etcd_server.socket_path, linked_client)
+    os.link(peer, linked_peer)
+    control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        control.bind(str(open_dir / "control"))
+        control.listen()
+        (open_dir / "control").chmod(0o777)
+        # Root itself gets through the link: it does reach etcd's listener.
+        status, _ = await get_health(linked_client)
+        assert status == 200
+        results = await asyncio.to_thread(
+            as_other_user,
+            etcd_server.socket_path,
+            peer,
+            linked_client,
+            linked_peer,
+            open_dir / "control",
+        )
+    finally:
+        control.close()
+    eacces = "errno 13"
+    assert results == [eacces, eacces, eacces, eacces, "connected"]
+    assert await put_get(etcd_server, b"/t/k", b"v") == b"v"
 
 
 # -- parent death -------------------------------------------------------------------------------

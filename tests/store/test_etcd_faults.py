@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import re
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -25,7 +26,7 @@ import grpc.aio
 import pytest
 from aetcd import rpc
 
-from miren_store.backends import open_store, parse_etcd_url
+from miren_store.backends import UNIX_PATH_MAX, open_store, parse_etcd_url
 from miren_store.embedded import EmbeddedEtcd
 from miren_store.entities import App, AppVersion, Runtime, SandboxPool, VersionSpec
 from miren_store.errors import Conflict, NotFound, Resync, StoreError, StoreUnavailable
@@ -82,6 +83,12 @@ async def freeze(server: EmbeddedEtcd) -> None:
         return all(s == "T" for s in states)
 
     await eventually(stopped, 5)
+
+
+def raw_client(server: EmbeddedEtcd) -> Any:
+    """A plain aetcd client on the server's unix socket (make it in the loop that uses it)."""
+    ((host, port),) = parse_endpoints(server.endpoint)
+    return aetcd.Client(host=host, port=port, timeout=2)
 
 
 def free_port() -> int:
@@ -304,6 +311,50 @@ def test_endpoints_and_urls() -> None:
     assert parse_etcd_url("etcd://h1:1/") == (["h1:1"], None)
 
 
+def test_unix_socket_endpoints_and_urls() -> None:
+    # aetcd dials f"{host}:{port}": for a socket named "name:N" that is "unix:<path>" again.
+    assert parse_endpoints("unix:/run/etcd/client.sock:0") == (("unix:/run/etcd/client.sock", 0),)
+    assert parse_endpoints(["unix:/a/b:7", "h:1"]) == (("unix:/a/b", 7), ("h", 1))
+    # "unix" as a TCP host name still is one (only "unix:/" starts a socket path).
+    assert parse_endpoints("unix:2379") == (("unix", 2379),)
+    longest = "/" + "x" * (UNIX_PATH_MAX - 3) + ":1"
+    assert parse_endpoints(f"unix:{longest}") == ((f"unix:{longest[:-2]}", 1),)
+    for bad, why in (
+        ("unix:/run/etcd.sock", "file name ends in ':N'"),
+        ("unix:/run/:1", "file name ends in ':N'"),
+        ("unix:/run/x:1a", "file name ends in ':N'"),
+        ("unix:/run/x:01", "leading zero"),
+        (f"unix:/{longest}", f"over the {UNIX_PATH_MAX}-byte limit"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(why)):
+            parse_endpoints(bad)
+    # In a URL the path's '/' are %2F (everything up to the first '/' is the endpoint list).
+    assert parse_etcd_url("etcd://unix:%2Frun%2Fe%2Cx.sock:3,h:1/pfx") == (
+        ["unix:/run/e,x.sock:3", "h:1"],
+        "/pfx",
+    )
+    with pytest.raises(ValueError, match="%2F"):
+        parse_etcd_url("etcd://unix:/run/etcd/client.sock:0")
+
+
+async def test_a_unix_endpoint_that_is_not_there_is_unavailable(tmp_path: Path) -> None:
+    """No socket file, or a stale one: the request never left, so even a write is retried (and
+    then reported unavailable, within the timeout)."""
+    stale = tmp_path / "stale.sock:1"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(stale))  # bound, never listening: connect() is refused
+    for path in (tmp_path / "missing.sock:1", stale):
+        store = EtcdStore(f"unix:{path}", timeout=TIMEOUT, retry=RetryPolicy(3, 0.001, 0.001))
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(StoreUnavailable, match="failed to connect"):
+                await store.create(App(name="a"))
+            assert time.monotonic() - t0 < TIMEOUT + MARGIN
+            assert not store.healthy
+        finally:
+            await store.close()
+
+
 async def test_open_store_by_name() -> None:
     stats = StoreStats()
     mem = open_store("memory", stats=stats)
@@ -397,7 +448,7 @@ async def test_watch_from_a_compacted_revision_raises_resync(
     first = await store.create(App(name="a"))
     for i in range(3):
         first = await store.update(attrs.evolve(first, active_version=f"v{i}"))
-    async with aetcd.Client(host="127.0.0.1", port=etcd_server.port, timeout=2) as raw:
+    async with raw_client(etcd_server) as raw:
         await raw.compact(first.revision)
     await store.compact(first.revision)  # again: already done, not an error
     agen = store.watch(first.revision - 3)
@@ -475,11 +526,10 @@ async def test_every_operation_on_a_frozen_etcd_fails_within_the_timeout(
 async def test_store_made_while_etcd_is_down_works_once_it_is_up(
     etcd_factory: EtcdFactory,  # noqa: F811
 ) -> None:
-    port = free_port()
+    server = etcd_factory()  # its endpoint is known before it starts
     t0 = time.monotonic()
-    store = EtcdStore(f"127.0.0.1:{port}", prefix="/t", timeout=TIMEOUT)
+    store = EtcdStore(server.endpoint, prefix="/t", timeout=TIMEOUT)
     assert time.monotonic() - t0 < 0.1  # constructing does no I/O
-    server = etcd_factory(client_port=port)
     watch = None
     try:
         t0 = time.monotonic()
@@ -512,8 +562,44 @@ async def test_store_made_while_etcd_is_down_works_once_it_is_up(
 
 
 @pytest.mark.etcd
-async def test_a_dead_endpoint_is_rotated_away(etcd_server: EmbeddedEtcd) -> None:  # noqa: F811
-    store = EtcdStore([f"127.0.0.1:{free_port()}", etcd_server.endpoint], timeout=TIMEOUT)
+async def test_a_tcp_endpoint_still_works(etcd_server: EmbeddedEtcd) -> None:  # noqa: F811
+    """`etcd://host:port` over TCP against a real etcd. The embedded server has no TCP port, so
+    a loopback relay in front of its unix socket stands in for a remote cluster member."""
+
+    async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        try:
+            while data := await src.read(65536):
+                dst.write(data)
+                await dst.drain()
+        finally:
+            dst.close()
+
+    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_unix_connection(str(etcd_server.socket_path))
+        await asyncio.gather(
+            pipe(reader, up_writer), pipe(up_reader, writer), return_exceptions=True
+        )
+
+    relay_server = await asyncio.start_server(relay, "127.0.0.1", 0)
+    port = relay_server.sockets[0].getsockname()[1]
+    store = open_store(f"etcd://127.0.0.1:{port}/tcp", timeout=5.0)
+    try:
+        assert isinstance(store, EtcdStore) and store.endpoints == (("127.0.0.1", port),)
+        made = await store.create(App(name="over-tcp"))
+        assert (await store.get(App, "over-tcp")).revision == made.revision
+        async with raw_client(etcd_server) as raw:  # the same server, through its socket
+            got = await raw.get(b"/tcp/e/app/over-tcp")
+            assert got is not None and got.mod_revision == made.revision
+    finally:
+        await store.close()
+        relay_server.close()
+        await relay_server.wait_closed()
+
+
+@pytest.mark.etcd
+async def test_a_dead_endpoint_is_rotated_away(etcd_server: EmbeddedEtcd, tmp_path: Path) -> None:  # noqa: F811
+    dead = [f"127.0.0.1:{free_port()}", f"unix:{tmp_path / 'gone.sock:1'}"]
+    store = EtcdStore([*dead, etcd_server.endpoint], timeout=TIMEOUT)
     try:
         made = await store.create(App(name="a"))
         assert (await store.get(App, "a")).revision == made.revision
@@ -561,7 +647,7 @@ async def test_index_keys_always_match_the_entities(
     await asyncio.gather(*(worker(s) for s in range(4)))
 
     entities = {v.id: v for v in await store.list(AppVersion)}
-    async with aetcd.Client(host="127.0.0.1", port=etcd_server.port, timeout=2) as raw:
+    async with raw_client(etcd_server) as raw:
         eq = [kv.key for _, kv in await _prefix(raw, b"/t/i/app_version/")]
         ordered = [kv.key for _, kv in await _prefix(raw, b"/t/o/app_version/")]
     # Every raw index key names an existing entity with that value ...
@@ -705,5 +791,5 @@ async def test_a_frozen_endpoint_is_rotated_away(etcd_factory: EtcdFactory) -> N
 async def _raw_put(server: EmbeddedEtcd, key: bytes, entity: Any) -> None:
     from miren_store.codec import encode
 
-    async with aetcd.Client(host="127.0.0.1", port=server.port, timeout=2) as raw:
+    async with raw_client(server) as raw:
         await raw.put(key, encode(entity))
