@@ -4,22 +4,59 @@ Start. A free port is picked by binding port 0 on the runtime's host (the socket
 the child binds, so another process could take the port in between; the child then fails to bind
 and exits, which the activator sees at once as a boot failure). `$PORT` / `${PORT}` in the argv
 are replaced by it, and the child's environment is a small pass-through of ours (PATH, HOME,
-locale, ...; never secrets such as MIREN_ADMIN_TOKEN) plus the spec's `env`, plus `PORT`,
-`MIREN_APP`, `MIREN_VERSION`, `MIREN_EPHEMERAL_LABEL`, `MIREN_SERVICE` and `MIREN_SANDBOX`,
-which win over the spec's. stdout and stderr are appended to the sandbox's log file.
+locale, ...; never secrets such as MIREN_ADMIN_TOKEN), then what the isolation sets (a private
+HOME and TMPDIR), then the spec's `env`, then `PORT`, `MIREN_APP`, `MIREN_VERSION`,
+`MIREN_EPHEMERAL_LABEL`, `MIREN_SERVICE` and `MIREN_SANDBOX`, which win over the spec's. stdout
+and stderr are appended to the sandbox's log file, which we open and hand over as fds 1 and 2.
+
+Isolation (`miren_activator.isolation`). `prepare` decides once how sandboxes are confined: it
+reads the host layout, finds bubblewrap and runs the exact sandbox set-up around `true` once as
+the uid the sandboxes will get, then `isolation.choose` picks `bwrap`, `user`, `none` or a
+refusal (every start then fails with `BootFailed` saying why). `runtime.isolation.description`
+says what was chosen. The command lines:
+
+    none:  [setpriv --pdeathsig KILL --]            COMMAND   (or the trampoline, see below)
+    user:  python -I -S -c TRAMPOLINE ppid uid gid 1 COMMAND
+    bwrap: python -I -S -c TRAMPOLINE ppid uid gid 1 bwrap --unshare-user ... --chdir CWD -- COMMAND
+
+The trampoline is a fresh single-threaded interpreter between our fork and the exec (not a
+`preexec_fn`: Python code in the forked child of a threaded process can deadlock on a lock held at
+fork time). In this order it:
+1. closes every fd >= 3 (uvloop ignores `close_fds`, so the child would otherwise inherit every
+   inheritable fd we hold; measured: uvloop's own /dev/null, a dup of the log fd, and whatever
+   pipe our supervisor gave us);
+2. when the edge is root, switches to `uid`:`gid` with no supplementary groups and an empty
+   capability bounding set (-1 keeps our ids);
+3. sets `PR_SET_PDEATHSIG=SIGKILL` (after the switch, as a credential change clears it), then
+   checks that `getppid()` is still us (else we died before the prctl took effect, and no signal
+   would ever come);
+4. sets `PR_SET_NO_NEW_PRIVS` (confined sandboxes only) and execs in place (same pid).
+So bubblewrap, when used, already runs as the sandbox uid, unprivileged, and builds its
+namespaces in a user namespace of that uid. The trampoline costs an interpreter start (about 9 ms
+here; prctl is called through `_ctypes`, as the `ctypes` package would add 3 ms). setpriv (about
+2 ms) could switch uids and set both prctls, but it cannot close fds, so it serves only `none`,
+as before. Measured here, spawn to healthy for the echo app (p50 of 40 interleaved boots):
+setpriv 32 ms, the trampoline alone (`user`) 41 ms, trampoline and bubblewrap 49 ms.
 
 No orphans. The child gets its own session (`start_new_session=True`), so it is the leader of
 its own process group: `stop` signals the whole group (SIGTERM, SIGKILL after the grace) and a
 last SIGKILL to the group after the leader ended clears any stragglers it forked. If we die
-without stopping it (SIGKILL, OOM, crash), the kernel kills it: the command is started through a
-launcher that sets `PR_SET_PDEATHSIG=SIGKILL` and then execs the command in place (same pid).
-As in `miren_store.embedded`, this is not a `preexec_fn` (Python code in the forked child of a
-threaded process can deadlock on a lock held at fork time). The launcher is `setpriv
---pdeathsig KILL` from util-linux when present (about 2 ms), else a `python -I -S` trampoline
-(about 10 ms) that also checks `getppid()` to close the window where we died before the prctl.
-The death signal fires when the *thread* that forked the child exits: asyncio and uvloop spawn
-from the event loop's thread. Limitation: grandchildren a sandbox forks are not covered by the
-death signal (only by `stop`'s group kill); a sandbox command should exec its server.
+without stopping it (SIGKILL, OOM, crash), the kernel kills it through the death signal the
+launcher set. The death signal fires when the *thread* that forked the child exits: asyncio and
+uvloop spawn from the event loop's thread. Without bubblewrap, grandchildren a sandbox forks are
+not covered by the death signal (only by `stop`'s group kill); a sandbox command should exec its
+server.
+
+Under bubblewrap the tree is: our child is bwrap's monitor (the group leader, pid we hold), which
+forks the sandbox's pid 1 (bwrap's init, in the new pid namespace), which forks the app (pid 2
+inside). `--die-with-parent` SIGKILLs init when the monitor dies, and when a pid namespace's init
+dies the kernel kills everything in it, so the app and anything it forked or daemonised die with
+us too. All three share our process group (no `--new-session`), so SIGKILL to the group ends
+them. SIGTERM must spare the monitor, though: it has no handler, would die at once and take the
+sandbox down by SIGKILL, so the app would never get its grace period. `stop` therefore sends
+SIGTERM to every member of the group but the leader (found in /proc; init ignores it, as the
+kernel drops unhandled signals to a namespace's init), the app exits, init reports its status
+to the monitor, and the monitor exits with it (128 + signal for a signal death).
 """
 
 from __future__ import annotations
@@ -31,16 +68,40 @@ import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
+import weakref
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Final, Literal
 
+import attrs
+
 from miren_activator.errors import BootFailed
+from miren_activator.isolation import (
+    SANDBOX_HOME,
+    BwrapStatus,
+    HostLayout,
+    Isolation,
+    IsolationConfig,
+    IsolationMode,
+    bwrap_argv,
+    choose,
+    find_bwrap,
+    parse_bwrap_version,
+    path_refusal,
+    read_layout,
+    sandbox_env,
+)
 from miren_activator.runtime import PollSchedule, SandboxSpec, wait_healthy
 
-# How the child is made to die with us: "auto" (setpriv if usable, else python), or forced.
+# How an unconfined child is made to die with us: "auto" (setpriv if usable, else python), or
+# forced. Confined children always use the Python trampoline (it alone closes inherited fds).
 Launcher = Literal["auto", "setpriv", "python", "none"]
+
+# The default of `ProcessRuntime(isolation=...)`: the library and its tests run sandboxes as the
+# calling user; `miren serve` passes its `sandbox.isolation` config (default "auto").
+NO_ISOLATION: Final = IsolationConfig(mode=IsolationMode.NONE)
 
 PASSTHROUGH_ENV: Final = (
     "PATH",
@@ -55,21 +116,56 @@ PASSTHROUGH_ENV: Final = (
     "SHELL",
 )
 
+# python -I -S -c _TRAMPOLINE <our pid> <uid|-1> <gid|-1> <no_new_privs 0|1> COMMAND...
+# (see the module docstring for the order of the steps). prctl is reached through _ctypes, the
+# C half of ctypes, which imports in 0.5 ms where the ctypes package takes 3.5 ms. The PATH
+# search is ours, not os.execvp's: that one imports a module lazily, and after the uid switch our
+# interpreter's own library may be out of reach (e.g. below a 0700 /root).
 _TRAMPOLINE: Final = """\
-import ctypes, os, signal, sys
-libc = ctypes.CDLL(None, use_errno=True)
-ul = ctypes.c_ulong
-if libc.prctl(1, ul(signal.SIGKILL), ul(0), ul(0), ul(0)) != 0:  # PR_SET_PDEATHSIG
-    sys.stderr.write("miren: prctl(PR_SET_PDEATHSIG) failed, errno %d\\n" % ctypes.get_errno())
-    os._exit(126)
-if os.getppid() != int(sys.argv[1]):  # our parent died before the prctl took effect
-    os._exit(125)
+import os, sys
+import _ctypes as C
+class L(C._SimpleCData):
+    _type_ = "L"
+class I(C._SimpleCData):
+    _type_ = "i"
+class F(C.CFuncPtr):
+    _flags_ = C.FUNCFLAG_CDECL | C.FUNCFLAG_USE_ERRNO
+    _restype_ = I
+def fail(code, what):
+    sys.stderr.write("miren: %s\\n" % what)
+    os._exit(code)
+ppid, uid, gid, nnp = (int(a) for a in sys.argv[1:5])
+os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+prctl = F(C.dlsym(C.dlopen(None), "prctl"))
 try:
-    os.execvp(sys.argv[2], sys.argv[2:])
+    if gid >= 0:
+        os.setgroups([])
+        os.setresgid(gid, gid, gid)
+    if uid >= 0:
+        for cap in range(64):  # PR_CAPBSET_DROP: nothing exec'd later can regain a capability
+            if prctl(L(24), L(cap), L(0), L(0), L(0)) != 0 and C.get_errno() == 22:
+                break  # EINVAL: past the kernel's last capability
+        os.setresuid(uid, uid, uid)
 except OSError as exc:
-    sys.stderr.write("miren: cannot exec %s: %s\\n" % (sys.argv[2], exc))
-    os._exit(127)
+    fail(126, "cannot switch to uid %d gid %d: %s" % (uid, gid, exc))
+if prctl(L(1), L(9), L(0), L(0), L(0)) != 0:  # PR_SET_PDEATHSIG, SIGKILL
+    fail(126, "prctl(PR_SET_PDEATHSIG) failed, errno %d" % C.get_errno())
+if os.getppid() != ppid:  # our parent died before the prctl took effect
+    os._exit(125)
+if nnp and prctl(L(38), L(1), L(0), L(0), L(0)) != 0:  # PR_SET_NO_NEW_PRIVS
+    fail(126, "prctl(PR_SET_NO_NEW_PRIVS) failed, errno %d" % C.get_errno())
+cmd = sys.argv[5]
+found = None
+for d in [""] if "/" in cmd else os.environ.get("PATH", "/usr/bin:/bin").split(":"):
+    try:
+        os.execv(d + "/" + cmd if d else cmd, sys.argv[5:])
+    except OSError as exc:
+        if found is None or found.errno in (2, 20):  # prefer EACCES & co. to ENOENT, ENOTDIR
+            found = exc
+fail(127, "cannot exec %s: %s" % (cmd, found))
 """
+
+_PROBE_TIMEOUT: Final = 10.0
 
 
 def pick_port(host: str) -> int:
@@ -85,8 +181,31 @@ def expand_port(argv: Sequence[str], port: int) -> list[str]:
     return [a.replace("${PORT}", text).replace("$PORT", text) for a in argv]
 
 
+def group_members(pgid: int) -> list[int]:
+    """The pids of the live processes in process group `pgid` (read from /proc, so racy by
+    nature; zombies, which wait for their reaper, are left out)."""
+    pids: list[int] = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # "pid (comm) state ppid pgrp ...": comm may hold anything, so split after its last ')'.
+        fields = stat.rsplit(b")", 1)[-1].split()
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+            pids.append(int(name))
+    return pids
+
+
 class ProcessHandle:
-    """One running child process (the leader of its own process group)."""
+    """One running child process (the leader of its own process group).
+
+    `spare_leader`: the leader is bubblewrap's monitor, which SIGTERM must not reach (see the
+    module docstring). `scratch`: the sandbox's private HOME on the host, removed once it ended.
+    """
 
     def __init__(
         self,
@@ -97,6 +216,8 @@ class ProcessHandle:
         health_path: str | None,
         schedule: PollSchedule,
         probe_timeout: float,
+        spare_leader: bool = False,
+        scratch: str | None = None,
     ) -> None:
         self._proc = proc
         self._host = host
@@ -104,6 +225,8 @@ class ProcessHandle:
         self._health_path = health_path
         self._schedule = schedule
         self._probe_timeout = probe_timeout
+        self._spare_leader = spare_leader
+        self._scratch = scratch
 
     def __repr__(self) -> str:
         return (
@@ -144,13 +267,13 @@ class ProcessHandle:
     async def wait_exit(self) -> int:
         rc = await self._proc.wait()
         self._signal_group(signal.SIGKILL)  # stragglers the leader left behind
+        await self._remove_scratch()
         return rc
 
     async def stop(self, grace: float) -> None:
         try:
             if self._proc.returncode is None:
-                self._signal_group(signal.SIGTERM)
-                self._signal_group(signal.SIGCONT)  # a stopped process acts on TERM only if run
+                await self._terminate()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(asyncio.shield(self._proc.wait()), max(0.0, grace))
         finally:
@@ -158,19 +281,39 @@ class ProcessHandle:
             self._signal_group(signal.SIGKILL)
         if self._proc.returncode is None:
             await self._proc.wait()
+        await self._remove_scratch()
 
     def kill(self) -> None:
         """SIGKILL the whole group now (no wait)."""
         self._signal_group(signal.SIGKILL)
+
+    async def _terminate(self) -> None:
+        members: list[int] = []
+        if self._spare_leader:
+            members = [p for p in await asyncio.to_thread(group_members, self.pid) if p != self.pid]
+        if members:
+            for pid in members:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGTERM)
+        else:  # not bubblewrap, or its sandbox is not up yet: the leader goes, and all with it
+            self._signal_group(signal.SIGTERM)
+        self._signal_group(signal.SIGCONT)  # a stopped process acts on TERM only if run
 
     def _signal_group(self, sig: signal.Signals) -> None:
         # The child is its own group leader (start_new_session), so its pid is the group id.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self._proc.pid, sig)
 
+    async def _remove_scratch(self) -> None:
+        scratch, self._scratch = self._scratch, None
+        if scratch is not None:
+            # rmtree works through directory fds, so links the sandbox left cannot redirect it.
+            await asyncio.to_thread(shutil.rmtree, scratch, True)
+
 
 class ProcessRuntime:
-    """Start sandboxes as child processes (see the module docstring)."""
+    """Start sandboxes as child processes, confined as `isolation` asks (see the module
+    docstring). `launcher` picks how an unconfined child is tied to our lifetime."""
 
     def __init__(
         self,
@@ -180,31 +323,64 @@ class ProcessRuntime:
         schedule: PollSchedule | None = None,
         probe_timeout: float = 1.0,
         launcher: Launcher = "auto",
+        isolation: IsolationConfig = NO_ISOLATION,
     ) -> None:
         self._host = host
         self._passthrough = tuple(passthrough_env)
         self._schedule = schedule or PollSchedule()
         self._probe_timeout = probe_timeout
-        if not sys.platform.startswith("linux"):
+        self._linux = sys.platform.startswith("linux")
+        if not self._linux:
             launcher = "none"  # PR_SET_PDEATHSIG is Linux-only
         self._launcher_choice = launcher
         self._launcher: list[str] | None = None  # decided at the first start
+        self._isolation_config = isolation
+        self._isolation: Isolation | None = None  # decided by prepare()
+        self._scratch_root: str | None = None  # `user` mode: where each sandbox's HOME goes
+        self._preparing = asyncio.Lock()
 
     def __repr__(self) -> str:
         launcher = Path(self._launcher[0]).name if self._launcher else self._launcher_choice
-        return f"<ProcessRuntime host={self._host} launcher={launcher}>"
+        iso = self._isolation
+        if iso is None:
+            isolation = f"{self._isolation_config.mode}?"
+        else:
+            isolation = "refused" if iso.refusal is not None else str(iso.mode)
+        return f"<ProcessRuntime host={self._host} launcher={launcher} isolation={isolation}>"
 
-    async def prepare(self) -> None:
-        """Choose the launcher now rather than during the first cold start."""
-        await self._launcher_prefix()
+    @property
+    def isolation(self) -> Isolation | None:
+        """What `prepare` chose (None before it ran); `.description` is one line for logs."""
+        return self._isolation
+
+    async def prepare(self) -> Isolation:
+        """Decide the isolation (probing bubblewrap) and the launcher now, not at the first
+        cold start. Idempotent; never raises for a refusal (starts do)."""
+        async with self._preparing:
+            if self._isolation is None:
+                iso = await self._decide_isolation()
+                if not iso.confined:
+                    await self._launcher_prefix()
+                self._isolation = iso
+            return self._isolation
 
     async def start(self, spec: SandboxSpec) -> ProcessHandle:
         vspec = spec.spec
+        sid = spec.sandbox_id
         if not vspec.command:
-            raise BootFailed("the version has no command to run", sandbox_id=spec.sandbox_id)
+            raise BootFailed("the version has no command to run", sandbox_id=sid)
+        iso = self._isolation or await self.prepare()
+        if iso.refusal is not None:
+            raise BootFailed(f"process sandboxes cannot start: {iso.refusal}", sandbox_id=sid)
+        cwd = _resolve(vspec.cwd) if iso.confined else vspec.cwd
+        refusal = path_refusal(iso, cwd)
+        if refusal is not None:
+            raise BootFailed(f"cannot confine the sandbox: {refusal}", sandbox_id=sid)
         port = pick_port(self._host)
         argv = expand_port(vspec.command, port)
-        env = {k: os.environ[k] for k in self._passthrough if k in os.environ}
+        scratch = self._make_scratch(iso, sid) if iso.mode is IsolationMode.USER else None
+        home = SANDBOX_HOME if iso.mode is IsolationMode.BWRAP else scratch
+        env = sandbox_env(iso, self._passthrough_env(), home)
         env.update(vspec.env)
         env.update(
             PORT=str(port),
@@ -212,28 +388,36 @@ class ProcessRuntime:
             MIREN_VERSION=spec.version_id,
             MIREN_EPHEMERAL_LABEL=spec.ephemeral_label,
             MIREN_SERVICE=spec.service,
-            MIREN_SANDBOX=spec.sandbox_id,
+            MIREN_SANDBOX=sid,
         )
-        prefix = await self._launcher_prefix()
-        log_fd = self._open_log(spec, argv)
+        command, proc_cwd = argv, cwd or scratch
+        if iso.mode is IsolationMode.BWRAP:
+            command, proc_cwd = bwrap_argv(iso, argv, cwd), "/"  # bwrap's --chdir sets the cwd
+        prefix = self._confined_prefix(iso) if iso.confined else await self._launcher_prefix()
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *prefix,
-                *argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=log_fd,
-                stderr=log_fd,
-                env=env,
-                cwd=vspec.cwd,
-                start_new_session=True,
-            )
-        except OSError as exc:
-            raise BootFailed(
-                f"cannot start {argv[0]!r}: {exc.strerror or exc}", sandbox_id=spec.sandbox_id
-            ) from exc
-        finally:
-            if log_fd != asyncio.subprocess.DEVNULL:
-                os.close(log_fd)  # the child holds its own copy
+            log_fd = self._open_log(spec, argv, iso)
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    *prefix,
+                    *command,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=log_fd,
+                    stderr=log_fd,
+                    env=env,
+                    cwd=proc_cwd,
+                    start_new_session=True,
+                )
+            except OSError as exc:
+                raise BootFailed(
+                    f"cannot start {argv[0]!r}: {exc.strerror or exc}", sandbox_id=sid
+                ) from exc
+            finally:
+                if log_fd != asyncio.subprocess.DEVNULL:
+                    os.close(log_fd)  # the child holds its own copy
+        except BaseException:
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
+            raise
         return ProcessHandle(
             proc,
             host=self._host,
@@ -241,9 +425,14 @@ class ProcessRuntime:
             health_path=vspec.health_path,
             schedule=self._schedule,
             probe_timeout=self._probe_timeout,
+            spare_leader=iso.mode is IsolationMode.BWRAP,
+            scratch=scratch,
         )
 
-    def _open_log(self, spec: SandboxSpec, argv: list[str]) -> int:
+    def _passthrough_env(self) -> dict[str, str]:
+        return {k: os.environ[k] for k in self._passthrough if k in os.environ}
+
+    def _open_log(self, spec: SandboxSpec, argv: list[str], iso: Isolation) -> int:
         if spec.log_path is None:
             return asyncio.subprocess.DEVNULL
         try:
@@ -257,8 +446,84 @@ class ProcessRuntime:
                 sandbox_id=spec.sandbox_id,
             ) from exc
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        os.write(fd, f"--- miren: {stamp} starting {spec.sandbox_id}: {argv}\n".encode())
+        how = f" (isolation: {iso.mode})" if iso.confined else ""
+        os.write(fd, f"--- miren: {stamp} starting {spec.sandbox_id}{how}: {argv}\n".encode())
         return fd
+
+    # -- isolation ---------------------------------------------------------------------------
+
+    def _confined_prefix(self, iso: Isolation) -> list[str]:
+        uid = -1 if iso.uid is None else iso.uid
+        gid = -1 if iso.gid is None else iso.gid
+        return [
+            sys.executable,
+            "-I",
+            "-S",
+            "-c",
+            _TRAMPOLINE,
+            str(os.getpid()),
+            str(uid),
+            str(gid),
+            "1",
+        ]
+
+    async def _decide_isolation(self) -> Isolation:
+        config = self._isolation_config
+        euid = os.geteuid()
+        if config.mode is IsolationMode.NONE or not self._linux:
+            return choose(config, euid=euid, bwrap=BwrapStatus(None), linux=self._linux)
+        layout = read_layout(config)
+        bwrap = BwrapStatus(None, error="not wanted")
+        if config.mode is not IsolationMode.USER:
+            path = find_bwrap(config)
+            if path is None:
+                bwrap = BwrapStatus(None, error=f"{config.bwrap or 'bwrap'} not found")
+            else:
+                bwrap = await self._probe_bwrap(config, euid, BwrapStatus(path), layout)
+        iso = choose(config, euid=euid, bwrap=bwrap, layout=layout)
+        if iso.mode is IsolationMode.USER and iso.refusal is None:
+            try:
+                self._scratch_root = root = _make_scratch_root(config.scratch_dir)
+                if config.scratch_dir is None:  # ours: gone with the runtime (or at exit)
+                    weakref.finalize(self, shutil.rmtree, root, True)
+            except OSError as exc:
+                return attrs.evolve(iso, refusal=f"cannot create the sandboxes' scratch dir: {exc}")
+        return iso
+
+    async def _probe_bwrap(
+        self, config: IsolationConfig, euid: int, bwrap: BwrapStatus, layout: HostLayout
+    ) -> BwrapStatus:
+        """Run the sandbox set-up once around `true`, through the same launcher and as the same
+        uid as the real sandboxes: usable only if that works here."""
+        path = bwrap.path
+        assert path is not None
+        rc, out = await _run([path, "--version"], env=None)
+        bwrap = attrs.evolve(bwrap, version=parse_bwrap_version(out))
+        trial = choose(config, euid=euid, bwrap=bwrap, layout=layout)
+        argv = [*self._confined_prefix(trial), *bwrap_argv(trial, ["true"], None)]
+        env = sandbox_env(trial, self._passthrough_env(), SANDBOX_HOME)
+        rc, out = await _run(argv, env=env)
+        if rc != 0:
+            lines = [line for line in out.splitlines() if line.strip()]
+            why = lines[-1] if lines else f"exit status {rc}"
+            return attrs.evolve(bwrap, error=f"{Path(path).name} failed here: {why}")
+        return bwrap
+
+    def _make_scratch(self, iso: Isolation, sandbox_id: str) -> str:
+        """A fresh private HOME for a `user`-mode sandbox, owned by its uid (mode 0700)."""
+        assert self._scratch_root is not None and iso.uid is not None and iso.gid is not None
+        path = os.path.join(self._scratch_root, sandbox_id.replace("/", "_").lstrip("."))
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                shutil.rmtree(path)  # a sandbox id is unique; this is left from a crashed run
+            os.mkdir(path, 0o700)
+            os.chown(path, iso.uid, iso.gid)
+        except OSError as exc:
+            raise BootFailed(
+                f"cannot create the sandbox's home {path}: {exc.strerror or exc}",
+                sandbox_id=sandbox_id,
+            ) from exc
+        return path
 
     async def _launcher_prefix(self) -> list[str]:
         if self._launcher is None:
@@ -272,8 +537,50 @@ class ProcessRuntime:
             else:
                 self._launcher = []
         if self._launcher and self._launcher[0] == sys.executable:
-            return [*self._launcher, str(os.getpid())]
+            return [*self._launcher, str(os.getpid()), "-1", "-1", "0"]
         return self._launcher
+
+
+def _resolve(path: str | None) -> str | None:
+    """The real path the sandbox's binds and masks are computed on (a few lstat calls)."""
+    return None if path is None else os.path.realpath(path)
+
+
+def _make_scratch_root(configured: str | None) -> str:
+    """The directory `user`-mode homes go in: root's, 0711 (others may enter their own home but
+    not list the others')."""
+    if configured is None:
+        path = tempfile.mkdtemp(prefix="miren-sandboxes-")
+    else:
+        os.makedirs(configured, mode=0o711, exist_ok=True)
+        path = configured
+    os.chmod(path, 0o711)
+    return path
+
+
+async def _run(argv: list[str], env: Mapping[str, str] | None) -> tuple[int, str]:
+    """Run a short helper to completion: (exit status, stdout and stderr); (-1, why) when it
+    cannot run or takes longer than `_PROBE_TIMEOUT`."""
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+    except OSError as exc:
+        return -1, str(exc)
+    try:
+        async with asyncio.timeout(_PROBE_TIMEOUT):
+            out, _ = await proc.communicate()
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        await proc.wait()
+        return -1, f"no answer within {_PROBE_TIMEOUT:g}s"
+    return proc.returncode if proc.returncode is not None else -1, out.decode("utf-8", "replace")
 
 
 async def _find_launcher() -> list[str]:
