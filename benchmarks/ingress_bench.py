@@ -54,11 +54,14 @@ PREVIEW_HOST = "pr-1.bench.test"
 
 
 # --- deploy step (compare.py --setup) ---------------------------------------------------------
+TOKEN = "ingress-bench-token"  # the admin token the bench's `miren serve` processes get
+
+
 def _call(admin: str, method: str, path: str, body: Any | None = None) -> Any:
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(
         f"http://{admin}{path}", data=data, method=method,
-        headers={"Content-Type": "application/json"},
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}"},
     )  # fmt: skip
     with urllib.request.urlopen(req, timeout=10) as resp:
         return json.loads(resp.read() or b"null")
@@ -84,14 +87,14 @@ def tuple_addr(addr: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def deploy(admin: str, proxy: str, backend: str) -> None:
+def deploy(admin: str, proxy: str, backend: str, kind: str = "tuned") -> None:
     """App `bench`, route bench.test, an active and a `pr-1` preview version on `backend`;
-    one request to each host, so both pools have a running sandbox and a warm lease path."""
-    spec = {
-        "runtime": "upstream",
-        "urls": [backend],
-        "concurrency": {"requests_per_instance": CAPACITY},
-    }
+    one request to each host, so both pools have a running sandbox and a warm lease path.
+    `kind`: "default" deploys the spec a user gets (no concurrency setting), "tuned" sets
+    `requests_per_instance` to CAPACITY."""
+    spec: dict[str, Any] = {"runtime": "upstream", "urls": [backend]}
+    if kind == "tuned":
+        spec["concurrency"] = {"requests_per_instance": CAPACITY}
     _call(admin, "POST", "/v1/apps", {"name": "bench"})
     _call(admin, "PUT", f"/v1/routes/{ROUTE_HOST}", {"app": "bench"})
     _call(admin, "POST", "/v1/apps/bench/deploys", {"spec": spec})
@@ -367,36 +370,65 @@ def wait_port(port: int, proc: subprocess.Popen[bytes] | None = None, timeout: f
     raise RuntimeError(f"nothing listens on {port}")
 
 
+class Serve:
+    """One `miren serve --store memory` of a source tree, pinned to CPU 0 from its start."""
+
+    def __init__(self, tree: Path, work: Path, name: str, gc_threshold: int) -> None:
+        self.tree = tree
+        self.name = name
+        self.proxy_port, self.admin_port = free_port(), free_port()
+        self.proxy, self.admin = f"127.0.0.1:{self.proxy_port}", f"127.0.0.1:{self.admin_port}"
+        data_dir = work / f"miren-data-{name}"
+        data_dir.mkdir(parents=True, exist_ok=True)
+        if gc_threshold:
+            # To measure a gen0 threshold for `miren serve` (set once start-up is frozen).
+            launcher = [
+                "-c",
+                "import gc, sys\n"
+                "freeze = gc.freeze\n"
+                f"gc.freeze = lambda: (freeze(), gc.set_threshold({gc_threshold}, 50, 100))\n"
+                "from miren_ingress.cli import main\n"
+                "sys.exit(main(sys.argv[1:]))",
+            ]
+        else:
+            launcher = ["-m", "miren_ingress.cli"]
+        cmd = [
+            "taskset", "-c", "0",  # pinned to CPU 0 from its start (compare.py pins it again)
+            sys.executable, *launcher, "serve", "--store", "memory",
+            "--listen", self.proxy, "--admin-listen", self.admin, "--data-dir", str(data_dir),
+            "--set", "log_level=warning",
+        ]  # fmt: skip
+        # The tree's own packages (a baseline checkout, or this one), not the installed ones.
+        env = {**os.environ, "PYTHONPATH": str(tree), "MIREN_ADMIN_TOKEN": TOKEN}
+        with open(work / f"miren-serve-{name}.log", "wb") as log:
+            self.proc = subprocess.Popen(
+                cmd, cwd=tree, stdout=log, stderr=subprocess.STDOUT, env=env
+            )
+
+    def wait(self) -> None:
+        wait_port(self.proxy_port, self.proc)
+        wait_port(self.admin_port, self.proc)
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
 def full(args: argparse.Namespace) -> int:
     if not COMPARE.exists():
         print(f"{COMPARE} is missing", file=sys.stderr)
         return 2
-    proxy_port, admin_port = free_port(), free_port()
-    proxy, admin = f"127.0.0.1:{proxy_port}", f"127.0.0.1:{admin_port}"
-    Path(args.work).mkdir(parents=True, exist_ok=True)
-    data_dir = Path(args.work) / "miren-data"
-    data_dir.mkdir(parents=True, exist_ok=True)
-    log_path = Path(args.work) / "miren-serve.log"
-    if args.gc_threshold:
-        # To measure a gen0 threshold for `miren serve` (set once start-up is frozen).
-        launcher = [
-            "-c",
-            "import gc, sys\n"
-            "freeze = gc.freeze\n"
-            f"gc.freeze = lambda: (freeze(), gc.set_threshold({args.gc_threshold}, 50, 100))\n"
-            "from miren_ingress.cli import main\n"
-            "sys.exit(main(sys.argv[1:]))",
-        ]
-    else:
-        launcher = ["-m", "miren_ingress.cli"]
-    cmd = [
-        "taskset", "-c", "0",  # pinned to CPU 0 from its start (compare.py pins it again)
-        sys.executable, *launcher, "serve", "--store", "memory",
-        "--listen", proxy, "--admin-listen", admin, "--data-dir", str(data_dir),
-        "--set", "log_level=warning",
-    ]  # fmt: skip
-    with open(log_path, "wb") as log:
-        serve = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    serves = [Serve(REPO, work, "now", args.gc_threshold)]
+    if args.baseline is not None:
+        # The same deploy on another checkout (e.g. `git worktree add /tmp/base <commit>`):
+        # its rows are `route-base` and `preview-base`, interleaved with ours in the same run.
+        serves.append(Serve(args.baseline.resolve(), work, "base", args.gc_threshold))
     floor: subprocess.Popen[bytes] | None = None
     floor_port = free_port()
     if args.floor:
@@ -407,27 +439,35 @@ def full(args: argparse.Namespace) -> int:
         floor = subprocess.Popen(floor_cmd, cwd=REPO, stderr=subprocess.DEVNULL)
     out = []
     try:
-        wait_port(proxy_port, serve)
-        wait_port(admin_port, serve)
+        for serve in serves:
+            serve.wait()
         if floor is not None:
             wait_port(floor_port, floor)
         load = os.getloadavg()
         gc_note = f"; gc threshold {args.gc_threshold}" if args.gc_threshold else ""
+        base_note = f"; baseline tree {args.baseline}" if args.baseline is not None else ""
         header = (
             f"\n## ingress_bench {time.strftime('%Y-%m-%d %H:%M:%S')} "
-            f"(load {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; miren serve pid {serve.pid}"
-            f"{gc_note})\n"
+            f"(load {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; miren serve pid "
+            f"{serves[0].proc.pid}{gc_note}{base_note}; spec {args.spec})\n"
         )
         print(header)
         out.append(header)
-        setup = (
-            f"{sys.executable} {Path(__file__).resolve()} deploy --admin {admin} --proxy {proxy}"
-            f" --backend {BACKEND}"
-        )
+        setups = [
+            f"{sys.executable} {Path(__file__).resolve()} deploy --admin {s.admin} "
+            f"--proxy {s.proxy} --backend {BACKEND} --spec {args.spec}"
+            for s in serves
+        ]
         for i, path in enumerate(args.paths.split(",")):
-            compare = [
-                sys.executable, str(COMPARE), "--target", f"route={proxy_port}:{ROUTE_HOST}",
-                "--target", f"preview={proxy_port}:{PREVIEW_HOST}", "--pin-pid", str(serve.pid),
+            compare = [sys.executable, str(COMPARE)]
+            for serve in serves:
+                suffix = "" if serve.name == "now" else f"-{serve.name}"
+                compare += [
+                    "--target", f"route{suffix}={serve.proxy_port}:{ROUTE_HOST}",
+                    "--target", f"preview{suffix}={serve.proxy_port}:{PREVIEW_HOST}",
+                    "--pin-pid", str(serve.proc.pid),
+                ]  # fmt: skip
+            compare += [
                 "--conns", args.conns, "--path", path, "--seconds", str(args.seconds),
                 "--reps", str(args.reps), "--skip", args.skip,
             ]  # fmt: skip
@@ -438,43 +478,40 @@ def full(args: argparse.Namespace) -> int:
                     "--pin-pid",
                     str(floor.pid),
                 ]
-            if i == 0:
-                compare += ["--setup", setup]  # deploys once; later runs reuse the versions
-            else:
-                # compare.py restarts its backend per run: the versions' pools stay warm, but
-                # their upstream connections were closed; the warm-up requests reopen them.
-                compare += ["--setup", f"{setup} --warm-only"]
+            # The first run deploys; later ones reuse the versions (compare.py restarts its
+            # backend per run: the pools stay warm, the warm-up requests reopen connections).
+            step = " && ".join(setups if i == 0 else [f"{c} --warm-only" for c in setups])
+            compare += ["--setup", step]
             res = subprocess.run(compare, cwd=REPO, capture_output=True, text=True, check=False)
             sys.stderr.write(res.stderr)
-            table = _floor_cpu_unknown(res.stdout)
+            table = _foreign_cpu_unknown(res.stdout)
             print(table)
             out.append(table)
             if res.returncode != 0:
                 return res.returncode
-            if serve.poll() is not None:
-                raise RuntimeError(f"miren serve exited with {serve.returncode}")
+            for serve in serves:
+                if serve.proc.poll() is not None:
+                    raise RuntimeError(
+                        f"miren serve ({serve.name}) exited: {serve.proc.returncode}"
+                    )
     finally:
         if floor is not None:
             floor.terminate()
             floor.wait(10)
-        serve.send_signal(signal.SIGTERM)
-        try:
-            serve.wait(20)
-        except subprocess.TimeoutExpired:
-            serve.kill()
-            serve.wait()
+        for serve in serves:
+            serve.stop()
         with open(args.out, "a") as f:
             f.write("".join(out))
     return 0
 
 
-def _floor_cpu_unknown(table: str) -> str:
-    """compare.py charges every --target's CPU to the first --pin-pid (miren serve): the floor
-    row's figure would be miren serve's idle CPU. Blank it."""
+def _foreign_cpu_unknown(table: str) -> str:
+    """compare.py charges every --target's CPU to the first --pin-pid (this tree's miren
+    serve): the floor's and the baseline's rows would show its idle CPU. Blank them."""
     lines = []
     for line in table.splitlines():
         cells = line.split("|")
-        if line.startswith("| floor |"):
+        if line.startswith(("| floor |", "| route-base |", "| preview-base |")):
             cells[7] = " - "
         lines.append("|".join(cells))
     return "\n".join(lines)
@@ -540,6 +577,7 @@ def main() -> int:
     d.add_argument("--proxy", required=True)
     d.add_argument("--backend", default=BACKEND)
     d.add_argument("--warm-only", action="store_true")
+    d.add_argument("--spec", choices=["default", "tuned"], default="default")
     pl = sub.add_parser("plot", help="draw ratios from a results file (needs matplotlib)")
     pl.add_argument("results", type=Path)
     pl.add_argument("-o", "--output", type=Path, default=REPO / "benchmarks" / "proxy.png")
@@ -558,6 +596,15 @@ def main() -> int:
         help="skip the floor target (benchmarks/floor_proxy.py: uvloop + httptools, no features)",
     )  # fmt: skip
     ap.add_argument("--out", default="", help="append the tables here (default: WORK/results.md)")
+    ap.add_argument(
+        "--baseline", type=Path, default=None,
+        help="another source tree (a checkout of an earlier commit) measured in the same run",
+    )  # fmt: skip
+    ap.add_argument(
+        "--spec", choices=["default", "tuned"], default="default",
+        help="the deployed version's concurrency: what a user gets (default), or "
+        f"requests_per_instance {CAPACITY} (tuned)",
+    )  # fmt: skip
     args = ap.parse_args()
     if not args.out:
         args.out = str(Path(args.work) / "results.md")
@@ -569,7 +616,7 @@ def main() -> int:
         return 0
     if args.cmd == "deploy":
         if not args.warm_only:
-            deploy(args.admin, args.proxy, args.backend)
+            deploy(args.admin, args.proxy, args.backend, args.spec)
         else:
             warm(args.proxy)
         return 0

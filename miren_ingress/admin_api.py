@@ -1,9 +1,17 @@
 """The admin HTTP API (aiohttp): apps, routes, deploys, versions, previews, sandboxes, health.
 
-Every `/v1/*` call needs `Authorization: Bearer <token>` whenever a token is configured (compared
-in constant time). Every error, ours or aiohttp's (unknown path, wrong method, body too large),
-leaves as `{"error": {"code": ..., "message": ...}}` through one middleware; an unexpected
-exception is logged and answered 500 `internal` without details.
+Trust boundary. The API deploys commands, so it is remote code execution for whoever can call
+it: every `/v1/*` call needs `Authorization: Bearer <token>` (compared in constant time; there
+is always a token: `miren serve` generates one when none is configured, see `admin_token.py`).
+Anything that is not a well-formed bearer token, including bytes that do not decode, is 401. A
+request body must be `application/json` (415 otherwise): a web page cannot send one without a
+CORS preflight, which this API never answers. JSON nested deeper than `MAX_JSON_DEPTH` is 400.
+
+Every error, ours or aiohttp's (unknown path, wrong method, body too large, and a request the
+low-level HTTP parser refused), leaves as `{"error": {"code": ..., "message": ...}}` through one
+place; a message never repeats a header value (the parser's own messages quote the offending
+line, which may hold the token: they are neither answered nor logged). An unexpected exception
+is logged and answered 500 `internal` without details.
 """
 
 from __future__ import annotations
@@ -21,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-from aiohttp import web
+from aiohttp import web, web_protocol
+from aiohttp.web_request import BaseRequest
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from miren_ingress import openapi
@@ -154,20 +163,60 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return api_error_response(api)
 
 
+UNAUTHORIZED = (
+    "missing or wrong bearer token (Authorization: Bearer <token>; the CLI reads "
+    "MIREN_ADMIN_TOKEN, --token-file, or .miren/admin-token)"
+)
+PROTECTED_PREFIX = "/v1/"
+
+
 def auth_middleware(token: str) -> Any:
+    if not token:
+        raise ValueError("the admin API needs a token (see miren_ingress.admin_token)")
     expected = f"Bearer {token}".encode()
 
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if token and request.path.startswith("/v1/"):
-            given = request.headers.get("Authorization", "").encode()
+        if request.path.startswith(PROTECTED_PREFIX):
+            # aiohttp decodes header bytes as UTF-8 with surrogate escapes: bytes that are not
+            # UTF-8 come back as the same bytes here, and simply do not match.
+            given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
             if not hmac.compare_digest(given, expected):
-                return api_error_response(
-                    Unauthorized("missing or wrong bearer token (Authorization: Bearer <token>)")
-                )
+                return api_error_response(Unauthorized(UNAUTHORIZED))
         return await handler(request)
 
     return check
+
+
+@web.middleware
+async def json_body_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A request that carries a body must say it is JSON (415 otherwise)."""
+    if (request.body_exists or request.content_length) and request.content_type != (
+        "application/json"
+    ):
+        return api_error_response(
+            ApiError(
+                "request bodies must be JSON (Content-Type: application/json)",
+                code="unsupported_media_type",
+                status=415,
+            )
+        )
+    return await handler(request)
+
+
+MAX_JSON_DEPTH = 32
+
+
+def json_depth(value: Any, limit: int = MAX_JSON_DEPTH) -> int:
+    """How many containers deep `value` nests (counting stops past `limit`)."""
+    depth, level = 0, [value]
+    while depth <= limit:
+        containers = [v for v in level if isinstance(v, dict | list)]
+        if not containers:
+            break
+        depth += 1
+        level = [x for c in containers for x in (c.values() if isinstance(c, dict) else c)]
+    return depth
 
 
 async def read_json(request: web.Request) -> dict[str, Any]:
@@ -177,10 +226,16 @@ async def read_json(request: web.Request) -> dict[str, Any]:
         raise BadRequest("request body must be a JSON object", code="bad_json")
     try:
         data = json.loads(raw)
+    except RecursionError:
+        raise BadRequest(
+            f"request body nests deeper than {MAX_JSON_DEPTH} levels", code="bad_json"
+        ) from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"request body is not valid JSON: {exc}", code="bad_json") from None
     if not isinstance(data, dict):
         raise BadRequest("request body must be a JSON object", code="bad_json")
+    if json_depth(data) > MAX_JSON_DEPTH:
+        raise BadRequest(f"request body nests deeper than {MAX_JSON_DEPTH} levels", code="bad_json")
     return data
 
 
@@ -524,7 +579,11 @@ RouteAdder = Callable[[web.UrlDispatcher], None]
 def make_admin_app(ctx: AdminContext, *, extra_routes: RouteAdder | None = None) -> web.Application:
     """The admin aiohttp application. `extra_routes` lets other modules add their endpoints."""
     app = web.Application(
-        middlewares=[error_middleware, auth_middleware(ctx.config.admin_token)],
+        middlewares=[
+            error_middleware,
+            auth_middleware(ctx.config.admin_token),
+            json_body_middleware,
+        ],
         client_max_size=1 << 20,
     )
     app[CTX] = ctx
@@ -550,3 +609,57 @@ def make_admin_app(ctx: AdminContext, *, extra_routes: RouteAdder | None = None)
     if extra_routes is not None:
         extra_routes(r)
     return app
+
+
+# -- the low-level HTTP layer -------------------------------------------------------------------
+
+
+class _RequestHandler(web_protocol.RequestHandler):
+    """aiohttp's connection handler, with its own errors (a request its HTTP parser refused, a
+    handler timeout) answered in the API's JSON shape. Its default answer and log line quote the
+    offending header line, which may hold the bearer token: here they name the status only."""
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if status >= 500:
+            log.error(
+                "admin API: internal error on a request from %s (%s)",
+                request.remote,
+                type(exc).__name__ if exc is not None else "no exception",
+            )
+        else:
+            log.info(
+                "admin API: refused a malformed request from %s (HTTP %d)", request.remote, status
+            )
+        if request.writer.output_size > 0:
+            raise ConnectionError("the response was already started")
+        code = _HTTP_CODES.get(status, "http_error" if status < 500 else "internal")
+        text = "the request could not be parsed as HTTP" if status == 400 else "internal error"
+        resp = json_response(error_body(code, text), status)
+        resp.force_close()
+        return resp
+
+
+class _Server(web.Server):
+    def __call__(self) -> web_protocol.RequestHandler:
+        return _RequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+class AdminRunner(web.AppRunner):
+    """An AppRunner whose connections answer aiohttp's own errors in the API's shape (see
+    `_RequestHandler`). Pinned to aiohttp 3.14's Server constructor (tests/admin cover it)."""
+
+    async def _make_server(self) -> web.Server:
+        base = await super()._make_server()
+        return _Server(
+            base.request_handler,
+            request_factory=base.request_factory,
+            handler_cancellation=base.handler_cancellation,
+            loop=base._loop,
+            **base._kwargs,
+        )

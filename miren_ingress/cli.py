@@ -225,7 +225,9 @@ def cmd_deploy(args: argparse.Namespace, c: Client) -> None:
         spec: dict[str, Any] = {"env": env}
         if args.command:
             command = args.command[1:] if args.command[0] == "--" else args.command
-            spec.update(runtime="process", command=command)
+            # The command runs where the user is: its relative paths name their files. (For a
+            # remote server, give the directory the files have there: --cwd.)
+            spec.update(runtime="process", command=command, cwd=args.cwd or os.getcwd())
         else:
             spec.update(runtime="upstream", urls=args.upstream)
         if args.health_path is not None:
@@ -292,7 +294,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"miren serve: {exc}", file=sys.stderr)
         return 2
-    return run(config)
+    return run(config, config_path=args.config)
 
 
 # -- parser -------------------------------------------------------------------------------------
@@ -304,6 +306,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--server",
         default=os.environ.get("MIREN_SERVER", DEFAULT_SERVER),
         help="admin API address (env MIREN_SERVER; default %(default)s)",
+    )
+    p.add_argument(
+        "--token-file",
+        dest="token_file",
+        help="file holding the admin token (default: $MIREN_ADMIN_TOKEN, else "
+        "./.miren/admin-token, which `miren serve` writes on its first start)",
     )
     sub = p.add_subparsers(dest="command_name", required=True)
 
@@ -355,6 +363,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--upstream", action="append", metavar="URL", help="serve from running URL(s)")
     d.add_argument("--version", "-V", help="redeploy (or preview) an existing version")
     d.add_argument("--health-path", dest="health_path", help="'' for a TCP check")
+    d.add_argument(
+        "--cwd",
+        help="directory the command runs in, on the server (default: this one, absolute)",
+    )
     d.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND... to run")
 
     e = sub.add_parser("ephemeral", help="manage previews")
@@ -390,7 +402,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command_name == "serve":
         return cmd_serve(args)
-    client = Client(args.server, os.environ.get("MIREN_ADMIN_TOKEN", ""))
+    from miren_ingress.admin_token import cli_token
+
+    try:
+        token = cli_token(os.environ, args.token_file)
+    except OSError as exc:
+        print(f"miren: cannot read --token-file: {exc}", file=sys.stderr)
+        return 1
+    client = Client(args.server, token)
     try:
         COMMANDS[args.command_name](args, client)
     except CliError as exc:

@@ -49,9 +49,17 @@ class IngressConfig:
     keepalive_timeout: timedelta = timedelta(seconds=75)
     body_timeout: timedelta = timedelta(seconds=30)
     request_buffer: int = 16 * 1024
+    max_headers: int = 100
     max_waiters: int = 1000
     robots_tag: str = "noindex"
     shutdown_grace: timedelta = timedelta(seconds=20)
+
+
+@attrs.frozen(kw_only=True)
+class SandboxConfig:
+    isolation: str = "auto"  # auto | bwrap | user | none (miren_activator.isolation)
+    uid: int = 65532  # who process sandboxes run as when the edge is root (never 0)
+    gid: int = 65532
 
 
 @attrs.frozen(kw_only=True)
@@ -75,13 +83,22 @@ class Config:
     gc: GcConfig = GcConfig()
     ingress: IngressConfig = IngressConfig()
     activator: ActivatorConfig = ActivatorConfig()
+    sandbox: SandboxConfig = SandboxConfig()
 
     @property
     def log_dir(self) -> Path:
         return Path(self.activator.log_dir or Path(self.data_dir) / "logs")
 
 
-for _cls in (StoreConfig, EphemeralConfig, GcConfig, IngressConfig, ActivatorConfig, Config):
+for _cls in (
+    StoreConfig,
+    EphemeralConfig,
+    GcConfig,
+    IngressConfig,
+    ActivatorConfig,
+    SandboxConfig,
+    Config,
+):
     attrs.resolve_types(_cls)
 
 _SECTIONS: dict[str, type[Any]] = {
@@ -266,5 +283,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError("activator.log_max_bytes: must be 0 (no cap) or more")
     if cfg.ingress.max_waiters < 1:
         raise ConfigError("ingress.max_waiters: must be at least 1")
+    if cfg.ingress.max_headers < 1:
+        raise ConfigError("ingress.max_headers: must be at least 1")
+    if cfg.sandbox.isolation not in ("auto", "bwrap", "user", "none"):
+        raise ConfigError(
+            f"sandbox.isolation: {cfg.sandbox.isolation!r} is not auto, bwrap, user or none"
+        )
+    for name in ("uid", "gid"):
+        if not 0 < getattr(cfg.sandbox, name) < 2**32 - 1:
+            raise ConfigError(f"sandbox.{name}: must be an unprivileged id (not 0)")
     if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"log_level: {cfg.log_level!r} is not debug, info, warning or error")

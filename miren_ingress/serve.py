@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import gc as pygc
 import logging
+import os
 import signal
 import sys
 import time
@@ -22,12 +23,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import attrs
 import uvloop
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter
 
 from miren_activator.activator import Activator, ActivatorConfig
-from miren_ingress.admin_api import AdminContext, make_admin_app
+from miren_activator.isolation import IsolationConfig, set_undumpable
+from miren_activator.process import ProcessRuntime
+from miren_activator.upstream import UpstreamRuntime
+from miren_ingress import admin_token
+from miren_ingress.admin_api import AdminContext, AdminRunner, make_admin_app
 from miren_ingress.config import Config, split_hostport
 from miren_ingress.gc import ExpiryGC
 from miren_ingress.proxy.config import ProxyConfig
@@ -36,7 +42,7 @@ from miren_ingress.router import EdgeRouter
 from miren_ingress.routes import RouteTable
 from miren_ingress.table_sync import TableSync
 from miren_store.embedded import EmbeddedEtcd
-from miren_store.entities import AppVersion
+from miren_store.entities import AppVersion, Runtime
 from miren_store.memory import MemoryStore
 from miren_store.store import Change, Store, StoreStats
 
@@ -74,8 +80,10 @@ async def open_configured_store(
 class Edge:
     """The running pieces of one `miren serve` process (handy for in-process tests)."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, config_path: str | None = None) -> None:
         self.config = config
+        self.config_path = config_path  # hidden from sandboxes (it may hold the token)
+        self.isolation = "not started"  # how process sandboxes are confined (/healthz)
         self.registry = CollectorRegistry(auto_describe=True)
         ops = Counter(
             "miren_store_operations_total",
@@ -119,6 +127,7 @@ class Edge:
                 "apps": len(self.table.apps),
                 "versions": len(self.table.versions),
             },
+            "sandbox_isolation": self.isolation,
         }
         return report
 
@@ -144,11 +153,35 @@ class Edge:
     def request_stop(self) -> None:
         self._stop.set()
 
+    @property
+    def admin_token(self) -> str:
+        """The token the admin API requires (configured, or generated into the data dir)."""
+        return self.config.admin_token
+
+    def _sandbox_runtime(self) -> ProcessRuntime:
+        cfg = self.config
+        hidden = [str(Path(cfg.data_dir).absolute()), str(cfg.log_dir.absolute())]
+        if self.config_path:
+            hidden.append(str(Path(self.config_path).absolute()))
+        return ProcessRuntime(
+            isolation=IsolationConfig(
+                mode=cfg.sandbox.isolation,
+                uid=cfg.sandbox.uid,
+                gid=cfg.sandbox.gid,
+                hidden_paths=tuple(hidden),
+            )
+        )
+
     async def run(self, on_ready: Callable[[Edge], None] | None = None) -> None:
         cfg = self.config
-        await asyncio.to_thread(Path(cfg.data_dir).mkdir, parents=True, exist_ok=True)
+        await asyncio.to_thread(admin_token.ensure_private_dir, cfg.data_dir)
+        if not cfg.admin_token:
+            token = await asyncio.to_thread(admin_token.load_or_create, cfg.data_dir)
+            cfg = self.config = attrs.evolve(cfg, admin_token=token)
+            log.info("admin API token: %s", admin_token.token_path(cfg.data_dir))
         async with open_configured_store(cfg, self.stats) as (store, _etcd):
             self.store = store
+            processes = self._sandbox_runtime()
             activator = Activator(
                 store,
                 config=ActivatorConfig(
@@ -158,9 +191,21 @@ class Edge:
                     max_waiters=cfg.ingress.max_waiters,
                     stop_grace=cfg.activator.stop_grace.total_seconds(),
                 ),
+                runtimes={Runtime.PROCESS: processes, Runtime.UPSTREAM: UpstreamRuntime()},
                 registry=self.registry,
             )
             await activator.start()
+            iso = processes.isolation
+            self.isolation = iso.description if iso is not None else "unknown"
+            if iso is not None and iso.refusal is not None:
+                log.error("process sandboxes will not start: %s", iso.refusal)
+            elif iso is not None and not iso.confined:
+                log.warning(
+                    'SANDBOX ISOLATION IS OFF (sandbox.isolation = "none"): previews run '
+                    "as this process's user and can read its data dir and secrets"
+                )
+            else:
+                log.info("sandbox isolation: %s", self.isolation)
             sync = self._sync = TableSync(
                 store, self.table, on_change=lambda change: self._forget_removed(activator, change)
             )
@@ -175,6 +220,7 @@ class Edge:
                     keepalive_timeout=cfg.ingress.keepalive_timeout.total_seconds(),
                     body_timeout=cfg.ingress.body_timeout.total_seconds(),
                     request_buffer=cfg.ingress.request_buffer,
+                    max_headers=cfg.ingress.max_headers,
                     robots_tag=cfg.ingress.robots_tag,
                 ),
                 registry=self.registry,
@@ -199,7 +245,7 @@ class Edge:
                     now=lambda: datetime.now(UTC),
                     extra={"gc": gc, "activator": activator},
                 )
-                runner = web.AppRunner(make_admin_app(ctx), access_log=None)
+                runner = AdminRunner(make_admin_app(ctx), access_log=None)
                 await runner.setup()
                 host, port = split_hostport(cfg.admin_listen, "admin_listen")
                 site = web.TCPSite(runner, host, port, reuse_address=True)
@@ -246,14 +292,21 @@ def _bound_address(runner: web.AppRunner, fallback: tuple[str, int]) -> tuple[st
     return fallback
 
 
-def run(config: Config) -> int:
+def run(config: Config, *, config_path: str | None = None) -> int:
     """Run until SIGTERM / SIGINT; returns the process exit status."""
     logging.basicConfig(
         level=config.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    edge = Edge(config)
+    if os.geteuid() != 0:
+        # Same-uid processes (a sandbox run with isolation "none", anything else of this
+        # user) must not read our environment (MIREN_ADMIN_TOKEN) or memory.
+        try:
+            set_undumpable()
+        except OSError as exc:
+            log.warning("cannot make the edge non-dumpable: %s", exc)
+    edge = Edge(config, config_path=config_path)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()

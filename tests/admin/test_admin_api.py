@@ -62,6 +62,7 @@ async def call(
     kwargs: dict[str, Any] = {"headers": AUTH}
     if raw is not None:
         kwargs["data"] = raw
+        kwargs["headers"] = {**AUTH, "Content-Type": "application/json"}
     elif body is not None:
         kwargs["json"] = body
     resp = await client.request(method, path, **kwargs)
@@ -135,6 +136,9 @@ async def test_app_lifecycle(client: TestClient[Any, Any]) -> None:
     [
         ("POST", "/v1/apps", None, b"{not json", 400, "bad_json"),
         ("POST", "/v1/apps", None, b"[1,2]", 400, "bad_json"),
+        ("POST", "/v1/apps", None, b'{"name": ' + b"[" * 33 + b"]" * 33 + b"}", 400, "bad_json"),
+        ("POST", "/v1/apps", None, b'{"name": ' + b"[" * 100_000 + b"}", 400, "bad_json"),
+        ("POST", "/v1/apps", None, b'{"name": ' + b"{" * 5000, 400, "bad_json"),
         ("POST", "/v1/apps", {"name": 5}, None, 400, "bad_request"),
         ("POST", "/v1/apps", {}, None, 400, "bad_request"),
         ("POST", "/v1/apps", {"name": "web", "x": 1}, None, 400, "bad_request"),
@@ -337,3 +341,70 @@ async def test_sandbox_list_and_logs(
     got, err = await call(client, "GET", "/v1/sandboxes/..%2Fetc%2Fpasswd/logs")
     assert got == 404
     assert (await call(client, "GET", "/v1/sandboxes/sb-1/logs?tail=-1"))[0] == 400
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [None, "text/plain", "application/x-www-form-urlencoded", "multipart/form-data; b=x",
+     "application/jsonp"],
+)  # fmt: skip
+async def test_a_body_that_is_not_declared_json_is_415(
+    client: TestClient[Any, Any], store: MemoryStore, content_type: str | None
+) -> None:
+    """What a web page can send without a CORS preflight (text/plain, form encodings) never
+    reaches a handler, whatever the body holds."""
+    headers = dict(AUTH)
+    if content_type is not None:
+        headers["Content-Type"] = content_type
+    resp = await client.post("/v1/apps", data=b'{"name": "web"}', headers=headers)
+    if content_type is None:  # (aiohttp's client labels bytes application/octet-stream)
+        assert resp.headers["Content-Type"].startswith("application/json")
+    assert resp.status == 415
+    assert (await resp.json())["error"]["code"] == "unsupported_media_type"
+    assert await store.list(App) == []
+
+
+async def test_json_with_a_charset_is_accepted(client: TestClient[Any, Any]) -> None:
+    resp = await client.post(
+        "/v1/apps",
+        data=b'{"name": "web"}',
+        headers={**AUTH, "Content-Type": "application/json; charset=utf-8"},
+    )
+    assert resp.status == 201
+
+
+@pytest.mark.parametrize(
+    "value",
+    [b"Bearer \xff\xfe", b"Bearer t0ken-for-tests\xff", b"\xc3\x28", b"Bearer \x80" * 50],
+)
+async def test_undecodable_authorization_is_401(
+    aiohttp_client: ClientFactory, store: MemoryStore, value: bytes
+) -> None:
+    """Header bytes that are not UTF-8 (aiohttp passes them through escaped): 401, never 500,
+    on every protected route."""
+    import asyncio
+
+    cfg = load_config(env={"MIREN_ADMIN_TOKEN": TOKEN})
+    client = await aiohttp_client(
+        make_admin_app(AdminContext(store=store, config=cfg, registry=CollectorRegistry()))
+    )
+    port = client.port
+    for method, path in ENDPOINTS:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            f"{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n".encode()
+            + b"Authorization: "
+            + value
+            + b"\r\nContent-Length: 0\r\n\r\n"
+        )
+        data = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        assert data.startswith(b"HTTP/1.1 401 "), (method, path, data[:200])
+        assert b'"unauthorized"' in data
+
+
+def test_the_admin_app_refuses_to_exist_without_a_token(store: MemoryStore) -> None:
+    cfg = load_config(env={})
+    assert cfg.admin_token == ""
+    with pytest.raises(ValueError, match="token"):
+        make_admin_app(AdminContext(store=store, config=cfg, registry=CollectorRegistry()))

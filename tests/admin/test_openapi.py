@@ -15,7 +15,9 @@ from miren_store.memory import MemoryStore
 
 def served_routes() -> set[tuple[str, str]]:
     ctx = AdminContext(
-        store=MemoryStore(), config=load_config(env={}), registry=CollectorRegistry()
+        store=MemoryStore(),
+        config=load_config(env={"MIREN_ADMIN_TOKEN": "t"}),
+        registry=CollectorRegistry(),
     )
     app: web.Application = make_admin_app(ctx)
     out = set()

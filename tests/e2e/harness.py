@@ -43,11 +43,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+from tests.support.apps import SANDBOX_PYTHON
+
 REPO = Path(__file__).resolve().parents[2]
 ECHO_APP = REPO / "tests" / "apps" / "echo_server.py"
 # The sandbox command of the README walkthrough (`python3 tests/apps/echo_server.py`), pinned to
 # this interpreter and without `site` (the echo server then listens ~20 ms after exec).
-ECHO_CMD = (sys.executable, "-S", str(ECHO_APP))
+ECHO_CMD = (SANDBOX_PYTHON, "-S", str(ECHO_APP))
 # An upstream nobody listens on: versions that are deployed but never requested.
 DEAD_UPSTREAM = "http://127.0.0.1:9"
 
@@ -287,6 +289,14 @@ class MirenServer:
             args += ["--set", f"{key}={value}"]
         return serve_argv(*args)
 
+    def server_token(self) -> str:
+        """The token the server requires: the one it was given, else the one it generated
+        into its data dir on its first start."""
+        if self.token:
+            return self.token
+        path = self.data_dir / "admin-token"
+        return path.read_text().strip() if path.exists() else ""
+
     def env(self) -> dict[str, str]:
         env = base_env()
         if self.token:
@@ -472,7 +482,7 @@ class MirenServer:
         timeout: float = 10.0,
     ) -> Reply:
         hdrs = {"Accept": "application/json", **(headers or {})}
-        tok = self.token if token is _USE_SERVER_TOKEN else token
+        tok = self.server_token() if token is _USE_SERVER_TOKEN else token
         if tok:
             hdrs["Authorization"] = f"Bearer {tok}"
         data = raw if raw is not None else None if body is None else json.dumps(body).encode()
@@ -514,7 +524,7 @@ class MirenServer:
     ) -> subprocess.CompletedProcess[str]:
         env = base_env()
         env["MIREN_SERVER"] = self.admin_url
-        tok = self.token if token is _USE_SERVER_TOKEN else token
+        tok = self.server_token() if token is _USE_SERVER_TOKEN else token
         if tok:
             env["MIREN_ADMIN_TOKEN"] = tok
         return run_cli(*args, env=env, check=check, timeout=timeout)
@@ -527,7 +537,11 @@ class MirenServer:
 
 
 def run_cli(
-    *args: str, env: Mapping[str, str], check: bool = True, timeout: float = 60.0
+    *args: str,
+    env: Mapping[str, str],
+    check: bool = True,
+    timeout: float = 60.0,
+    cwd: Path = REPO,
 ) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(
         [sys.executable, "-m", "miren_ingress.cli", *args],
@@ -535,7 +549,7 @@ def run_cli(
         capture_output=True,
         text=True,
         timeout=timeout,
-        cwd=REPO,
+        cwd=cwd,
         check=False,
     )
     if check and result.returncode != 0:

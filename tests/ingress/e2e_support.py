@@ -20,7 +20,6 @@ import contextlib
 import json
 import re
 import socket
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from datetime import datetime, timedelta
@@ -35,11 +34,12 @@ from miren_ingress.serve import Edge
 from miren_store.deploys import DeployRequest, EphemeralRequest, deploy
 from miren_store.entities import App, Concurrency, HttpRoute, Runtime, Sandbox, VersionSpec
 from miren_store.store import Store
+from tests.support.apps import SANDBOX_PYTHON
 
 REPO = Path(__file__).resolve().parents[2]
 ECHO_APP = REPO / "tests" / "apps" / "echo_server.py"
 # The sandbox command: this interpreter without `site`, so the echo app listens ~20 ms after exec.
-ECHO_CMD = (sys.executable, "-S", str(ECHO_APP))
+ECHO_CMD = (SANDBOX_PYTHON, "-S", str(ECHO_APP))
 
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 20.0
@@ -375,6 +375,7 @@ def echo_spec(
         runtime=Runtime.PROCESS,
         command=tuple(command),
         env=dict(env or {}),
+        cwd=str(REPO),
         health_path=health_path,
         boot_timeout=timedelta(seconds=20),
         concurrency=Concurrency(requests_per_instance=requests_per_instance),
@@ -476,6 +477,7 @@ class RunningEdge:
             data = None if body is None else json.dumps(body).encode()
             headers = [("Content-Type", "application/json")] if data is not None else []
             headers.append(("Connection", "close"))
+            headers.append(("Authorization", f"Bearer {self.edge.admin_token}"))
             return await conn.request(method, path, f"127.0.0.1:{self.admin_port}", headers, data)
         finally:
             conn.close()

@@ -29,7 +29,16 @@ from typing import Any
 
 from tests.e2e.harness import MirenServer
 from tests.reliability.figures import Figures
-from tests.reliability.tools import Load, Sample, admin, percentile, pid_note, poll, tally
+from tests.reliability.tools import (
+    Load,
+    Sample,
+    admin,
+    percentile,
+    poll,
+    sandbox_note,
+    sandbox_record,
+    tally,
+)
 
 CONCURRENCY = 8
 PATH = "/slow?ms=20"  # keeps requests in flight at any instant
@@ -38,9 +47,9 @@ NOTICE_GRACE = 0.5  # seconds after a kill the proxy may still use what it had f
 
 @dataclass(frozen=True)
 class Kill:
-    victim: str  # pid
+    victim: str  # sandbox id
     at: float  # wall clock of the SIGKILL
-    successor: str  # pid of the first sandbox that answered after it
+    successor: str  # id of the first sandbox that answered after it
     recovered: float  # seconds from the kill to that answer
 
 
@@ -96,12 +105,10 @@ class KillRun:
             figures.add(f"kill {i + 1}: first answer from a new sandbox after", k.recovered, "s")
 
 
-async def sandbox_age(edge: MirenServer, app: str, pid: str) -> float:
-    for box in (await admin(edge, "GET", f"/v1/apps/{app}/sandboxes")).json():
-        if str(box["pid"]) == pid:
-            started = datetime.fromisoformat(box["started_at"].replace("Z", "+00:00"))
-            return time.time() - started.timestamp()
-    raise AssertionError(f"no sandbox with pid {pid} in {app}")
+async def sandbox_age(edge: MirenServer, app: str, sandbox_id: str) -> float:
+    box = await sandbox_record(edge, app, sandbox_id)
+    started = datetime.fromisoformat(box["started_at"].replace("Z", "+00:00"))
+    return time.time() - started.timestamp()
 
 
 async def kill_under_load(
@@ -126,7 +133,7 @@ async def kill_under_load(
         method = ("GET", "POST")[next(turn) % 2]
         return ("kill", method, host, PATH)
 
-    load = Load(edge.proxy_port, pick, CONCURRENCY, rate=None, extract=pid_note)
+    load = Load(edge.proxy_port, pick, CONCURRENCY, rate=None, extract=sandbox_note)
     load.samples = run.samples
     stop = asyncio.Event()
     loader = asyncio.create_task(load.run(stop=stop))
@@ -140,8 +147,9 @@ async def kill_under_load(
             age = await sandbox_age(edge, app, victim)
             if age < min_age:
                 await asyncio.sleep(min_age - age)  # waiting out its age (a duration)
+            pid = int((await sandbox_record(edge, app, victim))["pid"])
             t_kill = time.time()
-            os.kill(int(victim), signal.SIGKILL)
+            os.kill(pid, signal.SIGKILL)
 
             def successor(t_kill: float = t_kill, victim: str = victim) -> Sample | None:
                 for s in run.samples:
@@ -165,8 +173,8 @@ async def kill_under_load(
 async def dead_reported(edge: MirenServer, app: str, run: KillRun) -> bool:
     """The admin API reports every killed sandbox dead and only the last successor running."""
     boxes = (await admin(edge, "GET", f"/v1/apps/{app}/sandboxes")).json()
-    status = {str(b["pid"]): b["status"] for b in boxes}
-    running_ = [str(b["pid"]) for b in boxes if b["status"] == "running"]
+    status = {str(b["id"]): b["status"] for b in boxes}
+    running_ = [str(b["id"]) for b in boxes if b["status"] == "running"]
     return all(status.get(k.victim, "dead") == "dead" for k in run.kills) and running_ == [
         run.kills[-1].successor
     ]

@@ -33,8 +33,10 @@ from tests.reliability.tools import (
     log_errors,
     log_text,
     running,
+    sandbox_record,
     wait_status,
 )
+from tests.support.apps import host_pid
 
 pytestmark = pytest.mark.reliability
 
@@ -114,8 +116,10 @@ async def test_admin_security(tmp_path: Path, figures: Figures) -> None:
         await deploy(edge, APP, echo_spec())
         preview = await deploy(edge, APP, echo_spec(), label=LABEL, ttl="1h")
         version_id = preview["version"]["id"]
-        app_pid = (await wait_status(edge, HOST, 200)).json()["pid"]
-        preview_pid = (await wait_status(edge, PREVIEW, 200)).json()["pid"]
+        app_pid = await _app_pid(edge, (await wait_status(edge, HOST, 200)).json()["sandbox"])
+        preview_pid = await _app_pid(
+            edge, (await wait_status(edge, PREVIEW, 200)).json()["sandbox"]
+        )
         boxes = (await admin(edge, "GET", f"/v1/apps/{APP}/sandboxes")).json()
         values = {"app": APP, "host": HOST, "label": LABEL, "id": version_id}
         before = await state(edge)
@@ -232,6 +236,12 @@ async def test_admin_security(tmp_path: Path, figures: Figures) -> None:
 
 async def _admin_as_host(edge: MirenServer, host: str, path: str) -> Reply:
     return await admin(edge, "GET", path, token="", headers={"Host": host})
+
+
+async def _app_pid(edge: MirenServer, sandbox_id: str) -> int:
+    """The echo server's host pid (bubblewrap's pid namespace gives it another inside)."""
+    box = await sandbox_record(edge, APP, sandbox_id)
+    return host_pid(int(box["pid"]), "echo_server.py")
 
 
 def _environ(pid: int) -> str:

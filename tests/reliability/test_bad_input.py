@@ -334,7 +334,7 @@ CASES: dict[str, bytes] = {
     "chunk_data_overrun": b"POST /probe HTTP/1.1\r\n" + H
     + b"Transfer-Encoding: chunked\r\n\r\n3\r\nhello\r\n0\r\n\r\n" + SMUGGLED,
     "host_twice": b"GET /probe HTTP/1.1\r\n" + H + b"Host: other.test\r\n\r\n",
-    "absolute_form_other_host": b"GET http://other.test/probe HTTP/1.1\r\n" + H + b"\r\n",
+    "absolute_form_ftp": b"GET ftp://other.test/probe HTTP/1.1\r\n" + H + b"\r\n",
     "bare_cr_in_header": b"GET /probe HTTP/1.1\r\n" + H + b"X-A: b\rX-B: c\r\n\r\n",
     # oversized and invalid
     "header_1mb": b"GET /probe HTTP/1.1\r\n" + H + b"X-Big: " + b"a" * (1 << 20) + b"\r\n\r\n",

@@ -41,6 +41,7 @@ from tests.reliability.tools import (
     percentile,
     poll,
     running,
+    sandbox_record,
     tally,
     wait_status,
 )
@@ -249,7 +250,8 @@ async def test_restart_with_compaction_relists(
         old = await deploy(edge, app, echo_spec(), label="old", ttl="1h")
         await wait_status(edge, host, 200)
         await wait_status(edge, "gone.test", 200)
-        old_pid = (await wait_status(edge, f"old.{host}", 200)).json()["pid"]
+        old_sandbox = (await wait_status(edge, f"old.{host}", 200)).json()["sandbox"]
+        old_pid = int((await sandbox_record(edge, app, old_sandbox))["pid"])
 
         # -- cut the server off, change the same data behind its back, compact past it
         await etcd.stop()

@@ -30,6 +30,7 @@ from tests.reliability.tools import (
     log_text,
     poll,
     running,
+    sandbox_record,
     wait_status,
 )
 
@@ -61,14 +62,14 @@ async def test_crash_back_off_answers_with_retry_after(tmp_path: Path) -> None:
         await create_app(edge, APP, HOST)
         await deploy(edge, APP, echo_spec())
         for _ in range(2):  # two quick crashes in a row: the second starts a 10 s back-off
-            pid: int = (await wait_status(edge, HOST, 200)).json()["pid"]
-            os.kill(pid, signal.SIGKILL)
-            await poll("the sandbox to be reaped", functools.partial(_gone, edge, pid), 10.0)
+            sid: str = (await wait_status(edge, HOST, 200)).json()["sandbox"]
+            os.kill(int((await sandbox_record(edge, APP, sid))["pid"]), signal.SIGKILL)
+            await poll("the sandbox to be reaped", functools.partial(_gone, edge, sid), 10.0)
         reply = await get(edge, HOST)
     assert reply.status in (502, 503), reply
     assert reply.headers.get("retry-after", "").isdigit(), reply.headers
 
 
-async def _gone(edge: MirenServer, pid: int) -> bool:
+async def _gone(edge: MirenServer, sandbox_id: str) -> bool:
     boxes = (await admin(edge, "GET", f"/v1/apps/{APP}/sandboxes")).json()
-    return all(b["status"] != "running" or b["pid"] != pid for b in boxes)
+    return all(b["status"] != "running" or b["id"] != sandbox_id for b in boxes)

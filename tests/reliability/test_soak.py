@@ -102,11 +102,15 @@ def judge_preview(s: Sample, p: Preview) -> str:
 
 
 def sandbox_processes(edge: MirenServer) -> list[int]:
+    """The echo servers alive under the edge (not their launchers: bubblewrap's command line
+    names the app's command too)."""
     table = process_table()
     return [
         pid
         for pid in descendants(edge.pid, table)
-        if "echo_server.py" in cmdline(pid) and table[pid].state != "Z"
+        if "echo_server.py" in cmdline(pid)
+        and "bwrap" not in cmdline(pid).split()[0]
+        and table[pid].state != "Z"
     ]
 
 

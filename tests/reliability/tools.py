@@ -13,7 +13,6 @@ import json
 import os
 import re
 import statistics
-import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -24,7 +23,8 @@ from typing import Any, cast
 import aiohttp
 import httptools
 
-from tests.e2e.harness import ECHO_APP, MirenServer, Reply
+from tests.e2e.harness import ECHO_APP, REPO, MirenServer, Reply
+from tests.support.apps import SANDBOX_PYTHON
 
 POLL = 0.02
 
@@ -56,7 +56,8 @@ def echo_spec(
     """A process spec running tests/apps/echo_server.py (with `python -S`: fast to start)."""
     spec: dict[str, Any] = {
         "runtime": "process",
-        "command": [sys.executable, "-S", str(ECHO_APP)],
+        "command": [SANDBOX_PYTHON, "-S", str(ECHO_APP)],
+        "cwd": str(REPO),
         "health_path": health_path,
     }
     if env:
@@ -249,14 +250,24 @@ def tally(samples: Iterable[Sample]) -> dict[str, dict[int, int]]:
     return {k: dict(sorted(v.items())) for k, v in sorted(out.items())}
 
 
-def pid_note(status: int, body: bytes) -> str:
-    """The echo server's pid from its JSON answer ("" for anything else)."""
+def sandbox_note(status: int, body: bytes) -> str:
+    """The sandbox id the echo server reports in its JSON answer ("" for anything else). (Not
+    its pid: inside bubblewrap's pid namespace the app sees another pid than the host.)"""
     if status != 200:
         return ""
     try:
-        return str(json.loads(body)["pid"])
+        return str(json.loads(body)["sandbox"])
     except (ValueError, KeyError, TypeError):
         return ""
+
+
+async def sandbox_record(edge: MirenServer, app: str, sandbox_id: str) -> dict[str, Any]:
+    """The admin API's record of one sandbox (its `pid` is the process the activator started:
+    the launcher or bubblewrap, whose death ends the sandbox)."""
+    for box in (await admin(edge, "GET", f"/v1/apps/{app}/sandboxes")).json():
+        if box["id"] == sandbox_id:
+            return dict(box)
+    raise AssertionError(f"no sandbox {sandbox_id} in {app}")
 
 
 # -- /proc --------------------------------------------------------------------------------------
