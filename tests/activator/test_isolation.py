@@ -299,7 +299,7 @@ def test_read_layout(tmp_path: Path) -> None:
 
 async def test_runtime_repr_and_default() -> None:
     runtime = ProcessRuntime()
-    assert repr(runtime) == "<ProcessRuntime host=127.0.0.1 launcher=auto isolation=none?>"
+    assert repr(runtime) == "<ProcessRuntime host=127.0.0.1 isolation=none?>"
     iso = await runtime.prepare()
     assert iso.mode is NONE and runtime.isolation is iso
     assert repr(runtime).endswith(" isolation=none>")

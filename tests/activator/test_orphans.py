@@ -25,7 +25,7 @@ from miren_activator import Activator, ActivatorConfig, ProcessRuntime
 from miren_store.entities import AppVersion, Runtime, VersionSpec
 from miren_store.memory import MemoryStore
 
-launcher, loop_kind, echo = sys.argv[1], sys.argv[2], sys.argv[3]
+loop_kind, echo = sys.argv[1], sys.argv[2]
 
 def version(vid, **env):
     cmd = (sys.executable, "-S", echo, "--port", "$PORT")
@@ -34,7 +34,7 @@ def version(vid, **env):
     return AppVersion(id=vid, app="app", spec=spec)
 
 async def main():
-    runtimes = {Runtime.PROCESS: ProcessRuntime(launcher=launcher)}
+    runtimes = {Runtime.PROCESS: ProcessRuntime()}
     act = Activator(MemoryStore(), config=ActivatorConfig(node="child"), runtimes=runtimes)
     await act.start()
     await act.acquire(version("v1"))
@@ -53,15 +53,12 @@ else:
 """
 
 
-@pytest.mark.parametrize(("launcher", "loop_kind"), [("auto", "uvloop"), ("python", "asyncio")])
-async def test_sigkill_of_the_parent_leaves_no_sandbox_behind(
-    launcher: str, loop_kind: str
-) -> None:
+@pytest.mark.parametrize("loop_kind", ["uvloop", "asyncio"])
+async def test_sigkill_of_the_parent_leaves_no_sandbox_behind(loop_kind: str) -> None:
     parent = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
         PARENT,
-        launcher,
         loop_kind,
         str(ECHO),
         cwd=ROOT,
