@@ -613,6 +613,10 @@ class InboundConnection(asyncio.Protocol):
             self._reject_with = MethodNotAllowed()
             raise _Reject
         http10 = version == "1.0"
+        if http10 and self._te is not None:
+            # RFC 9112 6.1: HTTP/1.0 has no transfer codings; its framing is faulty (nginx: 400).
+            self._reject_with = BadRequest("Transfer-Encoding is not HTTP/1.0.")
+            raise _Reject
         if host is None and not http10:
             self._reject_with = BadRequest("The Host header is missing.")
             raise _Reject
