@@ -18,7 +18,12 @@ and reports what it found as JSON over HTTP. Standard library only; run it with 
           "ports": the ports among P1,P2 that accept a TCP connection on 127.0.0.1,
           "tmp": the entries of /tmp, "cwd", "home", "tmpdir",
           "can_write_cwd": whether it could create a file in its cwd,
-          "ns": its pid/mnt/user namespace links (to compare with the edge's)
+          "ns": its pid/mnt/user namespace links (to compare with the edge's),
+          with scan=1, "scan": {"open": every loopback TCP port that accepts (1-65535),
+              "etcd": those answering etcd's JSON gateway (/v3/kv/range) with keys,
+              "unauthenticated": those answering POST /v1/apps (the admin API) with 2xx,
+              "unix_sockets": unix socket paths listed in /proc/net/unix it could connect to,
+              a relative name tried in each of sockdirs=D1,D2}
         }
 """
 
@@ -83,6 +88,68 @@ def open_ports(ports: list[int]) -> list[int]:
     return ok
 
 
+def http_status(port: int, request: bytes) -> int:
+    """The status of one raw HTTP exchange with 127.0.0.1:port (0: no HTTP answer)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1.0) as s:
+            s.sendall(request)
+            head = s.recv(64)
+    except OSError:
+        return 0
+    parts = head.split(b" ", 2)
+    return (
+        int(parts[1])
+        if len(parts) > 1 and parts[0].startswith(b"HTTP/") and parts[1].isdigit()
+        else 0
+    )
+
+
+def scan(sockdirs: list[str]) -> dict[str, Any]:
+    """What an attacker on loopback would try: every TCP port, then etcd's gateway and an
+    admin API without credentials on each open one, then every unix socket it can name
+    (relative names, as etcd binds them, are tried in each of `sockdirs`)."""
+    open_: list[int] = []
+    for port in range(1, 65536):
+        with socket.socket() as s:
+            s.settimeout(0.2)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                open_.append(port)
+    etcd = [
+        p for p in open_
+        if http_status(p, b"POST /v3/kv/range HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                          b"application/json\r\nContent-Length: 14\r\n\r\n{\"key\": \"AA==\"}")
+        == 200
+    ]  # fmt: skip
+    unauthenticated = [
+        p for p in open_
+        if 200 <= http_status(p, b"POST /v1/apps HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                                 b"application/json\r\nContent-Length: 16\r\n\r\n"
+                                 b'{"name": "evil"}') < 300
+    ]  # fmt: skip
+    sockets: list[str] = []
+    try:
+        with open("/proc/net/unix") as f:
+            names = {line.split()[-1] for line in f.readlines()[1:] if len(line.split()) > 7}
+    except OSError:
+        names = set()
+    paths = {n for n in names if n.startswith("/")}
+    paths |= {os.path.join(d, n) for n in names if not n.startswith(("/", "@")) for d in sockdirs}
+    for path in sorted(paths):
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(0.2)
+            try:
+                s.connect(path)
+            except OSError:
+                continue
+            sockets.append(path)
+    return {
+        "open": open_,
+        "etcd": etcd,
+        "unauthenticated": unauthenticated,
+        "unix_sockets": sockets,
+    }
+
+
 def can_write_cwd() -> bool:
     try:
         fd = os.open(".hostile-probe", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -115,6 +182,8 @@ def report(query: dict[str, str]) -> dict[str, Any]:
         "can_write_cwd": can_write_cwd(),
         "ns": {n: os.readlink(f"/proc/self/ns/{n}") for n in ("pid", "mnt", "user")},
     }
+    if query.get("scan"):
+        out["scan"] = scan([d for d in query.get("sockdirs", "").split(",") if d])
     if "pid" in query:
 
         def read_pid_environ() -> dict[str, Any]:
