@@ -3,9 +3,11 @@
 Theory of operation
 -------------------
 The ingress asks for a `Lease` on a sandbox of (version id, service) for each request and gives
-it back when the request ends. A lease is one unit of a sandbox's capacity
-(`requests_per_instance` concurrent leases per sandbox, counted per in-flight request: a sandbox
-with capacity N never holds more than N leases).
+it back when the request ends. A lease is one unit of work on a sandbox (a request in flight, an
+upgraded connection, a long response). Which sandbox takes it, and when a pool needs another
+sandbox, is decided by `capacity.py`: `requests_per_instance` is a scaling target, not a limit
+(work spreads over the running sandboxes beyond it and another one starts, up to
+`max_instances`); only `max_requests_per_instance`, a hard cap, makes work queue.
 
 Everything lives in this process, on one event loop, without locks: a state change is a
 synchronous step between two awaits, so no other task can observe it half done.
@@ -14,14 +16,15 @@ synchronous step between two awaits, so no other task can observe it half done.
   waiting acquires. Its store entity has the deterministic id `pool-<version id>-<service>`, so
   every version gets a private pool (normal versions do not share pools here; an identical spec
   would only save a sandbox, and private pools keep deletion trivial).
-- **Warm path** (`try_acquire`, `release`): a dict lookup and a scan of the pool's running
-  sandboxes for spare capacity, first fit (packing load onto the first sandboxes lets the others
-  go idle and scale down). No await, no store call. `try_acquire` declines while anyone waits,
-  so newcomers never overtake queued callers. The ingress uses `hold` instead: the same unit of
-  capacity without a Lease object (the sandbox's own handle, given back with `release` exactly
-  once), trying first the sandbox it got last for the version (`warm`: it keeps the load packed
-  there until it is full). On most requests the ingress does not even call: it counts units on
-  the sandboxes in `warm` itself, under the rules `Held` states (hold/release written out).
+- **Warm path** (`try_acquire`, `hold`, `release`): a dict lookup and `capacity.pick` over the
+  pool's running sandboxes (first below the target, else the least loaded below the hard cap).
+  No await, no store call. Both decline while anyone waits, so newcomers never overtake queued
+  callers. The ingress calls `hold` on every request: the same unit of work without a Lease
+  object (the sandbox's own handle, given back with `release` exactly once). It tries first the
+  sandbox it got last for the version (`warm`), which takes the unit at once while it is below
+  its `limit` (`capacity.unit_limit`: the target, or, for a pool that has one sandbox and can
+  have no other, the hard cap or no limit at all); otherwise `pick` decides, and a unit that
+  went past the target on every sandbox asks the policy for one more sandbox.
 - **Miss path** (`acquire`): if the pool is not loaded, one creation per (version, service) runs
   in its own task behind an in-process sentinel future that every concurrent caller awaits; its
   outcome, pool or error, reaches all of them, and the sentinel is removed before it resolves, so
@@ -29,11 +32,12 @@ synchronous step between two awaits, so no other task can observe it half done.
   deterministic id; Conflict means another process created it first, and it is read and used, so
   processes sharing one etcd create one pool. Then the caller queues a future on the pool and
   `_reconcile` runs.
-- **`_reconcile`** is the one bookkeeping step: hand free capacity of running sandboxes to queued
-  waiters in order (a release or a boot hands a lease straight to the next waiter), then ask
-  `policy.sandboxes_to_start` whether to start one more (only when waiters remain, none is
-  booting, below `max_instances`, not in crash back-off; or to fill up to `min_instances`), or
-  fail the waiters when nothing could ever serve them (crash back-off with no sandbox).
+- **`_reconcile`** is the one bookkeeping step: hand work to queued waiters in order by the same
+  `pick` (a release or a boot hands a lease straight to the next waiter; a boot with no hard cap
+  serves every waiter), then ask `policy.sandboxes_to_start` whether to start one more (when
+  waiters remain or every running sandbox is past the target, none is booting, below
+  `max_instances`, not in crash back-off; or to fill up to `min_instances`), or fail the waiters
+  when nothing could ever serve them (crash back-off with no sandbox).
 - **Sandboxes** change state only through `lifecycle.transition` (pending -> running | dead |
   stopped; running -> dead | stopped). A boot task spawns through the version's runtime and waits
   for the health check under `boot_timeout`; an exit watcher awaits the process's end from the
@@ -83,6 +87,7 @@ from typing import Any, Final, NamedTuple, Protocol, cast
 import attrs
 from prometheus_client import CollectorRegistry
 
+from miren_activator.capacity import pick, saturated, unit_limit
 from miren_activator.clock import Clock, SystemClock, wall_of
 from miren_activator.errors import (
     ActivationTimeout,
@@ -145,19 +150,8 @@ class VersionRef(Protocol):
 
 
 class Held(Protocol):
-    """A unit of a sandbox's capacity from `Activator.hold`: where to send one request. Give it
-    back with `Activator.release` exactly once.
-
-    It is the running sandbox itself, and `Activator.warm` maps version ids to such sandboxes
-    (with `in_use`, `capacity`, `service` and `pool.waiters`: the ingress's view of them is
-    miren_ingress.proxy.interfaces.Unit). A caller on a hot path may count units on one of
-    them without calling in (hold and release
-    written out: the ingress does, in Exchange.start and Exchange.finished), under these rules
-    only: take a unit as `in_use += 1` while `in_use < capacity`, nobody is queued
-    (`not pool.waiters`) and `service` is the one wanted; give one back as `in_use -= 1` while
-    `in_use > 1` and nobody is queued. Anything else goes through `hold` and `release`: the last
-    unit given back starts the idle clock, a queued waiter is owed the unit, and `warm` only
-    holds running sandboxes because `hold` and the state machine keep it so."""
+    """A unit of work on a sandbox from `Activator.hold`: where to send one request. Give it
+    back with `Activator.release` exactly once. (It is the running sandbox itself.)"""
 
     @property
     def addr(self) -> tuple[str, int]: ...
@@ -246,7 +240,6 @@ class _Sandbox:
     __slots__ = (
         "addr",
         "boot_task",
-        "capacity",
         "error",
         "exit_task",
         "handle",
@@ -254,6 +247,7 @@ class _Sandbox:
         "id",
         "in_use",
         "last_used",
+        "limit",
         "log_path",
         "log_rotating",
         "ordinal",
@@ -276,7 +270,7 @@ class _Sandbox:
         self.service = pool.service
         self.ordinal = ordinal
         self.state = PENDING
-        self.capacity = pool.params.capacity
+        self.limit = pool.params.target  # (capacity.unit_limit: set by _set_limits)
         self.in_use = 0
         self.last_used = now
         self.persisted_activity = now
@@ -301,7 +295,7 @@ class _Sandbox:
     def __repr__(self) -> str:
         return (
             f"<Sandbox {self.id} v={self.pool.version.id} svc={self.pool.service} "
-            f"{self.state.value} pid={self.pid} in_use={self.in_use}/{self.capacity} "
+            f"{self.state.value} pid={self.pid} in_use={self.in_use}/{self.pool.params.target} "
             f"url={self.url or '-'}>"
         )
 
@@ -352,7 +346,7 @@ class SandboxInfo:
     id: str
     state: SandboxStatus
     in_use: int
-    capacity: int
+    target: int
     pid: int | None
     url: str
 
@@ -399,9 +393,6 @@ class Activator:
         self._writer = StateWriter(store)
         self._pools: dict[tuple[str, str], _Pool] = {}
         # hold(): the sandbox found last per version id; running ones only (see _set_state).
-        # Read by hot-path callers that count units themselves (see Held), which keep a
-        # reference to this dict: cleared, never rebound. Those callers copy the rules of
-        # hold() and release() (Exchange.start/finished): a rule added there goes there too.
         self.warm: dict[str, _Sandbox] = {}
         self._creating: dict[tuple[str, str], asyncio.Future[_Pool]] = {}
         self._sandboxes: dict[str, _Sandbox] = {}  # live and retained ended ones
@@ -505,16 +496,16 @@ class Activator:
 
     def hold(self, ref: VersionRef) -> Held | None:
         """`try_acquire` for the ingress's hot path, on a VersionRef the caller keeps per route
-        (the ingress's Target). The unit of capacity comes as the sandbox's own `Held` handle
-        (its `addr`, `host` and `port`), not a new Lease, and goes back with `release(held)`
-        exactly once (unlike a Lease's, a second release is not detected: the caller's
-        bookkeeping guarantees one). The sandbox found last for the version is tried first
-        while it runs (it leaves the cache when it stops), has spare capacity and nobody is
-        queued; otherwise the scan finds one."""
+        (the ingress's Target). The unit of work comes as the sandbox's own `Held` handle (its
+        `addr`, `host` and `port`), not a new Lease, and goes back with `release(held)` exactly
+        once (unlike a Lease's, a second release is not detected: the caller's bookkeeping
+        guarantees one). The sandbox found last for the version takes it at once while it runs
+        (it leaves the cache when it stops), is below its `limit` and nobody is queued;
+        otherwise `_take` decides."""
         sb = self.warm.get(ref.version)
         if (
             sb is not None
-            and sb.in_use < sb.capacity
+            and sb.in_use < sb.limit
             and not sb.pool.waiters
             and sb.service == ref.service
         ):
@@ -526,16 +517,34 @@ class Activator:
         return sb
 
     def _take(self, ref: VersionRef) -> _Sandbox | None:
-        """One unit of capacity on the first running sandbox with spare capacity, unless
-        anyone waits."""
+        """One unit of work on the sandbox `capacity.pick` chooses, unless anyone waits; a unit
+        past the target on every sandbox asks for one more sandbox."""
         pool = self._pools.get((ref.version, ref.service))
         if pool is None or pool.waiters:
             return None
-        for sb in pool.running:
-            if sb.in_use < sb.capacity:
-                sb.in_use += 1
-                return sb
-        return None
+        params = pool.params
+        sb = pick(pool.running, params.target, params.hard_cap)
+        if sb is None:
+            return None
+        sb.in_use += 1
+        if sb.in_use > params.target:  # (pick spreads only when every sandbox is at the target)
+            self._scale_up(pool)
+        return sb
+
+    def _scale_up(self, pool: _Pool) -> None:
+        """Every running sandbox is past the target: start one more if the policy says so."""
+        if pool.pending or len(pool.live) >= pool.params.max_instances or self._closed:
+            return  # (the common case under load, decided without the policy call)
+        n = sandboxes_to_start(
+            waiting=len(pool.waiters),
+            pending=pool.pending,
+            live=len(pool.live),
+            params=pool.params,
+            in_backoff=pool.crash.remaining(self._mono()) > 0,
+            saturated=True,
+        )
+        for _ in range(n):
+            self._start_sandbox(pool)
 
     def release(self, lease: Lease | Held) -> None:
         """Give a lease's capacity back (hands it to the next waiter, if any); a `Held` from
@@ -770,22 +779,23 @@ class Activator:
             live=len(pool.live),
             params=pool.params,
             in_backoff=backoff > 0,
+            saturated=bool(pool.running) and saturated(pool.running, pool.params.target),
         )
         for _ in range(n):
             self._start_sandbox(pool)
 
     def _grant(self, pool: _Pool) -> None:
-        """Give queued waiters, in order, the spare capacity of running sandboxes."""
+        """Give queued waiters, in order, units of work on the sandboxes `capacity.pick`
+        chooses (every waiter, when there is no hard cap and a sandbox runs)."""
         waiters = pool.waiters
+        params = pool.params
         while waiters:
             fut = waiters[0]
             if fut.done():  # cancelled: its task removes nothing we need
                 waiters.popleft()
                 continue
-            for sb in pool.running:
-                if sb.in_use < sb.capacity:
-                    break
-            else:
+            sb = pick(pool.running, params.target, params.hard_cap)
+            if sb is None:
                 return
             waiters.popleft()
             sb.in_use += 1
@@ -807,6 +817,7 @@ class Activator:
         if self._config.log_dir is not None:
             sb.log_path = self._config.log_dir / f"{sb.id}.log"
         pool.live.append(sb)
+        self._set_limits(pool)
         self._sandboxes[sb.id] = sb
         self.metrics.cold_starts.labels(app=pool.version.app).inc()
         self.metrics.sandbox_state(None, PENDING)
@@ -903,8 +914,24 @@ class Activator:
             ):
                 boot.cancel()  # it is waiting for the health check
             self._persist_pool(pool)
+        if prev is RUNNING or new is RUNNING or new in FINAL:
+            self._set_limits(pool)
         self._persist_sandbox(sb)
         return prev
+
+    @staticmethod
+    def _set_limits(pool: _Pool) -> None:
+        """Every running sandbox's `limit` after the pool's running or live count changed."""
+        params = pool.params
+        limit = unit_limit(
+            target=params.target,
+            cap=params.hard_cap,
+            running=len(pool.running),
+            live=len(pool.live),
+            max_instances=params.max_instances,
+        )
+        for sb in pool.running:
+            sb.limit = limit
 
     def _booted(self, sb: _Sandbox, duration: float) -> None:
         if sb.state is not PENDING:
@@ -1180,7 +1207,7 @@ class Activator:
             crash_count=pool.crash.consecutive,
             backoff_remaining=pool.crash.remaining(self._mono()),
             sandboxes=tuple(
-                SandboxInfo(sb.id, sb.state, sb.in_use, sb.capacity, sb.pid, sb.url)
+                SandboxInfo(sb.id, sb.state, sb.in_use, pool.params.target, sb.pid, sb.url)
                 for sb in (*pool.live, *pool.finished)
             ),
         )

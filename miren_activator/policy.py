@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import attrs
 
-from miren_store.entities import AppVersion, Runtime
+from miren_store.entities import AppVersion
 
 WEB = "web"
 
@@ -28,7 +28,8 @@ def pool_id_for(version_id: str, service: str) -> str:
 class PoolParams:
     """The scaling knobs of one (version, service), resolved from its spec once."""
 
-    capacity: int  # concurrent leases one sandbox serves (requests_per_instance)
+    target: int  # in-flight work per sandbox before another starts (requests_per_instance)
+    hard_cap: int | None  # in-flight work one sandbox never exceeds (max_requests_per_instance)
     max_instances: int
     min_instances: int
     scale_down_delay: float  # seconds idle before a sandbox is stopped
@@ -36,35 +37,38 @@ class PoolParams:
 
     @classmethod
     def for_version(cls, version: AppVersion, service: str) -> PoolParams:
-        spec = version.spec
-        conc = spec.concurrency
         # The ephemeral defaults (max 1, 15m idle) apply to a preview's web service; its other
         # services scale like a normal version's. An explicit setting wins either way.
-        ephemeral = version.is_ephemeral and service == WEB
-        max_instances = conc.effective_max(ephemeral)
-        if spec.runtime is Runtime.UPSTREAM:
-            # One sandbox per URL: two "sandboxes" on one URL would double-count its capacity.
-            max_instances = min(max_instances, len(spec.urls))
-        max_instances = max(1, max_instances)
+        spec = version.spec
+        conc = spec.effective_concurrency(version.is_ephemeral and service == WEB)
+        assert conc.max_instances is not None and conc.scale_down_delay is not None
         return cls(
-            capacity=max(1, conc.requests_per_instance),
-            max_instances=max_instances,
-            min_instances=min(conc.min_instances, max_instances),
-            scale_down_delay=conc.effective_scale_down_delay(ephemeral).total_seconds(),
+            target=conc.requests_per_instance,
+            hard_cap=conc.max_requests_per_instance,
+            max_instances=conc.max_instances,
+            min_instances=conc.min_instances,
+            scale_down_delay=conc.scale_down_delay.total_seconds(),
             boot_timeout=spec.boot_timeout.total_seconds(),
         )
 
 
 def sandboxes_to_start(
-    *, waiting: int, pending: int, live: int, params: PoolParams, in_backoff: bool
+    *,
+    waiting: int,
+    pending: int,
+    live: int,
+    params: PoolParams,
+    in_backoff: bool,
+    saturated: bool = False,
 ) -> int:
     """How many sandboxes to start now.
 
     `live` counts pending + running sandboxes. Below `min_instances` the pool is filled up to it.
-    Otherwise one more starts only when callers are still waiting after every running sandbox's
-    capacity was handed out, and no sandbox is already booting (waiting on a booting sandbox is
-    cheaper than starting another), never past `max_instances`. Nothing starts during a crash
-    back-off.
+    Otherwise one more starts when callers are still waiting after every running sandbox took
+    what it may, or when every running sandbox is at or above the target (`saturated`: the work
+    is spread over them meanwhile), and no sandbox is already booting (waiting on a booting
+    sandbox is cheaper than starting another), never past `max_instances`. Nothing starts during
+    a crash back-off.
     """
     if in_backoff:
         return 0
@@ -74,7 +78,7 @@ def sandboxes_to_start(
     below_min = params.min_instances - live
     if below_min > 0:
         return min(below_min, room)
-    if waiting > 0 and pending == 0:
+    if (waiting > 0 or saturated) and pending == 0:
         return 1
     return 0
 

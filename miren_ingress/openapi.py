@@ -87,7 +87,18 @@ SCHEMAS: dict[str, Any] = {
     "Concurrency": {
         "type": "object",
         "properties": {
-            "requests_per_instance": {"type": "integer", "minimum": 1},
+            "requests_per_instance": {
+                "type": "integer",
+                "minimum": 1,
+                "description": "scaling target: in-flight work per sandbox past which another "
+                "one starts (not a limit)",
+            },
+            "max_requests_per_instance": {
+                "type": "integer",
+                "minimum": 1,
+                "nullable": True,
+                "description": "hard cap: work past it queues (absent: no cap)",
+            },
             "max_instances": {"type": "integer", "nullable": True},
             "min_instances": {"type": "integer", "minimum": 0},
             "scale_down_delay": _NSTR,

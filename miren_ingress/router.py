@@ -8,13 +8,11 @@ Per request on the warm path this is two dict lookups and a float compare:
   entry outlives the data it was computed from. The cache is bounded (random Host values cannot
   grow it without limit).
 - `cached_lease(target)` is the activator's synchronous `hold` on the target's (version id,
-  service): a unit of a running sandbox's capacity without a Lease object (the engine hands
+  service): a unit of work on a running sandbox without a Lease object (the engine hands
   every lease back exactly once, so none is needed to make a second release harmless). Leases
   are scoped by version id, so a preview and the active version never share a sandbox. It,
   `release` and `discard` are the activator's own bound methods (no wrapper frame per
-  request). `warm` is the activator's map of the sandboxes `hold` found: the engine counts
-  units on them itself while no rule needs the activator (see proxy.interfaces.Unit), so most
-  requests call neither.
+  request): the capacity rule is the activator's alone (miren_activator.capacity).
 - `acquire` (a miss) awaits the activator, translating its errors into the engine's, in one
   place.
 """
@@ -23,7 +21,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -31,7 +29,7 @@ from miren_activator import errors as act_errors
 from miren_activator.activator import Activator
 from miren_ingress.hosts import BadHost, normalize_host
 from miren_ingress.proxy import errors as proxy_errors
-from miren_ingress.proxy.interfaces import NO_UNITS, Lease, Refusal, Target, Unit
+from miren_ingress.proxy.interfaces import Lease, Refusal, Target
 from miren_ingress.routes import Refused, Resolved, RouteTable
 
 BAD_HOST = Refusal(400, "The Host header is missing or invalid.")
@@ -50,10 +48,9 @@ def _refusal(r: Refused) -> Refusal:
 class EdgeRouter:
     # The Router's `cached_lease`, `release` and `discard`: the activator's methods, bound once
     # (see __init__).
-    warm: Mapping[str, Unit]
     cached_lease: Callable[[Target], Lease | None]
-    release: Callable[[Lease | Unit], None]
-    discard: Callable[[Lease | Unit], None]
+    release: Callable[[Lease], None]
+    discard: Callable[[Lease], None]
 
     def __init__(
         self,
@@ -74,14 +71,10 @@ class EdgeRouter:
         self._targets: dict[tuple[str, str, bool], Target] = {}
         if activator is not None:  # (None: resolution only, e.g. benchmarks/resolve_bench.py)
             # A Target is the activator's VersionRef (version id, service): no wrapper frame.
-            # A hit is a Held (a Unit), handed back once by the engine.
-            self.cached_lease = activator.hold  # type: ignore[assignment]
+            # A hit is a Held (the sandbox), handed back once by the engine.
+            self.cached_lease = activator.hold
             self.release = activator.release
             self.discard = activator.report_unreachable
-            # The sandboxes hold() found: the engine counts units on them itself (see Unit).
-            self.warm = activator.warm
-        else:
-            self.warm = NO_UNITS
 
     def __repr__(self) -> str:
         hosts = len(self._hosts) + len(self._expiring)

@@ -248,6 +248,15 @@ def version_status(version: AppVersion, active_version: str | None, now: datetim
     return VersionStatus.REPLACED
 
 
+def spec_data(version: AppVersion) -> dict[str, Any]:
+    """A version's spec as the API shows it: its concurrency with the defaults in force
+    resolved (a preview's one instance, the idle delay), and no hard cap key when it has none."""
+    data: dict[str, Any] = to_data(version.spec)
+    effective = to_data(version.spec.effective_concurrency(version.is_ephemeral))
+    data["concurrency"] = {k: v for k, v in effective.items() if v is not None}
+    return data
+
+
 def version_data(version: AppVersion, status: VersionStatus) -> dict[str, Any]:
     """A version as the API and the CLI's `--format json` show it (SPEC §8)."""
     out: dict[str, Any] = {
@@ -255,7 +264,7 @@ def version_data(version: AppVersion, status: VersionStatus) -> dict[str, Any]:
         "app": version.app,
         "created_at": format_time(version.created_at),
         "status": str(status),
-        "spec": to_data(version.spec),
+        "spec": spec_data(version),
     }
     if version.source is not None:
         out["source"] = to_data(version.source)

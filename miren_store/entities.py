@@ -56,10 +56,14 @@ class SandboxStatus(enum.StrEnum):
 
 @attrs.frozen(kw_only=True)
 class Concurrency:
-    """Scaling knobs of a version. `None` means the default for the kind of version:
-    `max_instances` 20 (ephemeral: 1), `scale_down_delay` 2m (ephemeral: 15m)."""
+    """Scaling knobs of a version. `requests_per_instance` is a scaling target (in-flight work
+    per sandbox above which another sandbox is started), not a limit; `max_requests_per_instance`
+    is the hard cap (None: no cap; work beyond it queues). `None` elsewhere means the default for
+    the kind of version: `max_instances` 20 (ephemeral: 1), `scale_down_delay` 2m (ephemeral:
+    15m). See miren_activator.capacity."""
 
     requests_per_instance: int = 10
+    max_requests_per_instance: int | None = None
     max_instances: int | None = None
     min_instances: int = 0
     scale_down_delay: timedelta | None = None
@@ -88,6 +92,28 @@ class VersionSpec:
     urls: tuple[str, ...] = ()
     concurrency: Concurrency = Concurrency()
 
+    def effective_concurrency(self, ephemeral_web: bool) -> Concurrency:
+        """The scaling knobs in force, defaults resolved: `ephemeral_web` is a preview's web
+        service (one instance, 15 minutes idle by default). An upstream version has at most one
+        instance per URL (two on one URL would double-count its work). The hard cap stays None
+        when absent (no cap); a target above it is the cap."""
+        c = self.concurrency
+        max_instances = c.effective_max(ephemeral_web)
+        if self.runtime is Runtime.UPSTREAM:
+            max_instances = min(max_instances, len(self.urls))
+        max_instances = max(1, max_instances)
+        cap = c.max_requests_per_instance
+        target = max(
+            1, c.requests_per_instance if cap is None else min(c.requests_per_instance, cap)
+        )
+        return Concurrency(
+            requests_per_instance=target,
+            max_requests_per_instance=None if cap is None else max(1, cap),
+            max_instances=max_instances,
+            min_instances=min(c.min_instances, max_instances),
+            scale_down_delay=c.effective_scale_down_delay(ephemeral_web),
+        )
+
     def problems(self) -> list[str]:
         """What makes this spec unusable, as messages for the user (empty when valid)."""
         out: list[str] = []
@@ -106,6 +132,8 @@ class VersionSpec:
         c = self.concurrency
         if c.requests_per_instance < 1:
             out.append("spec.concurrency.requests_per_instance: must be at least 1")
+        if c.max_requests_per_instance is not None and c.max_requests_per_instance < 1:
+            out.append("spec.concurrency.max_requests_per_instance: must be at least 1 (or absent)")
         if c.min_instances < 0:
             out.append("spec.concurrency.min_instances: must not be negative")
         if c.max_instances is not None and c.max_instances < max(1, c.min_instances):

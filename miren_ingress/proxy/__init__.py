@@ -2,7 +2,7 @@
 
 See engine.py for the theory of operation. Public API:
 - `ProxyServer`, `ProxyConfig`, `freeze_gc`
-- the router interface: `Router`, `Target`, `Refusal`, `Lease`, `Unit`, `NO_UNITS`;
+- the router interface: `Router`, `Target`, `Refusal`, `Lease` (`StaticLease`);
   `StaticRouter`
 - typed errors in `errors`.
 """
@@ -26,12 +26,11 @@ from .errors import (
     UpstreamReset,
     UpstreamTimeout,
 )
-from .interfaces import NO_UNITS, Lease, Refusal, Router, Target, Unit
+from .interfaces import Lease, Refusal, Router, StaticLease, Target
 from .server import ProxyServer, freeze_gc
 from .static import StaticRouter, normalize_host
 
 __all__ = [
-    "NO_UNITS",
     "ActivationTimeout",
     "BadGateway",
     "BadRequest",
@@ -47,9 +46,9 @@ __all__ = [
     "Refusal",
     "Router",
     "ServiceUnavailable",
+    "StaticLease",
     "StaticRouter",
     "Target",
-    "Unit",
     "UpstreamConnectError",
     "UpstreamProtocolError",
     "UpstreamReset",

@@ -6,10 +6,9 @@ Objects
   here and in llhttp), renders the head to send upstream, and runs `Exchange`s one at a time in
   arrival order (HTTP/1.1 pipelining is answered in order, never interleaved).
 - `Exchange` (exchange.py): one request/response cycle. `start()` answers reserved paths itself,
-  asks the `Router` for a Target, takes a unit of a warm sandbox's capacity itself (the
-  router's `warm` map, interfaces.Unit) or else a cached lease, and a parked upstream
-  connection: on that hit path everything is synchronous, driven from protocol callbacks,
-  with no Task, no await and no lock. A lease-cache miss or a pool without an idle
+  asks the `Router` for a Target and a cached lease, and a parked upstream connection: on that
+  hit path everything is synchronous, driven from protocol callbacks, with no Task, no await
+  and no lock. A lease-cache miss or a pool without an idle
   connection runs `_connect()` in a Task.
 - `UpstreamConnection` (upstream.py): an asyncio Protocol feeding an httptools response parser,
   re-framing the body for the client and forwarding it as it arrives.
@@ -87,7 +86,7 @@ from time import monotonic
 from typing import TYPE_CHECKING, Any
 
 from .config import ProxyConfig
-from .interfaces import Lease, Router, Unit
+from .interfaces import Lease, Router
 from .metrics import ProxyMetrics
 from .pool import UpstreamPool
 
@@ -129,7 +128,6 @@ class Engine:
         "router",
         "tasks",
         "upstream_open",
-        "warm",
     )
 
     def __init__(
@@ -141,7 +139,6 @@ class Engine:
         loop: asyncio.AbstractEventLoop,
     ) -> None:
         self.router = router
-        self.warm = router.warm  # (the router's own map, read per request: see Unit)
         self.config = config
         self.metrics = metrics
         self.health = health
@@ -193,6 +190,15 @@ class Engine:
                 n += 1
         return n
 
+    @property
+    def tunnels(self) -> int:
+        """Upgraded connections (WebSockets) open now, counted when asked."""
+        n = 0
+        for conn in self.connections:
+            if conn.tunneled:
+                n += 1
+        return n
+
     def write_hit(self, transport: asyncio.WriteTransport, data: bytes, now: float) -> None:
         """Write `data` (a hit-path write at monotonic `now`): at once while the loop is quiet,
         at the end of this loop iteration while it is busy (see "Writes" above). (The hit path
@@ -235,7 +241,7 @@ class Engine:
         self.flush_writes()
         self.last_write = monotonic()  # (the busy gap counts from the end of the batch)
 
-    def pool_for(self, lease: Lease | Unit) -> UpstreamPool:
+    def pool_for(self, lease: Lease) -> UpstreamPool:
         key = lease.addr
         pool = self.pools.get(key)
         if pool is None:

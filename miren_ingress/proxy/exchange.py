@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 from .errorpage import render_json, render_response
 from .errors import ProxyError, UpstreamConnectError, UpstreamReset
 from .headers import accept_of
-from .interfaces import Lease, Refusal, Target, Unit
+from .interfaces import Lease, Refusal, Target
 from .metrics import FAST_BOUND
 
 if TYPE_CHECKING:
@@ -71,9 +71,8 @@ class Exchange:
     conn: UpstreamConnection | None = None
     done = False  # finished: recorded, lease handed back
     head_sent = False  # the final response head was written to the client
-    lease: Lease | Unit | None = None  # (a Unit: counted by the engine itself, see `unit`)
+    lease: Lease | None = None
     lease_cached = True  # `lease` came from the router's cache (see the retry rule)
-    unit = False  # `lease` is a Unit the engine took itself (interfaces.Unit); else a Lease
     local = False  # answered by the proxy itself: request body bytes are dropped
     pending: list[bytes] | None = None  # framed body bytes not written upstream yet
     pending_size = 0
@@ -179,18 +178,7 @@ class Exchange:
         self.target = target
         self.app = target.app
         self.timeout = target.request_timeout
-        unit = engine.warm.get(target.version)
-        if (
-            unit is not None
-            and unit.in_use < unit.capacity
-            and not unit.pool.waiters
-            and unit.service == target.service
-        ):
-            unit.in_use += 1  # Router.cached_lease written out (the rules: interfaces.Unit)
-            self.unit = True
-            lease: Lease | Unit | None = unit
-        else:
-            lease = router.cached_lease(target)
+        lease = router.cached_lease(target)
         if lease is not None:
             self.lease = lease  # (lease_cached: True by default)
             engine.metrics.lease_hits += 1
@@ -208,6 +196,7 @@ class Exchange:
                             conn._head_done = False
                             conn._cl = None
                             conn._conn_cut = False
+                            conn._date = False
                             deadline = conn.deadline = now + self.timeout
                             if deadline < conn._timer_at:
                                 conn._arm(deadline)
@@ -260,7 +249,6 @@ class Exchange:
                     engine.metrics.lease_misses += 1
                     lease = self.lease = await engine.router.acquire(target)
                     self.lease_cached = False
-                    self.unit = False
                 pool = engine.pool_for(lease)
                 conn = pool.take()
                 if conn is not None:
@@ -333,10 +321,7 @@ class Exchange:
         lease = self.lease
         if lease is not None:
             self.lease = None
-            if self.unit and lease.in_use > 1 and not lease.pool.waiters:  # type: ignore
-                lease.in_use -= 1  # type: ignore[union-attr]  # Router.release written out
-            else:
-                engine.router.release(lease)
+            engine.router.release(lease)
         inbound = self.inbound
         if (
             inbound._active is self

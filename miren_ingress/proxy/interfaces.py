@@ -1,14 +1,15 @@
 """The narrow interface between the proxy engine and the routing / lease layer.
 
 The engine never calls the store or the activator directly: it asks a `Router`, which answers
-from memory (`resolve`, `cached_lease`) or, on a lease-cache miss only, awaits (`acquire`). The
-one exception is deliberate: on the hit path it counts units of capacity on the running
-sandboxes the router's `warm` map shows (see `Unit`), under rules the activator states.
+from memory (`resolve`, `cached_lease`) or, on a lease-cache miss only, awaits (`acquire`). How
+work is counted on a sandbox (the capacity rule) is the router's, that is the activator's, alone:
+the engine takes every lease through `cached_lease` / `acquire` and gives it back through
+`release` / `discard`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sized
+from collections.abc import Hashable
 from typing import Protocol, runtime_checkable
 
 import attrs
@@ -35,38 +36,12 @@ class Refusal:
     retry_after: int | None = None  # seconds; sent as Retry-After (with 503)
 
 
-@attrs.define(slots=True, eq=False)
-class Lease:
-    """A reservation of capacity on one sandbox. Identity equality: two leases on one sandbox
-    are two reservations. `token` is the router's own bookkeeping (opaque to the engine).
-
-    The engine reads `addr`, the (host, port) tuple, on every request (its pools are keyed by
-    it): a router's lease type may be any object with `addr`, `host` and `port`, ideally sharing
-    one `addr` tuple between the leases on one sandbox."""
-
-    host: str
-    port: int
-    key: Hashable  # identifies the sandbox
-    token: object = None
-    addr: tuple[str, int] = attrs.field(init=False)
-
-    def __attrs_post_init__(self) -> None:
-        self.addr = (self.host, self.port)
-
-
-class Queue(Protocol):
-    @property
-    def waiters(self) -> Sized: ...
-
-
-class Unit(Protocol):
-    """A running sandbox as a router's `warm` map shows it (version id -> the sandbox its
-    `cached_lease` found last). The engine may count units of its capacity itself on the hit
-    path (`cached_lease` and `release` written out, in Exchange.start and Exchange.finished):
-    take one as `in_use += 1` while `in_use < capacity`, `not pool.waiters` and `service` is
-    the target's; give one back as `in_use -= 1` while `in_use > 1` and `not pool.waiters`;
-    anything else goes through `cached_lease` / `release`. A unit is a lease (it has `addr`,
-    `host` and `port`). The activator states the same rules (miren_activator.activator.Held)."""
+class Lease(Protocol):
+    """A reservation of work on one sandbox: where to send one request. The engine reads
+    `addr`, the (host, port) tuple, on every request (its pools are keyed by it): a router's
+    lease may be any object with `addr`, `host` and `port`, ideally sharing one `addr` tuple
+    between the leases on one sandbox. Identity matters: two leases on one sandbox are two
+    reservations."""
 
     @property
     def addr(self) -> tuple[str, int]: ...
@@ -77,19 +52,18 @@ class Unit(Protocol):
     @property
     def port(self) -> int: ...
 
-    @property
-    def service(self) -> str: ...
 
-    @property
-    def capacity(self) -> int: ...
+@attrs.define(slots=True, eq=False)
+class StaticLease:
+    """A Lease on a fixed address (StaticRouter, tests). `key` identifies the upstream."""
 
-    @property
-    def pool(self) -> Queue: ...
+    host: str
+    port: int
+    key: Hashable
+    addr: tuple[str, int] = attrs.field(init=False)
 
-    in_use: int
-
-
-NO_UNITS: Mapping[str, Unit] = {}  # the `warm` of a router whose leases are all Lease objects
+    def __attrs_post_init__(self) -> None:
+        self.addr = (self.host, self.port)
 
 
 @runtime_checkable
@@ -107,15 +81,9 @@ class Router(Protocol):
       (BootFailed, ActivationTimeout, Overloaded, NotReady). It must be cancellation-safe: the
       engine cancels it when the client goes away.
     - Every lease the engine obtained is handed back exactly once: `release` when the request
-      finished (whatever its outcome), or `discard` instead when connecting to its address was
-      refused (drop it from the cache; the engine then calls `acquire` once more); a unit it
-      took itself from `warm` goes back the same way, or by `in_use -= 1` where Unit allows.
-    - `warm` maps version ids to `Unit`s the engine may count on itself (see Unit); a router
-      without them has `NO_UNITS`. The map is the router's, kept current by it: the engine
-      reads it on every request and never writes it.
+      finished (whatever its outcome, a tunnel when it closed), or `discard` instead when
+      connecting to its address failed (the engine then calls `acquire` once more).
     """
-
-    warm: Mapping[str, Unit]
 
     def resolve(self, host: bytes | str, now: float | None = None) -> Target | Refusal: ...
 
@@ -123,6 +91,6 @@ class Router(Protocol):
 
     async def acquire(self, target: Target) -> Lease: ...
 
-    def release(self, lease: Lease | Unit) -> None: ...
+    def release(self, lease: Lease) -> None: ...
 
-    def discard(self, lease: Lease | Unit) -> None: ...
+    def discard(self, lease: Lease) -> None: ...

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from .interfaces import NO_UNITS, Lease, Refusal, Target, Unit
+from .interfaces import Lease, Refusal, StaticLease, Target
 
 _CACHE_LIMIT = 4096
 
@@ -43,7 +43,7 @@ class StaticRouter:
         ephemeral_hosts: frozenset[str] = frozenset(),
     ) -> None:
         self._targets: dict[str, Target] = {}
-        self._leases: dict[Target, Lease] = {}
+        self._leases: dict[Target, StaticLease] = {}
         for host, upstream in routes.items():
             addr, _, port = upstream.rpartition(":")
             target = Target(
@@ -53,9 +53,8 @@ class StaticRouter:
                 request_timeout=request_timeout,
             )
             self._targets[host] = target
-            self._leases[target] = Lease(host=addr, port=int(port), key=upstream)
+            self._leases[target] = StaticLease(host=addr, port=int(port), key=upstream)
         self._resolved: dict[bytes | str, Target | Refusal] = {}
-        self.warm: Mapping[str, Unit] = NO_UNITS  # (its leases are Lease objects)
         self.acquired = 0
         self.released = 0
         self.discarded = 0
@@ -88,8 +87,8 @@ class StaticRouter:
         self.acquired += 1
         return self._leases[target]
 
-    def release(self, lease: Lease | Unit) -> None:
+    def release(self, lease: Lease) -> None:
         self.released += 1
 
-    def discard(self, lease: Lease | Unit) -> None:
+    def discard(self, lease: Lease) -> None:
         self.discarded += 1

@@ -29,6 +29,7 @@ def make_version(
     label: str = "",
     env: Mapping[str, str] | None = None,
     rpi: int = 10,
+    cap: int | None = None,
     max_instances: int | None = None,
     min_instances: int = 0,
     scale_down: float | None = None,
@@ -49,6 +50,7 @@ def make_version(
         urls=urls,
         concurrency=Concurrency(
             requests_per_instance=rpi,
+            max_requests_per_instance=cap,
             max_instances=max_instances,
             min_instances=min_instances,
             scale_down_delay=None if scale_down is None else timedelta(seconds=scale_down),

@@ -73,11 +73,11 @@ async def test_500_concurrent_first_acquires_share_one_pool_and_one_sandbox(
     assert sample(act, "miren_activator_cold_starts_total", app="app") == 1
 
 
-async def test_crowd_beyond_capacity_is_served_in_turn_never_over_capacity(
+async def test_crowd_beyond_a_hard_cap_is_served_in_turn_never_over_it(
     make_activator: ActivatorFactory,
 ) -> None:
     act = await make_activator()
-    version = make_version("app-v1", label="pr-1")  # rpi 10, max 1
+    version = make_version("app-v1", label="pr-1", cap=10)  # rpi 10, max 1, hard cap 10
     in_use = 0
     peak = 0
     sandboxes: set[str] = set()
@@ -94,9 +94,47 @@ async def test_crowd_beyond_capacity_is_served_in_turn_never_over_capacity(
 
     await asyncio.gather(*(one() for _ in range(500)))
     assert len(sandboxes) == 1
-    assert peak == 10  # exactly requests_per_instance, never one more
+    assert peak == 10  # exactly max_requests_per_instance, never one more
     snap = act.snapshot("app-v1")
     assert snap is not None and (snap.in_use, snap.waiters, snap.desired) == (0, 0, 1)
+
+
+async def test_without_a_hard_cap_a_crowd_on_a_preview_never_queues_once_it_runs(
+    make_activator: ActivatorFactory,
+) -> None:
+    """requests_per_instance is a target: a preview (one sandbox) takes everything."""
+    act = await make_activator()
+    version = make_version("app-v1", label="pr-1")  # rpi 10, max 1, no cap
+    leases = [await act.acquire(version)]  # the cold start
+    leases += [act.try_acquire("app-v1") for _ in range(499)]  # type: ignore[misc]
+    assert all(lease is not None for lease in leases)
+    assert {lease.sandbox_id for lease in leases} == {leases[0].sandbox_id}
+    snap = act.snapshot("app-v1")
+    assert snap is not None and (snap.in_use, snap.waiters, snap.desired) == (500, 0, 1)
+    for lease in leases:
+        act.release(lease)
+
+
+async def test_past_the_target_work_spreads_and_the_pool_scales_up(
+    make_activator: ActivatorFactory,
+) -> None:
+    act = await make_activator()
+    version = make_version("app-v1", rpi=2, max_instances=2)
+    first = await act.acquire(version)
+    units = [first, act.try_acquire("app-v1")]  # at the target: 2 on the first sandbox
+    assert act.snapshot("app-v1").desired == 1  # type: ignore[union-attr]
+    units.append(act.try_acquire("app-v1"))  # past it: taken anyway, and a second one starts
+    assert all(u is not None and u.sandbox_id == first.sandbox_id for u in units)
+    assert act.snapshot("app-v1").desired == 2  # type: ignore[union-attr]
+    await wait_until(lambda: act.snapshot("app-v1").ready == 2)  # type: ignore[union-attr]
+    nxt = act.try_acquire("app-v1")  # the new one is below the target: it takes the next
+    assert nxt is not None and nxt.sandbox_id != first.sandbox_id
+    more = [act.try_acquire("app-v1") for _ in range(6)]  # at max_instances: spread, no queue
+    loads = sorted(s.in_use for s in act.snapshot("app-v1").sandboxes)  # type: ignore[union-attr]
+    assert loads == [5, 5] and act.snapshot("app-v1").waiters == 0  # type: ignore[union-attr]
+    for u in (*units, nxt, *more):
+        assert u is not None
+        act.release(u)
 
 
 async def test_pool_creation_failure_reaches_every_waiter_then_is_forgotten(
@@ -160,11 +198,11 @@ async def test_invalid_spec_fails_without_creating_a_pool(
 # -- the warm path -----------------------------------------------------------------------------
 
 
-async def test_warm_path_capacity_is_exactly_requests_per_instance(
+async def test_warm_path_with_a_hard_cap_takes_exactly_the_cap(
     make_activator: ActivatorFactory,
 ) -> None:
     act = await make_activator()
-    version = make_version("app-v1", rpi=3, max_instances=1)
+    version = make_version("app-v1", rpi=3, cap=3, max_instances=1)
     assert act.try_acquire("app-v1") is None  # no pool yet
     first = await act.acquire(version)
     second = act.try_acquire("app-v1")
@@ -343,7 +381,7 @@ async def test_crash_with_waiters_for_capacity_starts_a_replacement(
     make_activator: ActivatorFactory,
 ) -> None:
     act = await make_activator(crash=CrashPolicy(window=0.0))
-    version = make_version("app-v1", rpi=1, max_instances=1)
+    version = make_version("app-v1", rpi=1, cap=1, max_instances=1)
     lease = await act.acquire(version)
     waiter = asyncio.ensure_future(act.acquire(version))
     await wait_until(lambda: act.snapshot("app-v1").waiters == 1)  # type: ignore[union-attr]
@@ -357,11 +395,11 @@ async def test_crash_with_waiters_for_capacity_starts_a_replacement(
 # -- scaling -------------------------------------------------------------------------------------
 
 
-async def test_three_long_requests_start_exactly_two_sandboxes(
+async def test_three_long_requests_under_a_hard_cap_start_exactly_two_sandboxes(
     make_activator: ActivatorFactory,
 ) -> None:
     act = await make_activator()
-    version = make_version("app-v1", rpi=1, max_instances=2)
+    version = make_version("app-v1", rpi=1, cap=1, max_instances=2)
     served: list[tuple[str, int]] = []
     third_waited = asyncio.Event()
 
@@ -392,7 +430,7 @@ async def test_three_long_requests_start_exactly_two_sandboxes(
 
 async def test_ephemeral_web_never_exceeds_one_sandbox(make_activator: ActivatorFactory) -> None:
     act = await make_activator()
-    version = make_version("app-v1", label="pr-1", rpi=1)
+    version = make_version("app-v1", label="pr-1", rpi=1, cap=1)
     first = await act.acquire(version)
     waiting = [asyncio.ensure_future(act.acquire(version)) for _ in range(20)]
     await wait_until(lambda: act.snapshot("app-v1").waiters == 20)  # type: ignore[union-attr]
@@ -420,7 +458,7 @@ async def test_acquire_timeout_when_capacity_never_frees(
     make_activator: ActivatorFactory,
 ) -> None:
     act = await make_activator(acquire_timeout=0.2)
-    version = make_version("app-v1", rpi=1, max_instances=1)
+    version = make_version("app-v1", rpi=1, cap=1, max_instances=1)
     lease = await act.acquire(version)
     with pytest.raises(ActivationTimeout):
         await act.acquire(version)
@@ -480,7 +518,7 @@ async def test_min_instances_are_kept_and_started_with_the_pool(
 ) -> None:
     clock = ManualClock()
     act = await make_activator(clock=clock, sweep_interval=3600)
-    version = make_version("app-v1", rpi=1, min_instances=2, max_instances=3, scale_down=1.0)
+    version = make_version("app-v1", rpi=1, cap=1, min_instances=2, max_instances=3, scale_down=1.0)
     lease = await act.acquire(version)
     await wait_until(lambda: act.snapshot("app-v1").ready == 2)  # type: ignore[union-attr]
     extra = [act.try_acquire("app-v1"), await act.acquire(version)]
@@ -558,7 +596,7 @@ async def test_lease_handed_to_a_cancelled_waiter_is_given_back(
     make_activator: ActivatorFactory,
 ) -> None:
     act = await make_activator()
-    version = make_version("app-v1", rpi=1, max_instances=1)
+    version = make_version("app-v1", rpi=1, cap=1, max_instances=1)
     held = await act.acquire(version)
     task = asyncio.ensure_future(act.acquire(version))
     await wait_until(lambda: act.snapshot("app-v1").waiters == 1)  # type: ignore[union-attr]
@@ -684,7 +722,7 @@ async def test_remove_version_fails_waiters_and_stops_its_sandboxes(
     make_activator: ActivatorFactory,
 ) -> None:
     act = await make_activator()
-    version = make_version("app-v1", rpi=1, max_instances=1)
+    version = make_version("app-v1", rpi=1, cap=1, max_instances=1)
     keep = await act.acquire(make_version("app-v2"))
     lease = await act.acquire(version)
     pid = pid_of(act, lease)
@@ -740,13 +778,12 @@ async def test_upstream_version_leases_its_url(make_activator: ActivatorFactory)
     )
     a, b = await act.acquire(version), await act.acquire(version)
     assert (a.host, a.port) == (server.host, server.port)
-    waiter = asyncio.ensure_future(act.acquire(version))  # one URL: capped at one sandbox
-    await wait_until(lambda: act.snapshot("app-v1").waiters == 1)  # type: ignore[union-attr]
+    # One URL: one sandbox, which takes work past the target (nothing queues).
+    c = await asyncio.wait_for(act.acquire(version), 5)
     assert act.snapshot("app-v1").desired == 1  # type: ignore[union-attr]
-    act.release(a)
-    c = await waiter
+    assert act.snapshot("app-v1").waiters == 0  # type: ignore[union-attr]
     assert (await get_json(c))["version"] == "srv-v1"
-    for lease in (b, c, server):
+    for lease in (a, b, c, server):
         act.release(lease)
 
 

@@ -1,5 +1,5 @@
-"""`Activator.hold`: the ingress's warm path (a unit of capacity without a Lease object), on
-real echo-server sandboxes."""
+"""`Activator.hold`: the ingress's warm path (a unit of work without a Lease object), on real
+echo-server sandboxes."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ async def boot_and_hold(act: Activator, version: AppVersion) -> Held:
 
 async def test_hold_counts_like_a_lease_without_one(make_activator: ActivatorFactory) -> None:
     act = await make_activator()
-    version = make_version("app-v1", rpi=3, max_instances=1)
+    version = make_version("app-v1", rpi=3, cap=3, max_instances=1)
     assert act.hold(Ref("app-v1")) is None  # no pool yet
     first = await act.acquire(version)
     a, b = act.hold(Ref("app-v1")), act.hold(Ref("app-v1"))
@@ -36,7 +36,7 @@ async def test_hold_counts_like_a_lease_without_one(make_activator: ActivatorFac
     assert not isinstance(a, Lease)
     assert a.addr == b.addr == first.addr == (first.host, first.port)
     assert act.snapshot("app-v1").in_use == 3  # type: ignore[union-attr]
-    assert act.hold(Ref("app-v1")) is None  # full
+    assert act.hold(Ref("app-v1")) is None  # at the hard cap
     waiter = asyncio.ensure_future(act.acquire(version))
     await wait_until(lambda: act.snapshot("app-v1").waiters == 1)  # type: ignore[union-attr]
     act.release(a)  # the unit goes straight to the waiter...
@@ -60,16 +60,18 @@ async def test_hold_stays_on_its_sandbox_until_full_then_moves_on(
 ) -> None:
     act = await make_activator()
     version = make_version("app-v1", rpi=1, max_instances=2)
-    one, two = await asyncio.gather(act.acquire(version), act.acquire(version))
-    assert one.addr != two.addr  # two sandboxes, one unit each
+    one = await act.acquire(version)
+    two = act.hold(Ref("app-v1"))  # past the target: the same sandbox, and a second one starts
+    assert two is not None and two.addr == one.addr
+    await wait_until(lambda: act.snapshot("app-v1").ready == 2)  # type: ignore[union-attr]
     act.release(one)
     act.release(two)
     first = act.hold(Ref("app-v1"))  # first fit: the first sandbox
-    second = act.hold(Ref("app-v1"))  # it is full: the scan finds the other one
+    second = act.hold(Ref("app-v1"))  # it is at the target: pick finds the other one
     assert first is not None and second is not None and first.addr != second.addr
     act.release(first)
     act.release(second)
-    again = act.hold(Ref("app-v1"))  # the sandbox found last, while it has room
+    again = act.hold(Ref("app-v1"))  # the sandbox found last, while it is below the target
     assert again is not None and again.addr == second.addr
     act.release(again)
 

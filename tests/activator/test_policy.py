@@ -21,7 +21,12 @@ from miren_activator.policy import (
 from miren_store.entities import AppVersion, Concurrency, Runtime, VersionSpec
 
 P = PoolParams(
-    capacity=10, max_instances=3, min_instances=0, scale_down_delay=60.0, boot_timeout=5.0
+    target=10,
+    hard_cap=None,
+    max_instances=3,
+    min_instances=0,
+    scale_down_delay=60.0,
+    boot_timeout=5.0,
 )
 
 
@@ -43,7 +48,8 @@ def test_pool_id_is_deterministic_per_version_and_service() -> None:
 
 def test_params_defaults_normal_and_ephemeral() -> None:
     normal = PoolParams.for_version(version(), "web")
-    assert (normal.capacity, normal.max_instances, normal.min_instances) == (10, 20, 0)
+    assert (normal.target, normal.max_instances, normal.min_instances) == (10, 20, 0)
+    assert normal.hard_cap is None  # requests_per_instance is a target: no cap unless asked
     assert normal.scale_down_delay == 120.0
     assert normal.boot_timeout == 60.0
     eph = PoolParams.for_version(version("pr-1"), "web")
@@ -57,6 +63,15 @@ def test_params_defaults_normal_and_ephemeral() -> None:
     assert (custom.max_instances, custom.scale_down_delay) == (2, 1.0)
 
 
+def test_params_hard_cap_and_a_target_above_it() -> None:
+    capped = PoolParams.for_version(version(max_requests_per_instance=50), "web")
+    assert (capped.target, capped.hard_cap) == (10, 50)
+    low = PoolParams.for_version(
+        version(requests_per_instance=10, max_requests_per_instance=4), "web"
+    )
+    assert (low.target, low.hard_cap) == (4, 4)  # a target above the cap is the cap
+
+
 def test_params_upstream_is_capped_at_one_sandbox_per_url() -> None:
     assert PoolParams.for_version(version(runtime=Runtime.UPSTREAM), "web").max_instances == 2
 
@@ -67,22 +82,31 @@ def test_params_min_never_exceeds_max() -> None:
 
 
 @pytest.mark.parametrize(
-    ("waiting", "pending", "live", "backoff", "expected"),
+    ("waiting", "pending", "live", "backoff", "saturated", "expected"),
     [
-        (0, 0, 0, False, 0),  # nobody asks: nothing starts
-        (1, 0, 0, False, 1),  # first request: one sandbox
-        (500, 0, 0, False, 1),  # a crowd still starts one (it waits on the boot)
-        (5, 1, 1, False, 0),  # one is booting: wait for it instead
-        (1, 0, 2, False, 1),  # all running ones busy: scale up by one
-        (1, 0, 3, False, 0),  # at max_instances: wait for capacity
-        (1, 0, 0, True, 0),  # crash back-off: nothing starts
+        (0, 0, 0, False, False, 0),  # nobody asks: nothing starts
+        (1, 0, 0, False, False, 1),  # first request: one sandbox
+        (500, 0, 0, False, False, 1),  # a crowd still starts one (it waits on the boot)
+        (5, 1, 1, False, False, 0),  # one is booting: wait for it instead
+        (1, 0, 2, False, False, 1),  # all running ones at the hard cap: scale up by one
+        (0, 0, 2, False, True, 1),  # all past the target: scale up, nobody waits meanwhile
+        (0, 1, 2, False, True, 0),  # ... unless one is booting already
+        (0, 0, 3, False, True, 0),  # at max_instances: the work spreads over the three
+        (1, 0, 3, False, False, 0),  # at max_instances and the hard cap: wait for a unit
+        (1, 0, 0, True, False, 0),  # crash back-off: nothing starts
+        (0, 0, 1, True, True, 0),
     ],
 )
 def test_sandboxes_to_start(
-    waiting: int, pending: int, live: int, backoff: bool, expected: int
+    waiting: int, pending: int, live: int, backoff: bool, saturated: bool, expected: int
 ) -> None:
     got = sandboxes_to_start(
-        waiting=waiting, pending=pending, live=live, params=P, in_backoff=backoff
+        waiting=waiting,
+        pending=pending,
+        live=live,
+        params=P,
+        in_backoff=backoff,
+        saturated=saturated,
     )
     assert got == expected
 

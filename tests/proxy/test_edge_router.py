@@ -31,12 +31,14 @@ class Edge:
 
 
 async def build_edge(
-    upstream: RawUpstream, preview_ttl: float = 3600.0, capacity: int = 100
+    upstream: RawUpstream, preview_ttl: float = 3600.0, cap: int | None = None
 ) -> Edge:
     spec = VersionSpec(
         runtime=Runtime.UPSTREAM,
         urls=(f"http://{upstream.address}",),
-        concurrency=Concurrency(requests_per_instance=capacity, max_instances=1),
+        concurrency=Concurrency(
+            requests_per_instance=cap or 10, max_requests_per_instance=cap, max_instances=1
+        ),
     )
     store = MemoryStore()
     expires = datetime.now(UTC) + timedelta(seconds=preview_ttl)
@@ -154,13 +156,15 @@ def gated_upstream(gates: dict[bytes, asyncio.Event], seen: list[bytes] | None =
     return handler
 
 
-async def test_a_unit_the_engine_counts_goes_to_a_queued_request(proxy, raw_upstream, edge) -> None:
-    # The engine takes and gives back units itself on the hit path (interfaces.Unit): never
-    # past the sandbox's capacity, and never one a queued request is owed.
+async def test_under_a_hard_cap_a_released_unit_goes_to_the_queued_request(
+    proxy, raw_upstream, edge
+) -> None:
+    # With max_requests_per_instance the sandbox never takes one unit past it, and a unit given
+    # back goes to the queued request, never to a newcomer.
     gates = {b"/a": asyncio.Event(), b"/b": asyncio.Event()}
     seen: list[bytes] = []
     up = await raw_upstream(gated_upstream(gates, seen))
-    e = await edge(up, capacity=2)
+    e = await edge(up, cap=2)
     p = await proxy(router=e.router)
 
     async def get(s: aiohttp.ClientSession, path: str) -> int:
@@ -179,7 +183,7 @@ async def test_a_unit_the_engine_counts_goes_to_a_queued_request(proxy, raw_upst
             assert in_use(e, "v1") == 2
             c = asyncio.create_task(get(s, "/c"))
             await eventually(lambda: snapshot(e).waiters == 1, what="the third request queued")
-            assert len(seen) == n + 2 and in_use(e, "v1") == 2  # not let past capacity
+            assert len(seen) == n + 2 and in_use(e, "v1") == 2  # not let past the cap
             gates[b"/a"].set()
             assert await a == 200
             # /b still holds its unit: /a's went to the queued request, which completes.

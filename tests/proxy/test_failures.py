@@ -6,14 +6,12 @@ import asyncio
 import json
 import socket
 import struct
-from collections.abc import Mapping
 
 import aiohttp
 import pytest
 from aiohttp import web
 
 from miren_ingress.proxy import (
-    NO_UNITS,
     ActivationTimeout,
     BootFailed,
     Lease,
@@ -21,8 +19,8 @@ from miren_ingress.proxy import (
     Overloaded,
     ProxyError,
     Refusal,
+    StaticLease,
     Target,
-    Unit,
 )
 
 from .conftest import (
@@ -55,7 +53,6 @@ class ScriptedRouter:
         self.outstanding: set[int] = set()
         self.acquire_started = asyncio.Event()
         self.acquire_gate: asyncio.Event | None = None
-        self.warm: Mapping[str, Unit] = NO_UNITS
 
     def resolve(self, host: bytes | str, now: float | None = None) -> Target | Refusal:
         if host.startswith(b"gone."):  # type: ignore[union-attr]
@@ -78,18 +75,18 @@ class ScriptedRouter:
         self.outstanding.add(id(self.acquired))
         return self.acquired
 
-    def release(self, lease: Lease | Unit) -> None:
+    def release(self, lease: Lease) -> None:
         self.calls.append("release")
         self.outstanding.discard(id(lease))
 
-    def discard(self, lease: Lease | Unit) -> None:
+    def discard(self, lease: Lease) -> None:
         self.calls.append("discard")
         self.outstanding.discard(id(lease))
         self.cached = None
 
 
 def lease_for(port: int, key: str) -> Lease:
-    return Lease(host="127.0.0.1", port=port, key=key)
+    return StaticLease(host="127.0.0.1", port=port, key=key)
 
 
 async def test_retry_once_when_cached_lease_is_refused(proxy, ok_upstream: RawUpstream) -> None:
@@ -111,7 +108,7 @@ async def test_a_defect_after_the_response_closes_the_client_connection(
     router = ScriptedRouter(lease_for(ok_upstream.port, "a"), lease_for(ok_upstream.port, "b"))
     faulty = router.release
 
-    def release(lease: Lease | Unit) -> None:
+    def release(lease: Lease) -> None:
         faulty(lease)
         raise RuntimeError("defect")
 
