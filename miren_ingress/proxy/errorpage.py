@@ -11,6 +11,8 @@ import html
 import json
 from http import HTTPStatus
 
+from .dates import date_line
+
 _JSON = 0
 _HTML = 1
 _TEXT = 2
@@ -99,6 +101,7 @@ def render_response(
         b"Content-Type: " + content_type + b"\r\n",
         b"Content-Length: %d\r\n" % len(body),
         b"Cache-Control: no-store\r\nVary: Accept\r\n",
+        date_line(),
     ]
     if retry_after is not None:
         lines.append(b"Retry-After: %d\r\n" % retry_after)
@@ -115,11 +118,12 @@ def render_json(status: int, payload: object, *, keep_alive: bool, head_only: bo
     body = json.dumps(payload).encode()
     head = (
         b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
-        b"Cache-Control: no-store\r\n%s\r\n"
+        b"Cache-Control: no-store\r\n%s%s\r\n"
         % (
             status,
             status_name(status).encode(),
             len(body),
+            date_line(),
             b"" if keep_alive else b"Connection: close\r\n",
         )
     )

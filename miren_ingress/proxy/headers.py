@@ -20,6 +20,7 @@ CONTENT_LENGTH = 6  # framing: re-emitted by the engine
 TRANSFER_ENCODING = 7  # framing: re-emitted by the engine
 UPGRADE = 8  # hop-by-hop except on an upgrade request / 101 response
 FORWARDED_FOR = 9  # appended to
+DATE = 10  # (responses) forwarded; the proxy adds one where it is missing
 
 
 _COMMON = {
@@ -44,7 +45,7 @@ _REQUEST = {
     b"x-forwarded-host": FORWARDED_SET,
     b"expect": EXPECT,
 }
-_RESPONSE = dict(_COMMON)
+_RESPONSE = {**_COMMON, b"date": DATE}
 
 _CACHE_LIMIT = 4096  # distinct spellings remembered; beyond it names are classified uncached
 

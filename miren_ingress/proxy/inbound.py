@@ -768,6 +768,11 @@ class InboundConnection(asyncio.Protocol):
             ex.keep_alive = False
 
     @property
+    def tunneled(self) -> bool:
+        """The connection was upgraded (101): a raw byte tunnel to the app."""
+        return self._tunnel is not None
+
+    @property
     def busy(self) -> bool:
         """An exchange was started and is not finished (tunnels count as finished)."""
         ex = self._active

@@ -7,7 +7,7 @@ counter, `fast`, that stands for both its request count and its bucket (`Exchang
 bumps it itself, without calling `request_done`). A Collector registered on the caller's registry turns them into the
 `miren_ingress_*` families at scrape time. Measured on the benchmark, this costs ~0.5 µs per
 request where cached prometheus-client children (a lock per `inc`/`observe`) cost ~2.5 µs.
-The in-flight gauge reads the engine's counter at scrape time.
+The in-flight and tunnel gauges count the engine's connections at scrape time.
 """
 
 from __future__ import annotations
@@ -49,12 +49,26 @@ class _AppStats:
 
 
 class ProxyMetrics(Collector):
-    __slots__ = ("_errors", "_in_flight", "apps", "lease_hits", "lease_misses", "registry")
+    __slots__ = (
+        "_errors",
+        "_in_flight",
+        "_tunnels",
+        "apps",
+        "lease_hits",
+        "lease_misses",
+        "registry",
+    )
 
-    def __init__(self, registry: CollectorRegistry, in_flight: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        in_flight: Callable[[], float],
+        tunnels: Callable[[], float] = lambda: 0.0,
+    ) -> None:
         self.apps: dict[str, _AppStats] = {}  # (read by Exchange.finished for `fast`)
         self._errors: dict[str, int] = {}
         self._in_flight = in_flight
+        self._tunnels = tunnels
         self.lease_hits = 0
         self.lease_misses = 0
         self.registry = registry
@@ -120,6 +134,12 @@ class ProxyMetrics(Collector):
         yield duration
         yield GaugeMetricFamily(
             "miren_ingress_in_flight_requests", "Requests in progress.", value=self._in_flight()
+        )
+        yield GaugeMetricFamily(
+            "miren_ingress_open_tunnels",
+            "Upgraded connections (WebSockets) open through the ingress; each holds a unit of "
+            "its sandbox's work (counted toward scaling, never stopped as idle).",
+            value=self._tunnels(),
         )
         lookups = CounterMetricFamily(
             "miren_ingress_lease_lookups", "Lease cache lookups by the ingress.", labels=["result"]

@@ -47,8 +47,8 @@ class UpstreamPool:
         self.idle_timeout = engine.config.pool_idle_timeout
         # The last response head of this upstream that llhttp parsed and the fast path took
         # (see upstream.py): (its bytes through the blank line, the response's whole length,
-        # status, has a `Connection: keep-alive` line).
-        self.known: tuple[bytes, int, int, bool] | None = None
+        # status, has a `Connection: keep-alive` line, has a Date line).
+        self.known: tuple[bytes, int, int, bool, bool] | None = None
 
     def __repr__(self) -> str:
         return f"<UpstreamPool {self.host}:{self.port} open={self.open} idle={len(self.idle)}>"

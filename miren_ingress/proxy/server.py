@@ -37,13 +37,16 @@ class ProxyServer:
         self._health = health
         self._engine: Engine | None = None
         self._server: asyncio.Server | None = None
-        self.metrics = ProxyMetrics(self.registry, self._in_flight)
+        self.metrics = ProxyMetrics(self.registry, self._in_flight, self._tunnels)
 
     def __repr__(self) -> str:
         return f"<ProxyServer {self.address} {self._engine!r}>"
 
     def _in_flight(self) -> float:
         return float(self._engine.in_flight) if self._engine is not None else 0.0
+
+    def _tunnels(self) -> float:
+        return float(self._engine.tunnels) if self._engine is not None else 0.0
 
     async def start(self, host: str = "127.0.0.1", port: int = 8080) -> tuple[str, int]:
         """Listen; returns the bound (host, port) (port 0 picks a free one)."""

@@ -59,6 +59,7 @@ from httptools import (
 )
 
 from . import headers as h
+from .dates import date_line
 from .errors import UpstreamProtocolError, UpstreamReset, UpstreamTimeout
 
 if TYPE_CHECKING:
@@ -74,6 +75,7 @@ _NO_BODY_STATUS = (204, 304)
 _ORDINARY = h.RESPONSE_NAMES.ordinary  # spellings known to be ordinary (read directly: hot)
 _KNOWN_HEAD_MAX = 2048  # longer response heads are never remembered (UpstreamPool.known)
 _NOVEL = 16  # heads in a row that never repeated, after which only every 16th is remembered
+_KEPT = (h.ORDINARY, h.CONTENT_LENGTH, h.DATE)  # forwarded as they are (see _ordinary_lines)
 _TIMER_SLACK = 0.001  # re-arm at least this far ahead (uvloop's timers have 1 ms resolution)
 
 
@@ -90,6 +92,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_conn_cut",
         "_conn_extra",
         "_data",
+        "_date",
         "_done",
         "_eof_body",
         "_head_done",
@@ -138,6 +141,7 @@ class UpstreamConnection(asyncio.Protocol):
         # The fast path's output for this segment (head and body, spliced), else None:
         self._spliced: bytes | None = None
         self._conn_cut = False  # a `Connection: keep-alive` line: cut out if we close
+        self._date = False  # the response has a Date field (else the proxy adds one)
         self._done = False  # the response was read to its end (reset when handled)
         self._novel = 0  # heads this connection parsed on the fast path since one was known
         # Per response, only touched off the fast path; `_rare` says whether to reset them.
@@ -235,12 +239,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._novel = 0
             ex.status = known[2]
             self._conn_cut = known[3]
-            if ex.keep_alive:  # (as in on_headers_complete)
-                insert = self.engine.head_inserts[ex.target.ephemeral]  # type: ignore[union-attr]
-                self._spliced = data.replace(b"\r\n", insert, 1) if insert else data
-            else:
-                self._splice_closing(ex, data)
-            self._head_done = True
+            self._splice(ex, data, known[4])  # (as in on_headers_complete)
             self._done = True
         else:
             self._data = data
@@ -334,6 +333,8 @@ class UpstreamConnection(asyncio.Protocol):
             self._cl = value
         elif name == b"Connection" and value == b"keep-alive" and not self._conn_cut:
             self._conn_cut = True  # nginx sends it on every response (see on_headers_complete)
+        elif name in {b"Date", b"date"}:  # stays in place (uvicorn: lowercase)
+            self._date = True
         else:
             self._header(name, value)
 
@@ -343,6 +344,9 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if kind == h.CONTENT_LENGTH:  # (another spelling)
             self._cl = value
+            return
+        if kind == h.DATE:  # (another spelling)
+            self._date = True
             return
         if self._head_done:
             return  # a trailer: dropped
@@ -382,22 +386,32 @@ class UpstreamConnection(asyncio.Protocol):
         # `Connection: keep-alive` line stays when the client connection stays open: it is then
         # our own option for that connection too (RFC 9110 7.6.1 lets an intermediary replace
         # the field with its own options: here the same bytes); it is cut when we close.
-        if ex.keep_alive:
-            target: Target = ex.target  # type: ignore[assignment]  # (attached: routed)
-            insert = self.engine.head_inserts[target.ephemeral]
-            self._spliced = data.replace(b"\r\n", insert, 1) if insert else data
-        else:
-            self._splice_closing(ex, data)
-        self._head_done = True
+        self._splice(ex, data, self._date)
         # Remembered for the next response (see data_received); of an upstream whose heads
         # never repeat (a request id, a cookie) only every _NOVEL-th head is.
         novel = self._novel = self._novel + 1
         if novel <= _NOVEL or not novel % _NOVEL:
             self._remember(data, status)
 
-    def _splice_closing(self, ex: Exchange, data: bytes) -> None:
+    def _splice(self, ex: Exchange, data: bytes, dated: bool) -> None:
+        """The fast path's output: `data` (head and body) with our lines added: after the
+        status line to a keep-alive client, or in place of the Connection line when the client
+        connection closes (see on_headers_complete); a Date line when `dated` is false."""
+        if ex.keep_alive:
+            target: Target = ex.target  # type: ignore[assignment]  # (attached: routed)
+            insert = self.engine.head_inserts[target.ephemeral]
+            if not dated:
+                insert = (insert or b"\r\n") + date_line()
+            self._spliced = data.replace(b"\r\n", insert, 1) if insert else data
+        else:
+            self._splice_closing(ex, data, dated)
+        self._head_done = True
+
+    def _splice_closing(self, ex: Exchange, data: bytes, dated: bool) -> None:
         """The fast path's output when the client connection closes after this response."""
         add = self.engine.close_lines[ex.target.ephemeral]  # type: ignore[union-attr]
+        if not dated:
+            add += b"\r\n" + date_line()[:-2]
         if self._conn_cut:
             # Its name is spelled exactly so (see on_header): the first match is in the head.
             cut = data.find(b"\r\nConnection:")  # the CRLF before that line
@@ -412,7 +426,7 @@ class UpstreamConnection(asyncio.Protocol):
         end = data.find(b"\r\n\r\n") + 4
         if status not in _NO_BODY_STATUS and end <= _KNOWN_HEAD_MAX:
             cl = int(self._cl)  # type: ignore[arg-type]  # (the fast path: Content-Length)
-            self.pool.known = (data[:end], end + cl, status, self._conn_cut)
+            self.pool.known = (data[:end], end + cl, status, self._conn_cut, self._date)
 
     def _trim_spliced(self, data: bytes, status: int) -> None:
         """The parser stopped at a second message after a spliced response: drop its bytes."""
@@ -446,7 +460,7 @@ class UpstreamConnection(asyncio.Protocol):
         for line in lines[1:]:
             name = line[: line.index(b":")]
             kind = kind_of(name)
-            if kind in (h.ORDINARY, h.CONTENT_LENGTH) and not (drop and name.lower() in drop):
+            if kind in _KEPT and not (drop and name.lower() in drop):
                 kept.append(line)
         return kept
 
@@ -483,6 +497,8 @@ class UpstreamConnection(asyncio.Protocol):
             else:
                 self._chunk_out = True
                 lines.append(b"Transfer-Encoding: chunked")
+        if not self._date:
+            lines.append(date_line()[:-2])
         tails = self.engine.head_tails[ex.target.ephemeral]
         tail = tails[True] if status == 101 else tails[ex.keep_alive]
         lines.append(tail)
@@ -523,6 +539,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._head_done = False
         self._cl = None
         self._conn_cut = False
+        self._date = False
         if self._rare:
             self._reset_rare()
         deadline = self.deadline = now + ex.timeout

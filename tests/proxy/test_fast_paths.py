@@ -67,13 +67,15 @@ async def test_bytes_after_a_spliced_response_are_never_forwarded(
      b"connection: keep-alive\r\n", b"Connection: Keep-Alive\r\n", b""],
 )  # fmt: skip
 @pytest.mark.parametrize("ephemeral", [False, True])
+@pytest.mark.parametrize("date", [b"", b"Date: Sun, 06 Dec 2026 21:00:00 GMT\r\n", b"date: x\r\n"])
 async def test_response_heads_are_spliced_exactly(
-    proxy, raw_upstream, connection: bytes, ephemeral: bool
+    proxy, raw_upstream, connection: bytes, ephemeral: bool, date: bytes
 ) -> None:
     body = b"0123456789" * 100
     response = (
         b"HTTP/1.1 200 Fine\r\nServer: up\r\nContent-Length: 1000\r\n"
         + connection
+        + date
         + b"ETag: \"x\"\r\n\r\n"
         + body
     )  # fmt: skip
@@ -96,8 +98,16 @@ async def test_response_heads_are_spliced_exactly(
         assert rest == body
         names = [line.split(b":")[0].lower() for line in lines]
         assert (b"x-robots-tag" in names) == ephemeral
-        theirs = [line for line in lines if not line.startswith((b"Connection", b"X-Robots"))]
-        assert theirs == [b"Server: up", b"Content-Length: 1000", b'ETag: "x"']  # in order
+        theirs = [
+            line for line in lines if not line.lower().startswith((b"connection", b"x-robots"))
+        ]
+        if date:  # theirs, untouched
+            mine = theirs
+        else:  # ours, added (the second response parsed or known alike)
+            mine = [line for line in theirs if not line.startswith(b"Date: ")]
+            assert len(theirs) - len(mine) == 1
+        assert mine == [b"Server: up", b"Content-Length: 1000", *([date[:-2]] if date else []),
+                        b'ETag: "x"']  # in order  # fmt: skip
         connection_lines = [line for line in lines if line.lower().startswith(b"connection")]
         if i == 0:  # keep-alive: nginx's own spelling of our option stays (the fast path)
             assert connection_lines == ([connection[:-2]] if same_option else [])
@@ -303,7 +313,10 @@ async def test_upstream_keep_alive_decides_reuse(
 
 
 # --- a response head seen before (UpstreamPool.known): the parser is skipped ----------------
-OK_HEAD = b"HTTP/1.1 200 OK\r\nServer: up\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\n"
+OK_HEAD = (
+    b"HTTP/1.1 200 OK\r\nServer: up\r\nDate: Sun, 06 Dec 2026 21:00:00 GMT\r\n"
+    b"Content-Length: 2\r\nConnection: keep-alive\r\n\r\n"
+)
 
 
 def only_pool(p: Any) -> UpstreamPool:
@@ -408,7 +421,7 @@ async def test_bodiless_statuses_are_never_remembered(proxy, raw_upstream, statu
     assert data.endswith(b"\r\n\r\n")
     assert only_pool(p).known is None
     assert parse_responses(await raw_exchange(p.port, GET_CLOSE))[0][2] == b"ok"
-    assert only_pool(p).known == (OK_HEAD, len(OK_HEAD) + 2, 200, True)
+    assert only_pool(p).known == (OK_HEAD, len(OK_HEAD) + 2, 200, True, True)
 
 
 async def test_heads_that_never_repeat_are_sampled_then_a_repeating_one_is_learnt(

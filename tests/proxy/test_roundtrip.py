@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import json
 from collections.abc import AsyncIterator
 
@@ -284,3 +285,32 @@ async def test_pipelined_requests_with_bodies(proxy, aiohttp_upstream) -> None:
     responses = parse_responses(await raw_exchange(p.port, reqs))
     got = [(json.loads(b)["path"], json.loads(b)["body_head"]) for _, _, b in responses]
     assert got == [("/a", "abc"), ("/b", "de"), ("/c", "")]
+
+
+async def test_date_is_added_where_a_response_has_none(proxy, raw_upstream) -> None:
+    """RFC 9110 6.6.1: the proxy's own answers and an app's that lack Date get one; an app's own
+    Date is left alone (one line, its value)."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while (req := await read_request(reader)) is not None:
+            if req.url == b"/chunked":
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"
+                )
+            else:
+                writer.write(b"HTTP/1.1 200 OK\r\nDate: Mon, 01 Jan 2024 00:00:00 GMT\r\n"
+                             b"Content-Length: 2\r\n\r\nok")  # fmt: skip
+            await writer.drain()
+
+    up = await raw_upstream(handler)
+    p = await proxy({"a": up.address})
+    data = await raw_exchange(
+        p.port,
+        b"GET /chunked HTTP/1.1\r\nHost: a\r\n\r\nGET /dated HTTP/1.1\r\nHost: a\r\n\r\n"
+        b"GET / HTTP/1.1\r\nHost: nowhere\r\nConnection: close\r\n\r\n",
+    )
+    chunked, dated, refused = parse_responses(data)
+    assert email.utils.parsedate_to_datetime(chunked[1]["date"]).year >= 2026
+    assert dated[1]["date"] == "Mon, 01 Jan 2024 00:00:00 GMT"
+    assert data.count(b"Date: Mon") == 1
+    assert refused[0] == 404 and email.utils.parsedate_to_datetime(refused[1]["date"])

@@ -425,3 +425,30 @@ async def test_a_refused_h2c_upgrade_with_a_body(proxy, raw_upstream) -> None:
     )
     assert [s for s, _, _ in parse_responses(data)] == [200, 200]
     assert [(u, b) for _, u, b in up.requests] == [(b"/h", b"hello"), (b"/next", b"")]
+
+
+async def test_open_tunnels_are_a_gauge(proxy, raw_upstream) -> None:
+    from prometheus_client import generate_latest
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: x\r\n\r\n"
+        )
+        await writer.drain()
+        while await reader.read(65536):
+            pass
+
+    def tunnels(p: object) -> str:
+        text = generate_latest(p.registry).decode()  # type: ignore[attr-defined]
+        return next(ln for ln in text.splitlines() if ln.startswith("miren_ingress_open_tunnels "))
+
+    up = await raw_upstream(handler)
+    p = await proxy({"*": up.address})
+    assert tunnels(p) == "miren_ingress_open_tunnels 0.0"
+    reader, writer = await asyncio.open_connection("127.0.0.1", p.port)
+    writer.write(UPGRADE)
+    await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert tunnels(p) == "miren_ingress_open_tunnels 1.0"
+    writer.close()
+    await eventually(lambda: tunnels(p) == "miren_ingress_open_tunnels 0.0", what="closed")
