@@ -18,6 +18,7 @@ from miren_activator.errors import (
     IllegalTransition,
     Overloaded,
     PoolCreationFailed,
+    Unreachable,
     VersionRemoved,
 )
 from miren_activator.policy import CrashPolicy, PoolParams, pool_id_for
@@ -50,6 +51,7 @@ __all__ = [
     "SandboxRuntime",
     "SandboxSpec",
     "SystemClock",
+    "Unreachable",
     "UpstreamRuntime",
     "VersionRemoved",
     "pool_id_for",

@@ -97,6 +97,7 @@ from miren_activator.errors import (
     CrashBackoff,
     Overloaded,
     PoolCreationFailed,
+    Unreachable,
     VersionRemoved,
 )
 from miren_activator.lifecycle import FINAL, SandboxEvent, transition
@@ -126,10 +127,13 @@ log = logging.getLogger("miren.activator")
 
 PENDING: Final = SandboxStatus.PENDING
 RUNNING: Final = SandboxStatus.RUNNING
+DOWN: Final = SandboxStatus.DOWN
 STOPPED: Final = SandboxStatus.STOPPED
 DEAD: Final = SandboxStatus.DEAD
 
 InvalidationCallback = Callable[[str], None]
+REPROBE_FIRST = 0.25  # seconds before a DOWN upstream is probed again; doubling ...
+REPROBE_MAX = 4.0  # ... up to this: back within seconds of coming back
 
 
 class _Ref(NamedTuple):
@@ -303,6 +307,7 @@ class _Sandbox:
 class _Pool:
     __slots__ = (
         "crash",
+        "down",
         "entity",
         "finished",
         "id",
@@ -325,6 +330,7 @@ class _Pool:
         self.entity = entity
         self.live: list[_Sandbox] = []  # pending + running, in start order
         self.running: list[_Sandbox] = []  # the RUNNING subset, in boot order
+        self.down: list[_Sandbox] = []  # the DOWN subset (upstreams being re-probed)
         self.finished: deque[_Sandbox] = deque()  # ended, newest last
         self.waiters: deque[asyncio.Future[Lease]] = deque()
         self.crash = crash
@@ -332,7 +338,8 @@ class _Pool:
 
     @property
     def pending(self) -> int:
-        return len(self.live) - len(self.running)
+        """Sandboxes booting now."""
+        return len(self.live) - len(self.running) - len(self.down)
 
     def __repr__(self) -> str:
         return (
@@ -564,14 +571,16 @@ class Activator:
 
     def report_unreachable(self, lease: Lease | Held) -> None:
         """The ingress could not connect to the lease's sandbox: release the lease and take the
-        sandbox out of service now (marked dead and stopped), so the retry gets another one.
-
-        Usually the process has just died and its exit watcher has not run yet; for an upstream
-        runtime, the server went away. Either way no further lease may point at it.
-        """
+        sandbox out of service now, so the retry gets another one. A process sandbox is marked
+        dead and stopped (usually its process just died and its exit watcher has not run yet;
+        the next acquire starts another); an upstream instance is DOWN and re-probed with
+        back-off until it answers (nothing could restart it)."""
         self.release(lease)
         sb = _sandbox_of(lease)
         if sb.state is not RUNNING:
+            return
+        if getattr(sb.handle, "static", False):  # an upstream: down until it answers again
+            self._unreachable(sb, "refused or timed out a connection")
             return
         sb.error = "refused connections"
         self._set_state(sb, SandboxEvent.EXITED)
@@ -717,6 +726,8 @@ class Activator:
         backoff = pool.crash.remaining(self._mono())
         if backoff > 0 and not pool.running and not pool.pending:
             raise self._backoff_error(pool, backoff)
+        if self._all_down(pool):
+            raise self._down_error(pool)
         if len(pool.waiters) >= self._config.max_waiters:
             raise Overloaded(
                 f"{len(pool.waiters)} requests already wait for {pool.version.id}/{pool.service}"
@@ -748,6 +759,26 @@ class Activator:
                 with contextlib.suppress(ValueError):
                     pool.waiters.remove(fut)
             self.metrics.waiters.dec()
+
+    @staticmethod
+    def _all_down(pool: _Pool) -> bool:
+        """Nothing of the pool can serve or is booting, and no other instance may start: every
+        one of its upstream instances is down."""
+        return (
+            bool(pool.down)
+            and not pool.running
+            and not pool.pending
+            and len(pool.live) >= pool.params.max_instances
+        )
+
+    @staticmethod
+    def _down_error(pool: _Pool) -> Unreachable:
+        sb = pool.down[-1]
+        return Unreachable(
+            f"{pool.version.id}/{pool.service}: no instance answers ({sb.url}: {sb.error}); "
+            "re-probing",
+            sandbox_id=sb.id,
+        )
 
     def _backoff_error(self, pool: _Pool, remaining: float) -> CrashBackoff:
         return CrashBackoff(
@@ -873,9 +904,45 @@ class Activator:
             )
             sb.stop_task = self._spawn(self._stop_handle(sb, 1.0), f"stop {sb.id}")
             return
+        except Unreachable as exc:
+            self._unreachable(sb, str(exc))
+            return
         except BootFailed:
             return  # the process ended: the exit watcher reports it
         self._booted(sb, loop.time() - t0)
+
+    def _unreachable(self, sb: _Sandbox, why: str) -> None:
+        """An upstream instance does not answer (at boot, or a refused connection later): DOWN,
+        its waiters fail at once when nothing else can serve them, and it is re-probed."""
+        prev = sb.state
+        sb.error = why
+        self._set_state(sb, SandboxEvent.UNREACHABLE)
+        if sb.state is not DOWN or prev is DOWN:
+            return
+        pool = sb.pool
+        log.warning("%r is down (%s): re-probing", sb, why)
+        if self._all_down(pool):
+            self._fail_waiters(pool, self._down_error(pool))
+        else:
+            self._reconcile(pool)  # another instance (the next URL) may serve the waiters
+        self._spawn(self._reprobe(sb), f"reprobe {sb.id}")
+
+    async def _reprobe(self, sb: _Sandbox) -> None:
+        """Probe a DOWN instance with back-off until it answers, then it serves again."""
+        delay = REPROBE_FIRST
+        check = getattr(sb.handle, "check", None)
+        while check is not None:
+            await asyncio.sleep(delay)
+            if sb.state is not DOWN or self._closed:
+                return
+            if await check():
+                if sb.state is DOWN:
+                    log.info("%r answers again", sb)
+                    self._set_state(sb, SandboxEvent.BOOTED)
+                    sb.last_used = self._mono()
+                    self._reconcile(sb.pool)
+                return
+            delay = min(delay * 2, REPROBE_MAX)
 
     async def _watch_exit(self, sb: _Sandbox) -> None:
         assert sb.handle is not None
@@ -902,6 +969,10 @@ class Activator:
             self._invalidate(sb.id)
         if new is RUNNING:
             pool.running.append(sb)
+        if prev is DOWN:
+            pool.down.remove(sb)
+        if new is DOWN:
+            pool.down.append(sb)
         if new in FINAL:
             pool.live.remove(sb)
             self._retain(pool, sb)

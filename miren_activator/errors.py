@@ -35,6 +35,11 @@ class BootFailed(ActivatorError):
         self.sandbox_id = sandbox_id
 
 
+class Unreachable(BootFailed):
+    """An upstream instance refused the connection or did not accept it in time (its server
+    is down): the instance is DOWN and re-probed until it answers; callers fail fast."""
+
+
 class CrashBackoff(BootFailed):
     """The version crashed quickly, repeatedly: acquires fail fast until `retry_after` passes."""
 

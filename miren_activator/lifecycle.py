@@ -2,7 +2,9 @@
 
 States are the store's `SandboxStatus`. A sandbox is PENDING from spawn until its health check
 passes (BOOTED -> RUNNING). It ends STOPPED when the activator asked it to stop (idle, close,
-version removed) and DEAD when it ended on its own or never booted (EXITED, BOOT_FAILED).
+version removed) and DEAD when it ended on its own or never booted (EXITED, BOOT_FAILED). An
+upstream instance (a server that runs without us: nothing to restart) that does not answer is
+DOWN (UNREACHABLE, at boot or later) and comes back RUNNING when a re-probe passes (BOOTED).
 Both end states absorb the events that can still arrive after them (the process exit that follows
 a stop request, a second stop), so callers never need to special-case ordering; every other pair
 is a bug and raises `IllegalTransition` naming both.
@@ -21,11 +23,13 @@ class SandboxEvent(enum.StrEnum):
     BOOT_FAILED = "boot_failed"  # spawn failed or boot_timeout passed
     EXITED = "exited"  # the process ended (or the upstream went away)
     STOP_REQUESTED = "stop_requested"  # idle scale-down, shutdown, version removed
+    UNREACHABLE = "unreachable"  # an upstream refused or timed out a connection
 
 
-P, R, S, D = (
+P, R, W, S, D = (
     SandboxStatus.PENDING,
     SandboxStatus.RUNNING,
+    SandboxStatus.DOWN,
     SandboxStatus.STOPPED,
     SandboxStatus.DEAD,
 )
@@ -36,13 +40,22 @@ TRANSITIONS: dict[tuple[SandboxStatus, SandboxEvent], SandboxStatus] = {
     (P, E.BOOT_FAILED): D,
     (P, E.EXITED): D,
     (P, E.STOP_REQUESTED): S,
+    (P, E.UNREACHABLE): W,
     (R, E.EXITED): D,
     (R, E.STOP_REQUESTED): S,
-    # End states absorb late events: the exit that follows a stop, a repeated stop.
+    (R, E.UNREACHABLE): W,
+    (W, E.BOOTED): R,
+    (W, E.UNREACHABLE): W,
+    (W, E.EXITED): D,
+    (W, E.STOP_REQUESTED): S,
+    # End states absorb late events: the exit that follows a stop, a repeated stop, a late
+    # report of a refused connection.
     (S, E.EXITED): S,
     (S, E.STOP_REQUESTED): S,
+    (S, E.UNREACHABLE): S,
     (D, E.EXITED): D,
     (D, E.STOP_REQUESTED): D,
+    (D, E.UNREACHABLE): D,
 }
 
 FINAL = frozenset({S, D})

@@ -1,7 +1,10 @@
 """The upstream runtime: a "sandbox" is one of the version's static `urls`, already running.
 
 Starting one spawns nothing; it is ready once its health check passes (same probe as the process
-runtime), and it ends only when stopped. Sandbox ordinal `i` uses `urls[i % len(urls)]`; the
+runtime), and it ends only when stopped. Nothing can restart it, so an upstream that does not
+accept a connection is not waited for: `wait_ready` raises `Unreachable` when the first probe
+cannot connect (the activator marks it DOWN, answers 502 at once and re-probes it with `check`
+until it answers); one that accepts but is not healthy yet is polled like a booting sandbox. Sandbox ordinal `i` uses `urls[i % len(urls)]`; the
 activator caps an upstream pool at one sandbox per URL, so each URL is one sandbox whose capacity
 is `requests_per_instance`.
 """
@@ -11,8 +14,8 @@ from __future__ import annotations
 import asyncio
 from urllib.parse import urlsplit
 
-from miren_activator.errors import BootFailed
-from miren_activator.runtime import PollSchedule, SandboxSpec, wait_healthy
+from miren_activator.errors import BootFailed, Unreachable
+from miren_activator.runtime import PollSchedule, SandboxSpec, probe, wait_healthy
 
 
 class UpstreamHandle:
@@ -47,7 +50,11 @@ class UpstreamHandle:
     def pid(self) -> None:
         return None
 
+    static = True  # the activator cannot restart it: unreachable means down, not dead
+
     async def wait_ready(self) -> None:
+        if not await probe(self._host, self._port, None, self._probe_timeout):
+            raise Unreachable(f"{self._host}:{self._port} does not accept connections")
         await wait_healthy(
             self._host,
             self._port,
@@ -55,6 +62,10 @@ class UpstreamHandle:
             schedule=self._schedule,
             probe_timeout=self._probe_timeout,
         )
+
+    async def check(self) -> bool:
+        """One health check (a re-probe of a DOWN instance)."""
+        return await probe(self._host, self._port, self._health_path, self._probe_timeout)
 
     async def wait_exit(self) -> None:
         await self._stopped.wait()

@@ -45,6 +45,7 @@ class GcConfig:
 @attrs.frozen(kw_only=True)
 class IngressConfig:
     request_timeout: timedelta = timedelta(seconds=60)
+    connect_timeout: timedelta = timedelta(seconds=5)
     header_timeout: timedelta = timedelta(seconds=30)
     keepalive_timeout: timedelta = timedelta(seconds=75)
     body_timeout: timedelta = timedelta(seconds=30)
@@ -272,7 +273,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError("gc.sweep_interval: must be greater than 0")
     if not timedelta(0) <= cfg.gc.expiry_grace <= timedelta(seconds=60):
         raise ConfigError("gc.expiry_grace: must be between 0s and 60s")
-    for name in ("request_timeout", "header_timeout", "keepalive_timeout", "body_timeout"):
+    for name in (
+        "request_timeout",
+        "connect_timeout",
+        "header_timeout",
+        "keepalive_timeout",
+        "body_timeout",
+    ):
         if getattr(cfg.ingress, name) <= timedelta(0):
             raise ConfigError(f"ingress.{name}: must be greater than 0")
     if not 0 <= cfg.ingress.request_buffer <= _MAX_REQUEST_BUFFER:

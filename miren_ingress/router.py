@@ -165,6 +165,8 @@ def _translate(exc: act_errors.ActivatorError) -> proxy_errors.ProxyError:
             "The application keeps crashing; retry later.",
             retry_after=max(1, math.ceil(exc.retry_after)),
         )
+    if isinstance(exc, act_errors.Unreachable):  # before BootFailed: it is a subclass
+        return proxy_errors.UpstreamConnectError("The application is not answering.")
     if isinstance(exc, act_errors.BootFailed):
         return proxy_errors.BootFailed("The application failed to start.")
     if isinstance(exc, act_errors.ActivationTimeout):

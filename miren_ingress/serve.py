@@ -217,6 +217,7 @@ class Edge:
                 router,
                 config=ProxyConfig(
                     header_timeout=cfg.ingress.header_timeout.total_seconds(),
+                    connect_timeout=cfg.ingress.connect_timeout.total_seconds(),
                     keepalive_timeout=cfg.ingress.keepalive_timeout.total_seconds(),
                     body_timeout=cfg.ingress.body_timeout.total_seconds(),
                     request_buffer=cfg.ingress.request_buffer,

@@ -50,6 +50,7 @@ class Runtime(enum.StrEnum):
 class SandboxStatus(enum.StrEnum):
     PENDING = "pending"
     RUNNING = "running"
+    DOWN = "down"  # an upstream that does not answer: re-probed until it does
     STOPPED = "stopped"
     DEAD = "dead"
 

@@ -15,7 +15,7 @@ class ProxyConfig:
     max_request_line: int = 8 * 1024  # request target length (longer: 414)
     max_headers: int = 100  # header fields in a request head (more: 431)
     robots_tag: str = "noindex"  # X-Robots-Tag value on ephemeral targets' responses
-    connect_timeout: float = 10.0  # TCP connect to an upstream
+    connect_timeout: float = 5.0  # TCP connect to an upstream (then 502, the target marked down)
     pool_max_idle: int = 512  # idle keep-alive connections kept per upstream address
     pool_idle_timeout: float = 30.0  # an idle pooled connection is closed after this
     buffer_limit: int = 256 * 1024  # request bytes held while no upstream is attached yet

@@ -69,7 +69,9 @@ response says `Connection: close` and the connection closes after it (pipelined 
 it are not served); then it waits up to the grace and aborts what is left.
 
 Failure rules
-- Connect refused on a cached lease: `discard` it, `acquire` once more, retry once.
+- Connect refused, reset or timed out (nothing was sent): `discard` the lease (the router takes
+  its sandbox out of service), `acquire` once more and retry once: another instance, or a fresh
+  boot; a second failure is 502.
 - A reused keep-alive connection that closes before any response byte, for a GET/HEAD/OPTIONS
   without body: resent once on a new connection (the stale keep-alive race).
 - Anything else after request bytes were written: 502, never retried.

@@ -257,14 +257,17 @@ class Exchange:
                     conn = await pool.connect()
                     break
                 except (OSError, TimeoutError) as exc:
-                    retry = isinstance(exc, TimeoutError) or exc.errno in _RETRY_ERRNOS
-                    if not (retry and self.lease_cached and not self.retried):
+                    if not (isinstance(exc, TimeoutError) or exc.errno in _RETRY_ERRNOS):
                         raise UpstreamConnectError() from exc
-                    # The cached lease points at a dead sandbox: drop it, ask for a fresh one.
-                    engine.metrics.upstream_error("connect_retried")
-                    self.retried = True
+                    # Refused, reset or timed out: nothing was sent. The sandbox is taken out
+                    # of service (an upstream is marked down and re-probed); once, the request
+                    # goes to another lease (another ready instance, or a fresh boot).
                     self.lease = None
                     engine.router.discard(lease)
+                    if self.retried:
+                        raise UpstreamConnectError() from exc
+                    engine.metrics.upstream_error("connect_retried")
+                    self.retried = True
         except ProxyError as err:
             self.task = None
             self.fail(err)
@@ -289,11 +292,16 @@ class Exchange:
             self.inbound.attached()
 
     def flush(self) -> None:
-        """Write the collected request body bytes to the upstream (one write)."""
+        """Write the collected request body bytes to the upstream (one write). Once the app has
+        begun its answer, the rest of the body is dropped, not sent: an app that answers early
+        (401, 413) reads no more, and bytes written into its closed socket only earn a reset
+        that can cost the answer itself. (The client connection then closes after the
+        answer, draining what the client still sends: InboundConnection.close.)"""
         pending = self.pending
         conn = self.conn
         if pending and conn is not None:
-            conn.write(pending[0] if len(pending) == 1 else b"".join(pending))
+            if not conn.answered:
+                conn.write(pending[0] if len(pending) == 1 else b"".join(pending))
             self.pending = None
             self.pending_size = 0
 

@@ -74,6 +74,8 @@ _BLOCK_CLOSED = 8  # the connection is closing
 _BLOCK_UPGRADE = 16  # an upgrade request waits for its answer (RFC 9931: nothing is forwarded)
 _BLOCK_DONE = 32  # a malformed request was seen: nothing more is read
 _READ_SLACK = 256 * 1024  # uvloop reads at most this much at once
+LINGER_IDLE = 5.0  # seconds: a lingering close ends when the client sends nothing this long...
+LINGER_MAX = 30.0  # ... or this long after it began
 # A read longer than this, outside a request body, is parsed in slices of it, so a head with
 # thousands of tiny header fields is refused after one slice, not after all its callbacks.
 _SLICE = 8 * 1024
@@ -129,6 +131,8 @@ class InboundConnection(asyncio.Protocol):
         "_idle_deadline",
         "_keepalive",
         "_lines",
+        "_linger_until",
+        "_lingering",
         "_max_headers",
         "_parser",
         "_parsing",
@@ -172,6 +176,8 @@ class InboundConnection(asyncio.Protocol):
         self._closed = False
         self._stop_after = False  # close once the active exchange is done
         self._raw = False  # the parser is done (upgrade, or a malformed request): not parsed
+        self._lingering = False  # half-closed after an early answer: reads are dropped
+        self._linger_until = _INF
         # Bytes after an upgrade request, held until its answer (RFC 9931): written to the
         # tunnel after a 101, parsed as the next requests after any other answer.
         self._held: list[bytes] | None = None
@@ -261,6 +267,8 @@ class InboundConnection(asyncio.Protocol):
         self.engine.connection_closed(self)
 
     def eof_received(self) -> bool | None:
+        if self._lingering:
+            return None  # the client is done too: close
         if self._reading_body() is not None:
             # The body ends before its announced end: a malformed request (400), answered on
             # the half-open connection (the client may still read), which closes after it.
@@ -444,6 +452,9 @@ class InboundConnection(asyncio.Protocol):
         tunnel = self._tunnel
         if tunnel is not None:
             tunnel.write(data)
+            return
+        if self._lingering:  # (dropped; the client is still alive)
+            self._body_deadline = monotonic() + LINGER_IDLE
             return
         if self._body_left:
             rest = self._take_body(data)
@@ -749,12 +760,45 @@ class InboundConnection(asyncio.Protocol):
         self._idle_deadline = now + self._keepalive
 
     def close(self) -> None:
-        """Close after writing what is buffered; stop reading now."""
+        """Close after writing what is buffered; stop reading now. A client still sending a
+        request body (the app answered before it was all read) gets a lingering close instead:
+        closing with its bytes unread would reset the connection, and a reset can destroy the
+        answer before the client reads it (see _linger)."""
         self._stop_after = True
-        if not self._closed:
-            self._block(_BLOCK_CLOSED)
-            self.engine.flush_writes()  # (a response written before the close goes first)
-            self.transport.close()
+        if self._closed or self._lingering:
+            return
+        parsing = self._parsing
+        if (parsing is not None and not parsing.request_complete) or self._body_left:
+            self._linger()
+            return
+        self._block(_BLOCK_CLOSED)
+        self.engine.flush_writes()  # (a response written before the close goes first)
+        self.transport.close()
+
+    def _linger(self) -> None:
+        """Half-close: send what is written and then a FIN, and go on reading (and dropping)
+        what the client sends until it closes too, stops sending for LINGER_IDLE seconds, or
+        LINGER_MAX seconds passed (as nginx's lingering close)."""
+        self._lingering = True
+        self._raw = True  # parse nothing more: every byte is dropped (_raw_received)
+        self._parsing = None
+        self._body_left = 0
+        self._held = None
+        self._queue.clear()
+        self.engine.flush_writes()
+        transport = self.transport
+        if not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()
+        now = monotonic()
+        self._linger_until = now + LINGER_MAX
+        self._body_deadline = now + LINGER_IDLE  # (the idle bound, moved by each read)
+        if self.blocked:
+            self._unblock(self.blocked)
+        if self._timer is not None:
+            self._timer.cancel()
+        self._arm(self._body_deadline)
 
     def stop_after_active(self) -> None:
         """Graceful shutdown: close now if idle, else once the active exchange is done (its
@@ -847,6 +891,12 @@ class InboundConnection(asyncio.Protocol):
         if self._closed:
             return
         now = monotonic()
+        if self._lingering:
+            if now >= self._body_deadline or now >= self._linger_until:
+                self.transport.close()  # (FIN sent long ago: the answer had its chance)
+            else:
+                self._arm(min(self._body_deadline, self._linger_until))
+            return
         tick = now + self._tick
         if self._active is None and self._tunnel is None:
             deadline = self._head_deadline if self._url_parts else self._idle_deadline

@@ -46,7 +46,9 @@ once, parks the connection.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import socket
 from time import monotonic
 from typing import TYPE_CHECKING, cast
@@ -102,6 +104,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_pre",
         "_rare",
         "_reading_paused",
+        "_spare_fd",
         "_spliced",
         "_stop_reuse",
         "_te",
@@ -132,6 +135,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.tunnel = False  # switched to raw byte piping (101)
         self.dead = False  # closed, closing or lost: never to be reused
         self._stop_reuse = False  # never to go back to the pool (so never reset)
+        self._spare_fd = -1  # a dup of the socket's fd while a body streams (see _salvage)
         self._reading_paused = False
         self.out: list[bytes] = []
         self._data: bytes | None = None  # the segment being parsed (only during feed_data)
@@ -151,6 +155,11 @@ class UpstreamConnection(asyncio.Protocol):
     def __repr__(self) -> str:
         state = "tunnel" if self.tunnel else "busy" if self.ex is not None else "idle"
         return f"<UpstreamConnection {self.pool.host}:{self.pool.port} {state}>"
+
+    @property
+    def answered(self) -> bool:
+        """The final response head arrived (an interim 100 Continue does not count)."""
+        return self._head_done
 
     @property
     def got_bytes(self) -> bool:
@@ -190,6 +199,14 @@ class UpstreamConnection(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         ex = self.ex
+        if self._spare_fd >= 0:
+            if exc is not None and ex is not None and not self.tunnel and not self._done:
+                rest = self._salvage()
+                if rest:
+                    self._stop_reuse = True
+                    self.data_received(rest)
+                    ex = self.ex  # (None when that completed the response)
+            self._drop_spare_fd()
         if ex is None:
             self.pool.forget(self)
             return
@@ -397,13 +414,14 @@ class UpstreamConnection(asyncio.Protocol):
         """The fast path's output: `data` (head and body) with our lines added: after the
         status line to a keep-alive client, or in place of the Connection line when the client
         connection closes (see on_headers_complete); a Date line when `dated` is false."""
-        if ex.keep_alive:
+        if ex.keep_alive and ex.request_complete:
             target: Target = ex.target  # type: ignore[assignment]  # (attached: routed)
             insert = self.engine.head_inserts[target.ephemeral]
             if not dated:
                 insert = (insert or b"\r\n") + date_line()
             self._spliced = data.replace(b"\r\n", insert, 1) if insert else data
-        else:
+        else:  # (an answer before the whole body came: the client connection closes after it)
+            ex.keep_alive = False
             self._splice_closing(ex, data, dated)
         self._head_done = True
 
@@ -499,6 +517,8 @@ class UpstreamConnection(asyncio.Protocol):
                 lines.append(b"Transfer-Encoding: chunked")
         if not self._date:
             lines.append(date_line()[:-2])
+        if status != 101 and not ex.request_complete:
+            ex.keep_alive = False  # an answer before the whole body came: close after it
         tails = self.engine.head_tails[ex.target.ephemeral]
         tail = tails[True] if status == 101 else tails[ex.keep_alive]
         lines.append(tail)
@@ -573,12 +593,43 @@ class UpstreamConnection(asyncio.Protocol):
         idle.append(self)
 
     def write(self, data: bytes) -> None:
-        """Write request bytes; activity re-arms the idle timeout too."""
+        """Write request bytes (a body streamed after its head, or tunnel bytes); activity
+        re-arms the idle timeout too. While a body streams, a duplicate of the socket's fd is
+        kept (see `_salvage`)."""
+        ex = self.ex
+        if self._spare_fd < 0 and ex is not None and not self.tunnel:
+            self._keep_spare_fd()
         self.engine.flush_writes()  # (in order: see Engine.flush_writes)
         self.transport.write(data)
-        ex = self.ex
         if ex is not None and not self.tunnel:
             self.deadline = monotonic() + ex.timeout
+
+    def _keep_spare_fd(self) -> None:
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                self._spare_fd = os.dup(sock.fileno())
+
+    def _drop_spare_fd(self) -> None:
+        fd, self._spare_fd = self._spare_fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def _salvage(self) -> bytes:
+        """What the app sent that was never read: an app that answers early and closes with
+        request bytes unread resets the connection, and a body write that meets the reset ends
+        the transport (uvloop) before the answer waiting in the socket was read. The kernel
+        keeps those bytes while a descriptor of the socket stays open: ours."""
+        out: list[bytes] = []
+        while True:
+            try:
+                chunk = os.read(self._spare_fd, 65536)
+            except OSError:  # EAGAIN (nothing more), ECONNRESET (after the data)
+                break
+            if not chunk:
+                break
+            out.append(chunk)
+        return b"".join(out)
 
     def pause_reading(self) -> None:
         if not self._reading_paused:

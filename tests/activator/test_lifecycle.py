@@ -17,12 +17,20 @@ EXPECTED = {
     (S.PENDING, E.BOOT_FAILED): S.DEAD,
     (S.PENDING, E.EXITED): S.DEAD,
     (S.PENDING, E.STOP_REQUESTED): S.STOPPED,
+    (S.PENDING, E.UNREACHABLE): S.DOWN,  # an upstream that does not accept at boot
     (S.RUNNING, E.EXITED): S.DEAD,
     (S.RUNNING, E.STOP_REQUESTED): S.STOPPED,
+    (S.RUNNING, E.UNREACHABLE): S.DOWN,
+    (S.DOWN, E.BOOTED): S.RUNNING,  # a re-probe passed
+    (S.DOWN, E.UNREACHABLE): S.DOWN,
+    (S.DOWN, E.EXITED): S.DEAD,
+    (S.DOWN, E.STOP_REQUESTED): S.STOPPED,
     (S.STOPPED, E.EXITED): S.STOPPED,
     (S.STOPPED, E.STOP_REQUESTED): S.STOPPED,
+    (S.STOPPED, E.UNREACHABLE): S.STOPPED,
     (S.DEAD, E.EXITED): S.DEAD,
     (S.DEAD, E.STOP_REQUESTED): S.DEAD,
+    (S.DEAD, E.UNREACHABLE): S.DEAD,
 }
 
 
@@ -42,7 +50,7 @@ def test_table_is_exactly_the_expected_one() -> None:
     assert TRANSITIONS == EXPECTED
 
 
-def test_only_pending_boots_and_end_states_are_absorbing() -> None:
-    assert [s for s in S if (s, E.BOOTED) in TRANSITIONS] == [S.PENDING]
+def test_only_pending_and_down_boot_and_end_states_are_absorbing() -> None:
+    assert [s for s in S if (s, E.BOOTED) in TRANSITIONS] == [S.PENDING, S.DOWN]
     for end in (S.STOPPED, S.DEAD):
         assert {TRANSITIONS[(end, e)] for e in E if (end, e) in TRANSITIONS} == {end}

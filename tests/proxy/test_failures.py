@@ -42,13 +42,21 @@ def closed_port() -> int:
 
 
 class ScriptedRouter:
-    """A Router whose cache hit points at `cached` and whose acquire answers `acquired`
-    (a Lease, or a ProxyError to raise); it records every call."""
+    """A Router whose cache hit points at `cached` and whose acquire answers `acquired`, then
+    each of `more` in turn, the last one again and again (a Lease, or a ProxyError to raise);
+    it records every call."""
 
-    def __init__(self, cached: Lease | None, acquired: Lease | ProxyError, timeout: float = 5.0):
+    def __init__(
+        self,
+        cached: Lease | None,
+        acquired: Lease | ProxyError,
+        *more: Lease | ProxyError,
+        timeout: float = 5.0,
+    ):
         self.target = Target(app="shop", version="v-123-internal", request_timeout=timeout)
         self.cached = cached
         self.acquired = acquired
+        self.more = list(more)
         self.calls: list[str] = []
         self.outstanding: set[int] = set()
         self.acquire_started = asyncio.Event()
@@ -70,10 +78,13 @@ class ScriptedRouter:
         self.acquire_started.set()
         if self.acquire_gate is not None:
             await self.acquire_gate.wait()
-        if isinstance(self.acquired, ProxyError):
-            raise self.acquired
-        self.outstanding.add(id(self.acquired))
-        return self.acquired
+        answer = self.acquired
+        if self.more:
+            self.acquired = self.more.pop(0)
+        if isinstance(answer, ProxyError):
+            raise answer
+        self.outstanding.add(id(answer))
+        return answer
 
     def release(self, lease: Lease) -> None:
         self.calls.append("release")
@@ -119,12 +130,26 @@ async def test_a_defect_after_the_response_closes_the_client_connection(
     assert router.calls == ["cached", "release"]
 
 
-async def test_fresh_lease_refused_is_502_without_retry(proxy) -> None:
-    router = ScriptedRouter(None, lease_for(closed_port(), "dead"))
+async def test_fresh_lease_refused_is_reported_and_retried_once(proxy, ok_upstream) -> None:
+    """Refused on a fresh lease too (an upstream that just went away): the sandbox is reported
+    (discard) and the request goes to another lease, once."""
+    router = ScriptedRouter(
+        None, lease_for(closed_port(), "dead"), lease_for(ok_upstream.port, "b")
+    )
+    p = await proxy(router=router)
+    async with aiohttp.ClientSession() as s, s.get(p.url + "/") as r:
+        assert r.status == 200
+    assert router.calls == ["cached", "acquire", "discard", "acquire", "release"]
+
+
+async def test_refused_twice_is_502_and_both_are_reported(proxy) -> None:
+    router = ScriptedRouter(
+        None, lease_for(closed_port(), "dead"), lease_for(closed_port(), "dead too")
+    )
     p = await proxy(router=router)
     async with aiohttp.ClientSession() as s, s.get(p.url + "/") as r:
         assert r.status == 502
-    assert router.calls == ["cached", "acquire", "release"]
+    assert router.calls == ["cached", "acquire", "discard", "acquire", "discard"]
 
 
 async def test_reset_after_request_sent_is_502_not_retried(proxy, raw_upstream) -> None:
