@@ -11,7 +11,7 @@ Run it as a sandbox (cwd: tests/apps):
     POST /upload              reads the whole body as it streams: JSON {length, sha256}
     GET  /download?mb=N       N MiB of a repeating pattern (streamed, &cl=1: with Content-Length)
     POST /early-413           413 at once, without reading the body
-    GET  /slow?ms=N           sleeps N ms (without blocking the loop), then "slow"
+    GET  /slow?ms=N           sleeps N ms (without blocking the loop): JSON {started, ended}
 """
 
 from __future__ import annotations
@@ -94,9 +94,10 @@ async def early_413(request: Request) -> PlainTextResponse:
     return PlainTextResponse("too large", status_code=413)
 
 
-async def slow(request: Request) -> PlainTextResponse:
+async def slow(request: Request) -> JSONResponse:
+    started = time.time()
     await asyncio.sleep(int(request.query_params.get("ms", "1000")) / 1000)
-    return PlainTextResponse("slow")
+    return JSONResponse({"started": started, "ended": time.time()})
 
 
 app = Starlette(
