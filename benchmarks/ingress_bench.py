@@ -54,7 +54,7 @@ PREVIEW_HOST = "pr-1.bench.test"
 
 
 # --- deploy step (compare.py --setup) ---------------------------------------------------------
-TOKEN = "ingress-bench-token"  # the admin token the bench's `miren serve` processes get
+TOKEN = os.environ.get("MIREN_ADMIN_TOKEN", "ingress-bench-token")  # the admin token the bench's `miren serve` processes get
 
 
 def _call(admin: str, method: str, path: str, body: Any | None = None) -> Any:
@@ -181,7 +181,9 @@ def count_opcodes(step: Any, n: int, per_step: int = 1) -> None:
         print(f"  {count / n:7.1f} ops {calls[key] / n:4.1f} calls  {key}")
 
 
-def micro(n: int, profile: bool, gc_threshold: int, opcodes: bool = False) -> None:
+def micro(
+    n: int, profile: bool, gc_threshold: int, opcodes: bool = False, tuned: bool = False
+) -> None:
     import gc
     from datetime import UTC, datetime, timedelta
 
@@ -211,10 +213,10 @@ def micro(n: int, profile: bool, gc_threshold: int, opcodes: bool = False) -> No
         # A listener for the upstream runtime's health check only (no request reaches it).
         health = await asyncio.start_server(_answer_ok, "127.0.0.1", 0)
         port = health.sockets[0].getsockname()[1]
-        spec = VersionSpec(
+        spec = VersionSpec(  # the default spec a user gets, as the full run's default
             runtime=Runtime.UPSTREAM,
             urls=(f"http://127.0.0.1:{port}",),
-            concurrency=Concurrency(requests_per_instance=CAPACITY),
+            concurrency=Concurrency(requests_per_instance=CAPACITY) if tuned else Concurrency(),
         )
         store = MemoryStore()
         expires = datetime.now(UTC) + timedelta(hours=24)
@@ -572,6 +574,9 @@ def main() -> int:
     m.add_argument("--profile", action="store_true")
     m.add_argument("--gc-threshold", type=int, default=0, help="gen0 threshold (0: default)")
     m.add_argument("--opcodes", action="store_true", help="count bytecodes per request")
+    m.add_argument(
+        "--tuned", action="store_true", help=f"requests_per_instance {CAPACITY} (default: none)"
+    )
     d = sub.add_parser("deploy", help="(compare.py --setup) deploy and warm the bench app")
     d.add_argument("--admin", required=True)
     d.add_argument("--proxy", required=True)
@@ -609,7 +614,7 @@ def main() -> int:
     if not args.out:
         args.out = str(Path(args.work) / "results.md")
     if args.cmd == "micro":
-        micro(args.n, args.profile, args.gc_threshold, args.opcodes)
+        micro(args.n, args.profile, args.gc_threshold, args.opcodes, args.tuned)
         return 0
     if args.cmd == "plot":
         plot(args.results, args.output, args.before)
