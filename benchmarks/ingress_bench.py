@@ -13,9 +13,9 @@ then runs `/work/shared/bench/anchors/compare.py` once per path. compare.py
 starts the nginx backend (127.0.0.1:18080, "/" -> "ok", "/1k" -> 1 KiB) pinned with wrk to CPU 1
 and nginx-proxy on CPU 0; once the backend listens, its `--setup` hook runs this script's
 `deploy` step against the admin API: app `bench`, route `bench.test`, an active upstream version
-on the backend and an ephemeral version labelled `pr-1` (served at `pr-1.bench.test`), both with
-`requests_per_instance` 4096 (the default of 10 concurrent leases per sandbox would make wrk's
-connections queue in the activator: that measures the cold-start queue, not the warm path), and
+on the backend and an ephemeral version labelled `pr-1` (served at `pr-1.bench.test`), both
+deployed as a user deploys them, with no concurrency setting (`--spec tuned`: requests_per_instance
+4096, the figure the first six sessions published), and
 one request to each host so both leases are warm. Targets: `route` (Host: bench.test) and
 `preview` (Host: pr-1.bench.test). The table has medians of --reps runs, the ratio to
 nginx-proxy measured in the same run, and CPU µs per request (from /proc, miren serve's process).
@@ -54,7 +54,8 @@ PREVIEW_HOST = "pr-1.bench.test"
 
 
 # --- deploy step (compare.py --setup) ---------------------------------------------------------
-TOKEN = os.environ.get("MIREN_ADMIN_TOKEN", "ingress-bench-token")  # the admin token the bench's `miren serve` processes get
+# The admin token the bench's `miren serve` processes get:
+TOKEN = os.environ.get("MIREN_ADMIN_TOKEN", "ingress-bench-token")
 
 
 def _call(admin: str, method: str, path: str, body: Any | None = None) -> Any:

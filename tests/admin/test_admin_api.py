@@ -267,6 +267,51 @@ async def test_deploy_active_then_preview_then_list(
     assert (got, err["error"]["code"]) == (409, "active_version")
 
 
+async def test_version_json_shows_the_concurrency_in_force(
+    client: TestClient[Any, Any],
+) -> None:
+    """A version's JSON shows the scaling knobs that apply, defaults resolved: a preview runs one
+    instance idle for 15 minutes; an upstream version has at most one instance per URL; no key is
+    null (an absent hard cap is no key at all)."""
+    await setup_app(client)
+    process = {"runtime": "process", "command": ["true"]}
+    _, active = await call(client, "POST", "/v1/apps/web/deploys", {"spec": process})
+    assert active["version"]["spec"]["concurrency"] == {
+        "requests_per_instance": 10,
+        "max_instances": 20,
+        "min_instances": 0,
+        "scale_down_delay": "2m",
+    }
+    body = {"spec": process, "ephemeral": {"label": "pr-7", "ttl": "1h"}}
+    _, pr = await call(client, "POST", "/v1/apps/web/deploys", body)
+    assert pr["version"]["spec"]["concurrency"] == {
+        "requests_per_instance": 10,
+        "max_instances": 1,
+        "min_instances": 0,
+        "scale_down_delay": "15m",
+    }
+    two_urls = {
+        "runtime": "upstream",
+        "urls": ["http://127.0.0.1:9", "http://127.0.0.1:10"],
+        "concurrency": {
+            "max_instances": 8,
+            "requests_per_instance": 50,
+            "max_requests_per_instance": 20,
+        },
+    }
+    _, up = await call(client, "POST", "/v1/apps/web/deploys", {"spec": two_urls})
+    assert up["version"]["spec"]["concurrency"] == {
+        "requests_per_instance": 20,
+        "max_requests_per_instance": 20,
+        "max_instances": 2,
+        "min_instances": 0,
+        "scale_down_delay": "2m",
+    }
+    _, listed = await call(client, "GET", "/v1/apps/web/versions")
+    for v in listed:
+        assert None not in v["spec"]["concurrency"].values()
+
+
 async def test_extend_and_delete_preview(client: TestClient[Any, Any], clock: Clock) -> None:
     await setup_app(client)
     body = {"spec": SPEC, "ephemeral": {"label": "pr-1", "ttl": "1h"}}
