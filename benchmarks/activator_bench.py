@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from miren_activator import Activator, ActivatorConfig, Lease  # noqa: E402
 from miren_activator.activator import _Ref  # noqa: E402
-from miren_activator.process import pick_port  # noqa: E402
+from miren_activator.runtimes.process import pick_port  # noqa: E402
 from miren_store.entities import AppVersion, Concurrency, Runtime, VersionSpec  # noqa: E402
 from miren_store.memory import MemoryStore  # noqa: E402
 from miren_store.store import Store  # noqa: E402

@@ -168,7 +168,7 @@ def start_serve(run: Path) -> tuple[subprocess.Popen[bytes], int, str]:
     proxy_port, admin_port = free_port(), free_port()
     admin = f"127.0.0.1:{admin_port}"
     cmd = [
-        "taskset", "-c", "0", sys.executable, "-m", "miren_ingress.cli", "serve",
+        "taskset", "-c", "0", sys.executable, "-m", "miren_ingress", "serve",
         "--store", "memory", "--listen", f"127.0.0.1:{proxy_port}", "--admin-listen", admin,
         "--data-dir", str(run / "miren-data"), "--set", "sandbox.isolation=none",
         "--set", "log_level=warning",

@@ -197,8 +197,8 @@ def micro(
     from miren_ingress.proxy.inbound import InboundConnection
     from miren_ingress.proxy.metrics import ProxyMetrics
     from miren_ingress.proxy.upstream import UpstreamConnection
-    from miren_ingress.router import EdgeRouter
-    from miren_ingress.routes import RouteTable
+    from miren_ingress.routing.router import EdgeRouter
+    from miren_ingress.routing.routes import RouteTable
     from miren_store.entities import (
         App,
         AppVersion,
@@ -383,18 +383,19 @@ class Serve:
         self.proxy, self.admin = f"127.0.0.1:{self.proxy_port}", f"127.0.0.1:{self.admin_port}"
         data_dir = work / f"miren-data-{name}"
         data_dir.mkdir(parents=True, exist_ok=True)
+        # The `miren` command of whichever tree runs (a baseline may predate the shell package).
+        code = (
+            "import gc, sys\n"
+            "try:\n    from miren_ingress.shell.cli import main\n"
+            "except ImportError:\n    from miren_ingress.cli import main\n"
+        )
         if gc_threshold:
             # To measure a gen0 threshold for `miren serve` (set once start-up is frozen).
-            launcher = [
-                "-c",
-                "import gc, sys\n"
+            code += (
                 "freeze = gc.freeze\n"
                 f"gc.freeze = lambda: (freeze(), gc.set_threshold({gc_threshold}, 50, 100))\n"
-                "from miren_ingress.cli import main\n"
-                "sys.exit(main(sys.argv[1:]))",
-            ]
-        else:
-            launcher = ["-m", "miren_ingress.cli"]
+            )
+        launcher = ["-c", code + "sys.exit(main(sys.argv[1:]))"]
         cmd = [
             "taskset", "-c", "0",  # pinned to CPU 0 from its start (compare.py pins it again)
             sys.executable, *launcher, "serve", "--store", "memory",

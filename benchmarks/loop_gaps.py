@@ -62,9 +62,9 @@ class Gaps:
 
 
 def main(argv: list[str]) -> int:
-    from miren_ingress.cli import main as miren
     from miren_ingress.proxy.inbound import InboundConnection
     from miren_ingress.proxy.upstream import UpstreamConnection
+    from miren_ingress.shell.cli import main as miren
 
     gaps = Gaps()
     gaps.wrap(InboundConnection)

@@ -25,7 +25,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout
 
-from miren_ingress.routes import RouteTable
+from miren_ingress.routing.routes import RouteTable
 from miren_store.entities import App, AppVersion, HttpRoute, Runtime, VersionSpec
 
 
@@ -110,7 +110,7 @@ def main() -> None:
     }
     now = datetime.now(UTC)
 
-    from miren_ingress.router import EdgeRouter
+    from miren_ingress.routing.router import EdgeRouter
 
     router = EdgeRouter(table, activator=None)  # type: ignore[arg-type]  # resolve only
     baseline_dict = {h: 1 for hs in kinds.values() for h in hs}

@@ -2,7 +2,7 @@
 
     python benchmarks/serve_bench.py [--starts 5] [--deploys 200]
 
-Ready: from spawning `python -m miren_ingress.cli serve` to the first `GET /healthz` = 200
+Ready: from spawning `python -m miren_ingress serve` to the first `GET /healthz` = 200
 (polled every 5 ms), over N starts, each on a fresh data dir (a cold etcd) and then once more on
 the data dir of the previous start (a warm restart). Round trips: one keep-alive HTTP/1.1
 connection to the admin API, sequential calls, wall time per call; `GET /v1/apps` is the baseline

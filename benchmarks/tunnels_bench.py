@@ -391,7 +391,7 @@ def start_serve(run: Path) -> tuple[subprocess.Popen[bytes], int, str]:
     admin = f"127.0.0.1:{admin_port}"
     data_dir = run / "miren-data"
     cmd = [
-        "taskset", "-c", "0", sys.executable, "-m", "miren_ingress.cli", "serve",
+        "taskset", "-c", "0", sys.executable, "-m", "miren_ingress", "serve",
         "--store", "memory", "--listen", f"127.0.0.1:{proxy_port}", "--admin-listen", admin,
         "--data-dir", str(data_dir), "--set", "sandbox.isolation=none",
         "--set", "log_level=warning",

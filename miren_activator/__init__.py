@@ -22,9 +22,9 @@ from miren_activator.errors import (
     VersionRemoved,
 )
 from miren_activator.policy import CrashPolicy, PoolParams, pool_id_for
-from miren_activator.process import ProcessRuntime
-from miren_activator.runtime import PollSchedule, SandboxHandle, SandboxRuntime, SandboxSpec
-from miren_activator.upstream import UpstreamRuntime
+from miren_activator.runtimes.base import PollSchedule, SandboxHandle, SandboxRuntime, SandboxSpec
+from miren_activator.runtimes.process import ProcessRuntime
+from miren_activator.runtimes.upstream import UpstreamRuntime
 
 __all__ = [
     "ActivationTimeout",

@@ -116,9 +116,9 @@ from miren_activator.policy import (
     pool_id_for,
     sandboxes_to_start,
 )
-from miren_activator.process import ProcessRuntime, log_tail
-from miren_activator.runtime import SandboxHandle, SandboxRuntime, SandboxSpec
-from miren_activator.upstream import UpstreamRuntime
+from miren_activator.runtimes.base import SandboxHandle, SandboxRuntime, SandboxSpec
+from miren_activator.runtimes.process import ProcessRuntime, log_tail
+from miren_activator.runtimes.upstream import UpstreamRuntime
 from miren_store.entities import AppVersion, Runtime, Sandbox, SandboxPool, SandboxStatus, new_id
 from miren_store.errors import Conflict, NotFound, StoreError
 from miren_store.store import Store

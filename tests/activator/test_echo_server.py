@@ -12,7 +12,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from miren_activator.process import pick_port
+from miren_activator.runtimes.process import pick_port
 from tests.activator.conftest import ECHO
 
 

@@ -1,4 +1,4 @@
-"""Sandbox isolation (SPEC §14, `miren_activator.isolation`).
+"""Sandbox isolation (SPEC §14, `miren_activator.runtimes.isolation`).
 
 First the decision without processes: which level each mode gets on which host, the bubblewrap
 command line, the environment. Then real sandboxes through `ProcessRuntime`, probed from the
@@ -35,7 +35,8 @@ import attrs
 import pytest
 
 from miren_activator.errors import BootFailed
-from miren_activator.isolation import (
+from miren_activator.runtimes.base import SandboxSpec
+from miren_activator.runtimes.isolation import (
     BwrapStatus,
     HiddenPath,
     HostLayout,
@@ -50,8 +51,7 @@ from miren_activator.isolation import (
     read_layout,
     sandbox_env,
 )
-from miren_activator.process import ProcessHandle, ProcessRuntime, group_members
-from miren_activator.runtime import SandboxSpec
+from miren_activator.runtimes.process import ProcessHandle, ProcessRuntime, group_members
 from miren_store.entities import Runtime, VersionSpec
 from tests.activator.conftest import (
     ECHO,

@@ -13,9 +13,9 @@ import aiohttp
 import pytest
 
 from miren_activator.errors import BootFailed
-from miren_activator.process import ProcessHandle, ProcessRuntime, expand_port
-from miren_activator.runtime import SandboxSpec, probe
-from miren_activator.upstream import UpstreamRuntime
+from miren_activator.runtimes.base import SandboxSpec, probe
+from miren_activator.runtimes.process import ProcessHandle, ProcessRuntime, expand_port
+from miren_activator.runtimes.upstream import UpstreamRuntime
 from miren_store.entities import Runtime, VersionSpec
 from tests.activator.conftest import ECHO, ECHO_CMD, pid_gone, wait_until
 

@@ -11,8 +11,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from prometheus_client import CollectorRegistry
 
-from miren_ingress.admin_api import AdminContext, make_admin_app
-from miren_ingress.config import load_config
+from miren_ingress.admin.api import AdminContext, make_admin_app
+from miren_ingress.shell.config import load_config
 from miren_store.entities import App
 from miren_store.memory import MemoryStore
 

@@ -7,9 +7,9 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from miren_ingress.admin_api import AdminContext, make_admin_app
-from miren_ingress.config import load_config
-from miren_ingress.openapi import document
+from miren_ingress.admin.api import AdminContext, make_admin_app
+from miren_ingress.admin.openapi import document
+from miren_ingress.shell.config import load_config
 from miren_store.memory import MemoryStore
 
 

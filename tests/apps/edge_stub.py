@@ -26,9 +26,9 @@ from typing import Any
 import uvloop
 
 from miren_activator.errors import BootFailed
-from miren_activator.isolation import IsolationConfig, set_undumpable
-from miren_activator.process import ProcessRuntime
-from miren_activator.runtime import SandboxSpec
+from miren_activator.runtimes.base import SandboxSpec
+from miren_activator.runtimes.isolation import IsolationConfig, set_undumpable
+from miren_activator.runtimes.process import ProcessRuntime
 from miren_store.entities import Runtime, VersionSpec
 
 

@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-`MirenServer` runs `python -m miren_ingress.cli serve` on free loopback ports (found by binding
+`MirenServer` runs `python -m miren_ingress serve` on free loopback ports (found by binding
 port 0) with its state in a test's tmp dir, output to `<dir>/serve.log`, and waits for
 readiness by polling `GET /healthz` under a deadline (a server that exits early fails at once,
 with its log). Use it as a context manager: leaving the block stops it, also when the block
@@ -218,7 +218,7 @@ def base_env() -> dict[str, str]:
 
 
 def serve_argv(*args: str) -> list[str]:
-    return [sys.executable, "-m", "miren_ingress.cli", "serve", *args]
+    return [sys.executable, "-m", "miren_ingress", "serve", *args]
 
 
 # -- the server ---------------------------------------------------------------------------------
@@ -544,7 +544,7 @@ def run_cli(
     cwd: Path = REPO,
 ) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(
-        [sys.executable, "-m", "miren_ingress.cli", *args],
+        [sys.executable, "-m", "miren_ingress", *args],
         env=dict(env),
         capture_output=True,
         text=True,

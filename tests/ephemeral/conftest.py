@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from miren_store.deploys import DeployRequest, EphemeralRequest
+from miren_store.deploy.deploys import DeployRequest, EphemeralRequest
 from miren_store.entities import App, AppVersion, HttpRoute, Runtime, SandboxPool, VersionSpec
 from miren_store.memory import MemoryStore
 from miren_store.store import Store

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from miren_store.access import access_hostnames, access_urls
+from miren_store.deploy.access import access_hostnames, access_urls
 from miren_store.entities import HttpRoute
 
 

@@ -8,9 +8,9 @@ from collections.abc import Callable
 import attrs
 import pytest
 
-from miren_store.cascade import Deleted, delete_version
-from miren_store.deploy_errors import CleanupFailed, StoreFailure
-from miren_store.deploys import LabelState, delete_label, deploy, extend_label, resolve_label
+from miren_store.deploy.cascade import Deleted, delete_version
+from miren_store.deploy.deploys import LabelState, delete_label, deploy, extend_label, resolve_label
+from miren_store.deploy.errors import CleanupFailed, StoreFailure
 from miren_store.entities import App, AppVersion, SandboxPool
 from miren_store.memory import MemoryStore
 from tests.ephemeral.conftest import FakeClock, add_pool, eph, labelled, normal, setup_app

@@ -10,21 +10,9 @@ from datetime import timedelta
 import attrs
 import pytest
 
-from miren_store import deploys
 from miren_store.codec import encode
-from miren_store.deploy_errors import (
-    ActiveVersion,
-    AppNotFound,
-    InvalidInput,
-    InvalidLabel,
-    InvalidSpec,
-    InvalidTTL,
-    LabelExpired,
-    LabelNotFound,
-    VersionAppMismatch,
-    VersionNotFound,
-)
-from miren_store.deploys import (
+from miren_store.deploy import deploys
+from miren_store.deploy.deploys import (
     DeployRequest,
     EphemeralConfig,
     LabelState,
@@ -35,6 +23,18 @@ from miren_store.deploys import (
     extend_label,
     list_versions,
     resolve_label,
+)
+from miren_store.deploy.errors import (
+    ActiveVersion,
+    AppNotFound,
+    InvalidInput,
+    InvalidLabel,
+    InvalidSpec,
+    InvalidTTL,
+    LabelExpired,
+    LabelNotFound,
+    VersionAppMismatch,
+    VersionNotFound,
 )
 from miren_store.entities import App, AppVersion, Runtime, SandboxPool, Source, VersionSpec
 from miren_store.errors import NotFound

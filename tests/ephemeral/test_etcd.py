@@ -10,17 +10,17 @@ from datetime import timedelta
 
 import pytest
 
-from miren_ingress.gc import ExpiryGC, GCResult
 from miren_store.backends import open_store
 from miren_store.codec import encode
-from miren_store.deploy_errors import StoreFailure
-from miren_store.deploys import (
+from miren_store.deploy.deploys import (
     DeployRequest,
     EphemeralConfig,
     LabelState,
     deploy,
     resolve_label,
 )
+from miren_store.deploy.errors import StoreFailure
+from miren_store.deploy.gc import ExpiryGC, GCResult
 from miren_store.embedded import EmbeddedEtcd
 from miren_store.entities import App, AppVersion, SandboxPool, utcnow
 from miren_store.errors import NotFound

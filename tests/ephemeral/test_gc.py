@@ -11,8 +11,8 @@ from datetime import timedelta
 import pytest
 from prometheus_client import CollectorRegistry
 
-from miren_ingress.gc import ExpiryGC, GCResult
-from miren_store.deploys import DeployRequest, deploy, extend_label
+from miren_store.deploy.deploys import DeployRequest, deploy, extend_label
+from miren_store.deploy.gc import ExpiryGC, GCResult
 from miren_store.entities import App, AppVersion, SandboxPool, utcnow
 from miren_store.errors import NotFound
 from miren_store.memory import MemoryStore
@@ -310,7 +310,7 @@ async def test_gc_ignores_notify_for_normal_versions(store: MemoryStore, clock: 
 
 
 async def test_sweep_deletes_orphan_pools_and_keeps_referenced_ones() -> None:
-    from miren_ingress.gc import ExpiryGC
+    from miren_store.deploy.gc import ExpiryGC
     from miren_store.entities import AppVersion, Runtime, SandboxPool, VersionSpec
     from miren_store.memory import MemoryStore
 

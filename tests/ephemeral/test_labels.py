@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from miren_store.deploy_errors import InvalidLabel
-from miren_store.labels import is_valid_label, label_from, normalize_branch, validate_label
+from miren_store.deploy.errors import InvalidLabel
+from miren_store.deploy.labels import is_valid_label, label_from, normalize_branch, validate_label
 
 VECTORS = [
     ("feature/login", "feature-login"),

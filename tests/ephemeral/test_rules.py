@@ -8,9 +8,8 @@ from datetime import UTC, datetime, timedelta
 import attrs
 import pytest
 
-from miren_store.cascade import plan_pool_ops
-from miren_store.deploy_errors import InvalidInput, InvalidSpec
-from miren_store.deploys import (
+from miren_store.deploy.cascade import plan_pool_ops
+from miren_store.deploy.deploys import (
     DeployRequest,
     DeployResult,
     EphemeralConfig,
@@ -24,6 +23,7 @@ from miren_store.deploys import (
     version_data,
     version_status,
 )
+from miren_store.deploy.errors import InvalidInput, InvalidSpec
 from miren_store.entities import AppVersion, Runtime, SandboxPool, Source, VersionSpec
 from miren_store.store import Delete, Update
 

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from miren_store.deploy_errors import InvalidTTL
-from miren_store.ttl import DEFAULT_TTL, describe_ttl, parse_ttl, resolve_ttl
+from miren_store.deploy.errors import InvalidTTL
+from miren_store.deploy.ttl import DEFAULT_TTL, describe_ttl, parse_ttl, resolve_ttl
 
 
 @pytest.mark.parametrize(

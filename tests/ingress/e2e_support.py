@@ -1,6 +1,6 @@
 """Shared pieces of the ingress end-to-end tests: the whole edge in-process, real sockets.
 
-`running_edge(tmp_path, **settings)` runs `miren_ingress.serve.Edge` (memory store unless told
+`running_edge(tmp_path, **settings)` runs `miren_ingress.shell.serve.Edge` (memory store unless told
 otherwise, both listeners on free ports) in a task of the test's event loop and yields a
 `RunningEdge`: the store for deploys and routes, the proxy and admin ports, the store's operation
 counts. Leaving the block stops the edge (sandboxes included), also when the test failed; a
@@ -29,9 +29,9 @@ from typing import Any
 import attrs
 import httptools
 
-from miren_ingress.config import load_config
-from miren_ingress.serve import Edge
-from miren_store.deploys import DeployRequest, EphemeralRequest, deploy
+from miren_ingress.shell.config import load_config
+from miren_ingress.shell.serve import Edge
+from miren_store.deploy.deploys import DeployRequest, EphemeralRequest, deploy
 from miren_store.entities import App, Concurrency, HttpRoute, Runtime, Sandbox, VersionSpec
 from miren_store.store import Store
 from tests.support.apps import SANDBOX_PYTHON

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from miren_ingress.config import ConfigError, load_config, parse_set
+from miren_ingress.shell.config import ConfigError, load_config, parse_set
 
 
 def test_defaults_are_sane() -> None:

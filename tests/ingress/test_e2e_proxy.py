@@ -31,7 +31,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-import miren_ingress.serve as serve_module
+import miren_ingress.shell.serve as serve_module
 from miren_activator.activator import ActivatorConfig
 from miren_activator.policy import CrashPolicy
 from miren_store.entities import Sandbox, SandboxStatus

@@ -26,7 +26,7 @@ import pytest
 import pytest_asyncio
 
 from miren_store.backends import open_store
-from miren_store.deploys import DeployRequest, deploy
+from miren_store.deploy.deploys import DeployRequest, deploy
 from miren_store.embedded import EmbeddedEtcd
 from miren_store.entities import App, HttpRoute, SandboxPool
 from tests.ingress.e2e_support import (

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from miren_ingress.hosts import BadHost, normalize_host
-from miren_ingress.routes import (
+from miren_ingress.routing.hosts import BadHost, normalize_host
+from miren_ingress.routing.routes import (
     EXPIRED,
     NO_ACTIVE,
     NO_PREVIEW,

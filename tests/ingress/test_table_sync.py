@@ -8,8 +8,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from miren_ingress.routes import NOT_LOADED, Resolved, RouteTable
-from miren_ingress.table_sync import TableSync
+from miren_ingress.routing.routes import NOT_LOADED, Resolved, RouteTable
+from miren_ingress.routing.table_sync import TableSync
 from miren_store.entities import App, AppVersion, HttpRoute, Runtime, VersionSpec
 from miren_store.memory import MemoryStore
 

@@ -15,8 +15,8 @@ from prometheus_client import CollectorRegistry
 
 from miren_activator.activator import Activator, PoolSnapshot
 from miren_ingress.proxy import Refusal, Target
-from miren_ingress.router import EdgeRouter
-from miren_ingress.routes import RouteTable
+from miren_ingress.routing.router import EdgeRouter
+from miren_ingress.routing.routes import RouteTable
 from miren_store.entities import App, AppVersion, Concurrency, HttpRoute, Runtime, VersionSpec
 from miren_store.memory import MemoryStore
 

@@ -31,10 +31,10 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from miren_activator.activator import Activator
-from miren_ingress.hosts import MAX_HOST, BadHost, normalize_host
 from miren_ingress.proxy.interfaces import Refusal, Target
-from miren_ingress.router import EdgeRouter
-from miren_ingress.routes import (
+from miren_ingress.routing.hosts import MAX_HOST, BadHost, normalize_host
+from miren_ingress.routing.router import EdgeRouter
+from miren_ingress.routing.routes import (
     EXPIRED,
     NO_ACTIVE,
     NO_PREVIEW,
@@ -43,12 +43,12 @@ from miren_ingress.routes import (
     Resolved,
     RouteTable,
 )
-from miren_store.deploy_errors import InvalidLabel, InvalidTTL
+from miren_store.deploy.errors import InvalidLabel, InvalidTTL
+from miren_store.deploy.labels import is_valid_label, label_from, normalize_branch, validate_label
+from miren_store.deploy.ttl import MAX_TTL, describe_ttl, parse_ttl
 from miren_store.durations import format_duration
 from miren_store.entities import App, AppVersion, HttpRoute, Runtime, VersionSpec
-from miren_store.labels import is_valid_label, label_from, normalize_branch, validate_label
 from miren_store.memory import MemoryStore
-from miren_store.ttl import MAX_TTL, describe_ttl, parse_ttl
 from tests.e2e.harness import MirenServer
 from tests.reliability.budget import BUDGET
 from tests.reliability.figures import Figures

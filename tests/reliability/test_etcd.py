@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from miren_store.deploys import DeployRequest, delete_label
-from miren_store.deploys import deploy as store_deploy
+from miren_store.deploy.deploys import DeployRequest, delete_label
+from miren_store.deploy.deploys import deploy as store_deploy
 from miren_store.entities import HttpRoute
 from miren_store.etcd import EtcdStore
 from tests.e2e.harness import MirenServer, Reply

@@ -22,7 +22,7 @@ from typing import Any
 
 import attrs
 
-from miren_store.deploys import EphemeralConfig
+from miren_store.deploy.deploys import EphemeralConfig
 from miren_store.durations import DurationError, parse_duration
 
 
@@ -58,7 +58,7 @@ class IngressConfig:
 
 @attrs.frozen(kw_only=True)
 class SandboxConfig:
-    isolation: str = "auto"  # auto | bwrap | user | none (miren_activator.isolation)
+    isolation: str = "auto"  # auto | bwrap | user | none (miren_activator.runtimes.isolation)
     uid: int = 65532  # who process sandboxes run as when the edge is root (never 0)
     gid: int = 65532
 

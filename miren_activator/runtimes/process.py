@@ -9,7 +9,7 @@ HOME and TMPDIR), then the spec's `env`, then `PORT`, `MIREN_APP`, `MIREN_VERSIO
 `MIREN_EPHEMERAL_LABEL`, `MIREN_SERVICE` and `MIREN_SANDBOX`, which win over the spec's. stdout
 and stderr are appended to the sandbox's log file, which we open and hand over as fds 1 and 2.
 
-Isolation (`miren_activator.isolation`). `prepare` decides once how sandboxes are confined: it
+Isolation (`miren_activator.runtimes.isolation`). `prepare` decides once how sandboxes are confined: it
 reads the host layout, finds bubblewrap and runs the exact sandbox set-up around `true` once as
 the uid the sandboxes will get, then `isolation.choose` picks `bwrap`, `user`, `none` or a
 refusal (every start then fails with `BootFailed` saying why). `runtime.isolation.description`
@@ -77,7 +77,8 @@ from typing import Final
 import attrs
 
 from miren_activator.errors import BootFailed
-from miren_activator.isolation import (
+from miren_activator.runtimes.base import PollSchedule, SandboxSpec, wait_healthy
+from miren_activator.runtimes.isolation import (
     SANDBOX_HOME,
     BwrapStatus,
     HostLayout,
@@ -92,7 +93,6 @@ from miren_activator.isolation import (
     read_layout,
     sandbox_env,
 )
-from miren_activator.runtime import PollSchedule, SandboxSpec, wait_healthy
 from miren_store.launch import Child, Launch, pick_port, run, spawn
 
 # The default of `ProcessRuntime(isolation=...)`: the library and its tests run sandboxes as the

@@ -27,10 +27,10 @@ from typing import Any
 
 from miren_activator import errors as act_errors
 from miren_activator.activator import Activator
-from miren_ingress.hosts import BadHost, normalize_host
 from miren_ingress.proxy import errors as proxy_errors
 from miren_ingress.proxy.interfaces import Lease, Refusal, Target
-from miren_ingress.routes import Refused, Resolved, RouteTable
+from miren_ingress.routing.hosts import BadHost, normalize_host
+from miren_ingress.routing.routes import Refused, Resolved, RouteTable
 
 BAD_HOST = Refusal(400, "The Host header is missing or invalid.")
 _INF = math.inf

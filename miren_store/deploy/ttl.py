@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from miren_store.deploy_errors import InvalidTTL
+from miren_store.deploy.errors import InvalidTTL
 from miren_store.durations import DurationError, format_duration, parse_duration
 
 DEFAULT_TTL = timedelta(hours=24)

@@ -24,7 +24,7 @@ from collections.abc import Collection, Iterable
 
 import attrs
 
-from miren_store.deploy_errors import ActiveVersion, CleanupFailed
+from miren_store.deploy.errors import ActiveVersion, CleanupFailed
 from miren_store.entities import App, AppVersion, SandboxPool
 from miren_store.errors import Conflict, NotFound, StoreUnavailable
 from miren_store.store import Check, Delete, Op, Store, Update

@@ -204,8 +204,8 @@ def cmd_route(args: argparse.Namespace, c: Client) -> None:
 
 
 def cmd_deploy(args: argparse.Namespace, c: Client) -> None:
-    from miren_store.deploy_errors import InvalidLabel
-    from miren_store.labels import normalize_branch
+    from miren_store.deploy.errors import InvalidLabel
+    from miren_store.deploy.labels import normalize_branch
 
     body: dict[str, Any] = {}
     sources = [bool(args.command), bool(args.upstream), bool(args.version)]
@@ -281,8 +281,8 @@ def _out(args: argparse.Namespace, data: Any, text: str) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from miren_ingress.config import ConfigError, load_config, parse_set
-    from miren_ingress.serve import run
+    from miren_ingress.shell.config import ConfigError, load_config, parse_set
+    from miren_ingress.shell.serve import run
 
     overrides: dict[str, Any] = parse_set(args.set or [])
     for key in ("listen", "admin_listen", "store", "data_dir"):
@@ -402,7 +402,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command_name == "serve":
         return cmd_serve(args)
-    from miren_ingress.admin_token import cli_token
+    from miren_ingress.admin.token import cli_token
 
     try:
         token = cli_token(os.environ, args.token_file)

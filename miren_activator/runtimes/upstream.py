@@ -15,7 +15,7 @@ import asyncio
 from urllib.parse import urlsplit
 
 from miren_activator.errors import BootFailed, Unreachable
-from miren_activator.runtime import PollSchedule, SandboxSpec, probe, wait_healthy
+from miren_activator.runtimes.base import PollSchedule, SandboxSpec, probe, wait_healthy
 
 
 class UpstreamHandle:

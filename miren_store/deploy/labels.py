@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import re
 
-from miren_store.deploy_errors import InvalidLabel
+from miren_store.deploy.errors import InvalidLabel
 
 MAX_LABEL = 63
 _CUT = 56  # 56 + "-" + 6 hex digits = 63

@@ -29,18 +29,18 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter
 
 from miren_activator.activator import Activator, ActivatorConfig
-from miren_activator.isolation import IsolationConfig, set_undumpable
-from miren_activator.process import ProcessRuntime
-from miren_activator.upstream import UpstreamRuntime
-from miren_ingress import admin_token
-from miren_ingress.admin_api import AdminContext, AdminRunner, make_admin_app
-from miren_ingress.config import Config, split_hostport
-from miren_ingress.gc import ExpiryGC
+from miren_activator.runtimes.isolation import IsolationConfig, set_undumpable
+from miren_activator.runtimes.process import ProcessRuntime
+from miren_activator.runtimes.upstream import UpstreamRuntime
+from miren_ingress.admin import token as admin_token
+from miren_ingress.admin.api import AdminContext, AdminRunner, make_admin_app
 from miren_ingress.proxy.config import ProxyConfig
 from miren_ingress.proxy.server import ProxyServer
-from miren_ingress.router import EdgeRouter
-from miren_ingress.routes import RouteTable
-from miren_ingress.table_sync import TableSync
+from miren_ingress.routing.router import EdgeRouter
+from miren_ingress.routing.routes import RouteTable
+from miren_ingress.routing.table_sync import TableSync
+from miren_ingress.shell.config import Config, split_hostport
+from miren_store.deploy.gc import ExpiryGC
 from miren_store.embedded import EmbeddedEtcd
 from miren_store.entities import AppVersion, Runtime
 from miren_store.memory import MemoryStore

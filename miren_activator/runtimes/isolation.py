@@ -3,7 +3,7 @@
 A process sandbox runs code nobody reviewed. Left alone it would run as the edge's user, so it
 could read `/proc/<edge pid>/environ` (where `MIREN_ADMIN_TOKEN` lives), the data dir (the
 admin token file, the embedded etcd's files and socket), and signal or ptrace the edge. This
-module decides, once at start-up, how each sandbox is confined; `miren_activator.process` carries
+module decides, once at start-up, how each sandbox is confined; `miren_activator.runtimes.process` carries
 it out.
 
 Levels (`Isolation.mode`, chosen from `IsolationConfig.mode` = `sandbox.isolation`):

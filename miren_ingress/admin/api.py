@@ -33,9 +33,8 @@ from aiohttp import web, web_protocol
 from aiohttp.web_request import BaseRequest
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from miren_ingress import openapi
-from miren_ingress.config import Config
-from miren_ingress.errors import (
+from miren_ingress.admin import openapi
+from miren_ingress.admin.errors import (
     ApiError,
     BadRequest,
     ConflictError,
@@ -44,10 +43,12 @@ from miren_ingress.errors import (
     Unavailable,
     Unprocessable,
 )
-from miren_ingress.hosts import BadHost, validate_route_host
-from miren_store import deploys
+from miren_ingress.routing.hosts import BadHost, validate_route_host
+from miren_ingress.shell.config import Config
 from miren_store.codec import format_time, to_data
-from miren_store.deploy_errors import (
+from miren_store.deploy import deploys
+from miren_store.deploy.deploys import DeployRequest
+from miren_store.deploy.errors import (
     DeployError,
     InvalidInput,
     MalformedRequest,
@@ -56,11 +57,10 @@ from miren_store.deploy_errors import (
     StoreFailure,
     VersionNotFound,
 )
-from miren_store.deploys import DeployRequest
+from miren_store.deploy.labels import is_valid_label
 from miren_store.durations import DurationError, parse_duration
 from miren_store.entities import App, HttpRoute, Sandbox
 from miren_store.errors import Conflict, NotFound, StoreUnavailable
-from miren_store.labels import is_valid_label
 from miren_store.store import Store
 
 log = logging.getLogger(__name__)
@@ -172,7 +172,7 @@ PROTECTED_PREFIX = "/v1/"
 
 def auth_middleware(token: str) -> Any:
     if not token:
-        raise ValueError("the admin API needs a token (see miren_ingress.admin_token)")
+        raise ValueError("the admin API needs a token (see miren_ingress.admin.token)")
     expected = f"Bearer {token}".encode()
 
     @web.middleware

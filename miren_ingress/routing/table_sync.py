@@ -14,7 +14,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 
-from miren_ingress.routes import RouteTable
+from miren_ingress.routing.routes import RouteTable
 from miren_store.errors import Resync, StoreError
 from miren_store.store import Change, Store
 

@@ -60,10 +60,10 @@ from typing import Any
 import attrs
 import cattrs
 
-from miren_store.access import access_urls
-from miren_store.cascade import Deleted, delete_version, plan_pool_ops, pools_of
 from miren_store.codec import describe_error, format_time, from_data, is_shape_error, to_data
-from miren_store.deploy_errors import (
+from miren_store.deploy.access import access_urls
+from miren_store.deploy.cascade import Deleted, delete_version, plan_pool_ops, pools_of
+from miren_store.deploy.errors import (
     AppNotFound,
     InvalidInput,
     InvalidSpec,
@@ -75,11 +75,11 @@ from miren_store.deploy_errors import (
     VersionAppMismatch,
     VersionNotFound,
 )
+from miren_store.deploy.labels import label_from, validate_label
+from miren_store.deploy.ttl import DEFAULT_TTL, MAX_TTL, resolve_ttl
 from miren_store.entities import App, AppVersion, HttpRoute, Source, VersionSpec, new_id, utcnow
 from miren_store.errors import Conflict, NotFound, StoreUnavailable
-from miren_store.labels import label_from, validate_label
 from miren_store.store import Check, Create, Delete, Op, Store, Update
-from miren_store.ttl import DEFAULT_TTL, MAX_TTL, resolve_ttl
 
 Clock = Callable[[], datetime]
 

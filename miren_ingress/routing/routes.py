@@ -30,7 +30,7 @@ from typing import Any
 
 import attrs
 
-from miren_ingress.hosts import split_first_label, wildcard_for
+from miren_ingress.routing.hosts import split_first_label, wildcard_for
 from miren_store.entities import App, AppVersion, HttpRoute
 from miren_store.store import Change
 

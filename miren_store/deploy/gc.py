@@ -17,7 +17,7 @@ deleted pool). One background task runs two mechanisms, serialized by one lock:
   everything that expired meanwhile and re-arms the timers from the store: no state is lost with
   the process. The sweep also sets `miren_ephemeral_versions{app}`.
 
-Deletion goes through `miren_store.cascade.delete_version`: pools and version in one atomic,
+Deletion goes through `miren_store.deploy.cascade.delete_version`: pools and version in one atomic,
 revision-checked commit, so a version that was extended or replaced meanwhile is not deleted, and
 a pool failure keeps the version (counted in `miren_gc_failures_total`, retried by the next
 timer or sweep). Non-ephemeral versions are never touched: they are not in the index, and every
@@ -40,8 +40,8 @@ from datetime import datetime, timedelta
 import attrs
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from miren_store.cascade import Deleted, delete_orphan_pools, delete_version
-from miren_store.deploy_errors import ActiveVersion, StoreFailure
+from miren_store.deploy.cascade import Deleted, delete_orphan_pools, delete_version
+from miren_store.deploy.errors import ActiveVersion, StoreFailure
 from miren_store.entities import AppVersion, utcnow
 from miren_store.errors import NotFound, StoreUnavailable
 from miren_store.store import Store
