@@ -2,13 +2,13 @@
 
 from miren_activator.activator import (
     Activator,
-    ActivatorConfig,
     Held,
     Lease,
     PoolSnapshot,
     SandboxInfo,
 )
 from miren_activator.clock import Clock, ManualClock, SystemClock
+from miren_activator.config import ActivatorConfig
 from miren_activator.errors import (
     ActivationTimeout,
     ActivatorClosed,

@@ -78,7 +78,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from pathlib import Path
@@ -89,6 +88,7 @@ from prometheus_client import CollectorRegistry
 
 from miren_activator.capacity import pick, saturated, unit_limit
 from miren_activator.clock import Clock, SystemClock, wall_of
+from miren_activator.config import ActivatorConfig
 from miren_activator.errors import (
     ActivationTimeout,
     ActivatorClosed,
@@ -106,7 +106,6 @@ from miren_activator.metrics import ActivatorMetrics
 from miren_activator.persist import StateWriter
 from miren_activator.policy import (
     WEB,
-    CrashPolicy,
     CrashState,
     IdleCandidate,
     PoolParams,
@@ -165,21 +164,6 @@ class Held(Protocol):
 
     @property
     def port(self) -> int: ...
-
-
-@attrs.frozen(kw_only=True)
-class ActivatorConfig:
-    node: str = attrs.field(factory=socket.gethostname)  # written as pool owner / sandbox node
-    log_dir: Path | None = None  # sandbox logs: <log_dir>/<sandbox id>.log (None: discarded)
-    log_max_bytes: int = 10 * 1024 * 1024  # a log past this is rotated to <name>.1 (0: never)
-    max_waiters: int = 1000  # queued acquires per (version, service) before Overloaded
-    acquire_timeout: float = 120.0  # backstop for any single wait
-    stop_grace: float = 10.0  # SIGTERM -> SIGKILL
-    sweep_interval: float = 1.0  # idle scale-down and last_activity persistence
-    activity_persist_interval: float = 30.0
-    crash: CrashPolicy = attrs.field(factory=CrashPolicy)
-    history: int = 10  # ended sandboxes kept per pool (admin API, logs); older ones purged
-    store_flush_timeout: float = 2.0  # at close, how long pending store writes may take
 
 
 class Lease:

@@ -28,7 +28,8 @@ import uvloop
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter
 
-from miren_activator.activator import Activator, ActivatorConfig
+from miren_activator.activator import Activator
+from miren_activator.config import ActivatorConfig
 from miren_activator.runtimes.isolation import IsolationConfig, set_undumpable
 from miren_activator.runtimes.process import ProcessRuntime
 from miren_activator.runtimes.upstream import UpstreamRuntime

@@ -32,7 +32,7 @@ import aiohttp
 import pytest
 
 import miren_ingress.shell.serve as serve_module
-from miren_activator.activator import ActivatorConfig
+from miren_activator.config import ActivatorConfig
 from miren_activator.policy import CrashPolicy
 from miren_store.entities import Sandbox, SandboxStatus
 from tests.e2e.harness import MirenServer, wait_for
