@@ -17,7 +17,6 @@ is logged and answered 500 `internal` without details.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import json
 import logging
@@ -46,7 +45,7 @@ from miren_ingress.admin.errors import (
 from miren_ingress.routing.hosts import BadHost, validate_route_host
 from miren_ingress.shell.config import Config
 from miren_store.codec import format_time, to_data
-from miren_store.deploy import deploys
+from miren_store.deploy import apps, deploys
 from miren_store.deploy.deploys import DeployRequest
 from miren_store.deploy.errors import (
     DeployError,
@@ -55,7 +54,6 @@ from miren_store.deploy.errors import (
     Missing,
     StateConflict,
     StoreFailure,
-    VersionNotFound,
 )
 from miren_store.deploy.labels import is_valid_label
 from miren_store.durations import DurationError, parse_duration
@@ -285,13 +283,6 @@ def check_app_name(name: str) -> str:
     return name
 
 
-async def get_app(store: Store, name: str) -> App:
-    try:
-        return await store.get(App, name)
-    except NotFound:
-        raise NotFoundError(f"app {name!r} not found", code="app_not_found") from None
-
-
 # -- health and metrics ---------------------------------------------------------------------------
 
 
@@ -330,7 +321,7 @@ async def list_apps(request: web.Request) -> web.Response:
 
 
 async def show_app(request: web.Request) -> web.Response:
-    app = await get_app(request.app[CTX].store, request.match_info["app"])
+    app = await deploys.get_app(request.app[CTX].store, request.match_info["app"])
     return json_response(app_json(app))
 
 
@@ -359,7 +350,7 @@ async def put_route(request: web.Request) -> web.Response:
             raise Unprocessable(
                 f'request_timeout: "{timeout_text}" must be greater than 0', code="invalid_timeout"
             )
-    await get_app(ctx.store, app_name)
+    await deploys.get_app(ctx.store, app_name)
     if default:
         others = [r for r in await ctx.store.list(HttpRoute, default=True) if r.host != host]
         if others:
@@ -455,7 +446,7 @@ async def list_versions(request: web.Request) -> web.Response:
 
 async def show_version(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
-    app = await get_app(ctx.store, request.match_info["app"])
+    app = await deploys.get_app(ctx.store, request.match_info["app"])
     version = await deploys.get_version(ctx.store, app.name, request.match_info["id"])
     status = deploys.version_status(version, app.active_version, ctx.now())
     return json_response(deploys.version_data(version, status))
@@ -474,7 +465,7 @@ async def extend_preview(request: web.Request) -> web.Response:
     data = await read_json(request)
     only_keys(data, {"ttl"})
     ttl = take(data, "ttl", str, required=True)
-    app = await get_app(ctx.store, request.match_info["app"])
+    app = await deploys.get_app(ctx.store, request.match_info["app"])
     version = await deploys.extend_label(
         ctx.store,
         app.name,
@@ -499,20 +490,7 @@ async def delete_preview(request: web.Request) -> web.Response:
 async def delete_app(request: web.Request) -> web.Response:
     """Delete an app with its routes and versions (and their pools). Safe to retry."""
     ctx = request.app[CTX]
-    app = await get_app(ctx.store, request.match_info["app"])
-    for route in await ctx.store.list(HttpRoute, app=app.name):
-        with contextlib.suppress(NotFound):
-            await ctx.store.delete(HttpRoute, route.host)
-    while app.active_version is not None:
-        try:
-            app = await ctx.store.update(attrs.evolve(app, active_version=None))
-        except Conflict:
-            app = await get_app(ctx.store, app.name)
-    for view in await deploys.list_versions(ctx.store, app.name, now=ctx.now):
-        with contextlib.suppress(VersionNotFound):
-            await deploys.delete_version_by_id(ctx.store, app.name, view.version.id)
-    with contextlib.suppress(NotFound):
-        await ctx.store.delete(App, app.name)
+    await apps.delete_app(ctx.store, request.match_info["app"], now=ctx.now)
     return web.Response(status=204)
 
 
@@ -536,7 +514,7 @@ def sandbox_json(sb: Sandbox) -> dict[str, Any]:
 
 async def list_sandboxes(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
-    app = await get_app(ctx.store, request.match_info["app"])
+    app = await deploys.get_app(ctx.store, request.match_info["app"])
     boxes = await ctx.store.list(Sandbox, app=app.name)
     boxes.sort(key=lambda b: b.started_at, reverse=True)
     return json_response([sandbox_json(b) for b in boxes])

@@ -292,7 +292,7 @@ def _step(op: str, step: str, what: str) -> Iterator[None]:
         raise StoreFailure(step, f"{op} failed at step {step!r}: {what}: {exc}") from exc
 
 
-async def _get_app(store: Store, name: str) -> App:
+async def get_app(store: Store, name: str) -> App:
     try:
         return await store.get(App, name)
     except NotFound:
@@ -362,7 +362,7 @@ async def deploy(
     if request.spec is not None:
         _check_spec(request.spec)
         with _step("deploy", "read", f"reading app {app!r}"):
-            found = await _get_app(store, app)
+            found = await get_app(store, app)
             routes = await store.list(HttpRoute, app=app)
         return await _create_active(
             store, found, request.spec, request.source, routes, config=config, now=now
@@ -386,7 +386,7 @@ async def _deploy_ephemeral(
         _check_spec(request.spec)
     src: AppVersion | None = None
     with _step("deploy", "read", f"reading app {app_name!r}"):
-        app = await _get_app(store, app_name)
+        app = await get_app(store, app_name)
         if request.from_version is not None:
             src = await _get_version(store, app_name, request.from_version)
         routes = await store.list(HttpRoute, app=app_name)
@@ -407,7 +407,7 @@ async def _deploy_ephemeral(
         if attempt:
             await _backoff(attempt)
             with _step("deploy", "read", f"reading app {app_name!r}"):
-                app = await _get_app(store, app_name)
+                app = await get_app(store, app_name)
         # `now` is taken after the app was read: a deploy that commits later is newer.
         t = now()
         version = AppVersion(
@@ -480,7 +480,7 @@ async def _create_active(
         if attempt:
             await _backoff(attempt)
             with _step("deploy", "read", f"reading app {app.name!r}"):
-                app = await _get_app(store, app.name)
+                app = await get_app(store, app.name)
         version = AppVersion(
             id=new_id(app.name), app=app.name, created_at=now(), spec=spec, source=source
         )
@@ -510,7 +510,7 @@ async def _rollback(
     now: Clock,
 ) -> DeployResult:
     with _step("rollback", "read", f"reading app {app_name!r} and version {version_id!r}"):
-        app = await _get_app(store, app_name)
+        app = await get_app(store, app_name)
         target = await _get_version(store, app_name, version_id)
         routes = await store.list(HttpRoute, app=app_name)
     if target.is_ephemeral:
@@ -530,7 +530,7 @@ async def _rollback(
         if attempt:
             await _backoff(attempt)
             with _step("rollback", "read", f"reading app {app_name!r}"):
-                app = await _get_app(store, app_name)
+                app = await get_app(store, app_name)
                 target = await _get_version(store, app_name, version_id)
         if app.active_version != target.id:
             try:
@@ -580,7 +580,7 @@ async def extend_label(
         if attempt:
             await _backoff(attempt)
         with _step("extend", "read", f"reading the versions labelled {label!r}"):
-            await _get_app(store, app)
+            await get_app(store, app)
             versions = await store.list(AppVersion, app=app, ephemeral_label=label)
         found = label_lookup(versions, now())
         if found.state is LabelState.EXPIRED:
@@ -610,7 +610,7 @@ async def delete_label(store: Store, app: str, label: str, *, attempts: int = 5)
     """
     validate_label(label)
     with _step("delete", "read", f"reading the versions labelled {label!r}"):
-        await _get_app(store, app)
+        await get_app(store, app)
         versions = await store.list(AppVersion, app=app, ephemeral_label=label)
     if not versions:
         raise LabelNotFound(f"ephemeral label {label!r} not found in app {app!r}")
@@ -669,7 +669,7 @@ async def list_versions(
 ) -> list[VersionView]:
     """The versions of `app`, newest first, with their status; `limit` <= 0 or None: all."""
     with _step("list versions", "read", f"reading app {app!r}"):
-        found = await _get_app(store, app)
+        found = await get_app(store, app)
         versions = await store.list(AppVersion, app=app)
     if ephemeral_only:
         versions = [v for v in versions if v.is_ephemeral]
