@@ -116,10 +116,11 @@ from miren_activator.policy import (
     sandboxes_to_start,
 )
 from miren_activator.runtimes.base import SandboxHandle, SandboxRuntime, SandboxSpec
-from miren_activator.runtimes.process import ProcessRuntime, log_tail
+from miren_activator.runtimes.process import ProcessRuntime
 from miren_activator.runtimes.upstream import UpstreamRuntime
 from miren_store.entities import AppVersion, Runtime, Sandbox, SandboxPool, SandboxStatus, new_id
 from miren_store.errors import Conflict, NotFound, StoreError
+from miren_store.logfiles import read_tail, tail_lines
 from miren_store.store import Store
 
 log = logging.getLogger("miren.activator")
@@ -1023,7 +1024,10 @@ class Activator:
         now = self._mono()
         uptime = now - sb.started_mono
         pool.crash = after_death(pool.crash, uptime=uptime, now=now, policy=self._config.crash)
-        tail = log_tail(sb.log_path, 1024) if sb.log_path is not None else ""
+        tail = ""
+        if sb.log_path is not None:
+            with contextlib.suppress(OSError):
+                tail = read_tail(sb.log_path, 1024) or ""
         log.warning(
             "%r died after %.2fs (%s); crash count %d%s",
             sb,
@@ -1243,11 +1247,11 @@ class Activator:
         path = self.log_path(sandbox_id)
         if path is None:
             return None
-        text = log_tail(path, max_bytes)
-        out = text.splitlines()
-        if len(text.encode()) >= max_bytes and out:
-            out = out[1:]  # the first line was cut by the byte window
-        return out[-lines:] if lines > 0 else []
+        try:
+            out = tail_lines(path, lines, max_bytes)
+        except OSError:
+            out = None
+        return [] if out is None else out  # (nothing written yet, or unreadable)
 
     def snapshot(self, version_id: str, service: str = WEB) -> PoolSnapshot | None:
         pool = self._pools.get((version_id, service))

@@ -102,6 +102,7 @@ from urllib.parse import quote
 from miren_store.backends import UNIX_PATH_MAX
 from miren_store.errors import StoreError
 from miren_store.launch import Child, Launch, kill_and_reap, spawn
+from miren_store.logfiles import read_tail
 
 __all__ = [
     "CLIENT_SOCKET_STEM",
@@ -731,13 +732,12 @@ class EmbeddedEtcd:
                 await asyncio.wait({probe})
 
     def _read_log_tail(self, offset: int) -> str:
+        """What this launch (from `offset` on) wrote to the log, its last lines."""
         try:
-            with self.log_path.open("rb") as f:
-                size = f.seek(0, os.SEEK_END)
-                f.seek(max(offset, size - _LOG_TAIL_BYTES))
-                return f.read().decode("utf-8", errors="replace")
+            tail = read_tail(self.log_path, _LOG_TAIL_BYTES, start=offset)
         except OSError as exc:
             return f"(log unreadable: {exc})"
+        return "(no log file)" if tail is None else tail
 
     def _failure_message(self, outcome: _Outcome, proc: Child, tail: str) -> str:
         if outcome is _Outcome.TIMED_OUT:

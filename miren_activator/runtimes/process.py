@@ -472,14 +472,3 @@ async def _run(argv: list[str], env: Mapping[str, str] | None) -> tuple[int, str
     """Run a short helper to completion: (exit status, stdout and stderr); (-1, why) when it
     cannot run or takes longer than `_PROBE_TIMEOUT`."""
     return await run(argv, env=os.environ if env is None else env, timeout=_PROBE_TIMEOUT)
-
-
-def log_tail(path: Path, max_bytes: int = 2048) -> str:
-    """The last `max_bytes` of a log file, decoded leniently ('' when unreadable)."""
-    try:
-        with path.open("rb") as f:
-            size = f.seek(0, os.SEEK_END)
-            f.seek(max(0, size - max_bytes))
-            return f.read().decode("utf-8", "replace")
-    except OSError:
-        return ""

@@ -20,11 +20,9 @@ import asyncio
 import hmac
 import json
 import logging
-import os
 import re
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import attrs
@@ -59,6 +57,7 @@ from miren_store.deploy.labels import is_valid_label
 from miren_store.durations import DurationError, parse_duration
 from miren_store.entities import App, HttpRoute, Sandbox
 from miren_store.errors import Conflict, NotFound, StoreUnavailable
+from miren_store.logfiles import tail_lines
 from miren_store.store import Store
 
 log = logging.getLogger(__name__)
@@ -520,17 +519,6 @@ async def list_sandboxes(request: web.Request) -> web.Response:
     return json_response([sandbox_json(b) for b in boxes])
 
 
-def tail_lines(path: Path, n: int) -> list[str]:
-    """The last `n` lines of a file, reading at most a bounded amount from its end."""
-    with open(path, "rb") as f:
-        f.seek(0, os.SEEK_END)
-        size = f.tell()
-        f.seek(max(0, size - min(size, n * 512 + 4096)))
-        data = f.read()
-    lines = data.decode("utf-8", "replace").splitlines()
-    return lines[-n:] if n else []
-
-
 async def sandbox_logs(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
     sid = request.match_info["id"]
@@ -540,12 +528,10 @@ async def sandbox_logs(request: web.Request) -> web.Response:
     if not _SANDBOX_ID.fullmatch(sid):
         raise NotFoundError(f"sandbox {sid!r} not found", code="sandbox_not_found")
     path = ctx.config.log_dir / f"{sid}.log"
-    try:
-        lines = await asyncio.to_thread(tail_lines, path, tail)
-    except FileNotFoundError:
-        raise NotFoundError(
-            f"no log for sandbox {sid!r} on this node", code="sandbox_not_found"
-        ) from None
+    # At most about 512 bytes a line, so the read stays bounded whatever the log's size.
+    lines = await asyncio.to_thread(tail_lines, path, tail, tail * 512 + 4096)
+    if lines is None:
+        raise NotFoundError(f"no log for sandbox {sid!r} on this node", code="sandbox_not_found")
     return json_response({"sandbox": sid, "lines": lines})
 
 
