@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from miren_activator import Activator, ActivatorConfig, Lease  # noqa: E402
-from miren_activator.activator import _Ref  # noqa: E402
+from miren_activator.pools import Ref  # noqa: E402
 from miren_activator.runtimes.process import pick_port  # noqa: E402
 from miren_store.entities import AppVersion, Concurrency, Runtime, VersionSpec  # noqa: E402
 from miren_store.memory import MemoryStore  # noqa: E402
@@ -105,7 +105,7 @@ async def bench_warm(act: Activator, ops: int) -> list[str]:
         lease = try_acquire(vid, "web")
         release(lease)  # type: ignore[arg-type]
 
-    hold, ref = act.hold, _Ref(vid, "web")
+    hold, ref = act.hold, Ref(vid, "web")
 
     def held() -> None:  # the ingress's per-request pair
         release(hold(ref))  # type: ignore[arg-type]

@@ -1,12 +1,6 @@
 """miren_activator: leases on sandboxes, pools on demand, process and upstream runtimes."""
 
-from miren_activator.activator import (
-    Activator,
-    Held,
-    Lease,
-    PoolSnapshot,
-    SandboxInfo,
-)
+from miren_activator.activator import Activator
 from miren_activator.clock import Clock, ManualClock, SystemClock
 from miren_activator.config import ActivatorConfig
 from miren_activator.errors import (
@@ -22,6 +16,7 @@ from miren_activator.errors import (
     VersionRemoved,
 )
 from miren_activator.policy import CrashPolicy, PoolParams, pool_id_for
+from miren_activator.pools import Held, Lease, PoolSnapshot, SandboxInfo, VersionRef
 from miren_activator.runtimes.base import PollSchedule, SandboxHandle, SandboxRuntime, SandboxSpec
 from miren_activator.runtimes.process import ProcessRuntime
 from miren_activator.runtimes.upstream import UpstreamRuntime
@@ -53,6 +48,7 @@ __all__ = [
     "SystemClock",
     "Unreachable",
     "UpstreamRuntime",
+    "VersionRef",
     "VersionRemoved",
     "pool_id_for",
 ]

@@ -12,10 +12,12 @@ sandbox, is decided by `capacity.py`: `requests_per_instance` is a scaling targe
 Everything lives in this process, on one event loop, without locks: a state change is a
 synchronous step between two awaits, so no other task can observe it half done.
 
-- **Pools.** One in-memory `_Pool` per (version id, service), holding its sandboxes and a FIFO of
-  waiting acquires. Its store entity has the deterministic id `pool-<version id>-<service>`, so
-  every version gets a private pool (normal versions do not share pools here; an identical spec
-  would only save a sandbox, and private pools keep deletion trivial).
+The parts: `pools.py` holds the in-memory records (pools, sandboxes, leases) and the bookkeeping
+on them; `supervisor.py` starts, boots, watches and stops sandboxes and owns every background
+task; `persist.py` writes pool and sandbox records to the store; `capacity.py`, `policy.py`
+and `lifecycle.py` make the pure decisions. This module is the facade the ingress and the admin
+API use:
+
 - **Warm path** (`try_acquire`, `hold`, `release`): a dict lookup and `capacity.pick` over the
   pool's running sandboxes (first below the target, else the least loaded below the hard cap).
   No await, no store call. Both decline while anyone waits, so newcomers never overtake queued
@@ -37,32 +39,18 @@ synchronous step between two awaits, so no other task can observe it half done.
   serves every waiter), then ask `policy.sandboxes_to_start` whether to start one more (when
   waiters remain or every running sandbox is past the target, none is booting, below
   `max_instances`, not in crash back-off; or to fill up to `min_instances`), or fail the waiters
-  when nothing could ever serve them (crash back-off with no sandbox).
-- **Sandboxes** change state only through `lifecycle.transition` (pending -> running | dead |
-  stopped; running -> dead | stopped). A boot task spawns through the version's runtime and waits
-  for the health check under `boot_timeout`; an exit watcher awaits the process's end from the
-  moment it exists, so a sandbox that dies while booting fails its waiters at once (not at the
-  timeout). When a sandbox leaves RUNNING every subscriber is called synchronously with its id
-  (lease invalidation for the ingress: no queue that could drop it).
-- **Crashes.** A sandbox that dies within `crash.window` of its start is a quick crash; the n-th
-  in a row blocks starts for 10 s * 2^(n-1), at most 15 min. During it an acquire that finds no
-  running sandbox fails fast with `CrashBackoff`.
+  when nothing could ever serve them (crash back-off with no sandbox). The supervisor calls it
+  whenever a pool's capacity changed (a boot, a death, an instance back up).
 - **Idle.** A sweep (every `sweep_interval`) stops running sandboxes that held no lease for the
   pool's `scale_down_delay` (never one with an in-flight lease, never below `min_instances`);
-  a pool can reach zero sandboxes and the next acquire cold-starts one.
-- **Logs.** A sandbox's stdout and stderr go to `<log_dir>/<sandbox id>.log`; the sweep
-  rotates a log past `log_max_bytes` to `<name>.1` (copy, then truncate: `logs.py`), and the
-  files go when the ended sandbox leaves the history.
-- **Store.** Pool and sandbox entities are written on state changes only, by a background writer
-  (`persist.StateWriter`), never per request; `last_activity` is kept in memory and written at
-  most every `activity_persist_interval` (30 s).
+  a pool can reach zero sandboxes and the next acquire cold-starts one. The same sweep checks
+  the logs' size and writes `last_activity` (at most every `activity_persist_interval`).
 - **Cancellation.** A caller cancelled while waiting removes its future; if a lease had already
   been handed to it, it is released. Boots and pool creations never run in the caller's task, so
   a client that goes away never aborts work other callers wait on.
 - **Shutdown** (`close`): fail waiters, stop every sandbox (SIGTERM, SIGKILL after the grace),
   await every task. A process that dies without `close` takes its sandboxes with it (see
   `process.py`).
-
 - **Removal.** A pool entity stays in the store while its version exists, also at zero
   sandboxes (the GC deletes it with the version, reference §12.22). Whoever learns that a
   version was deleted (the route-table watch) calls `remove_version`, which fails its waiters
@@ -78,287 +66,54 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import deque
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Final, NamedTuple, Protocol, cast
+from typing import Any, Final
 
-import attrs
 from prometheus_client import CollectorRegistry
 
-from miren_activator.capacity import pick, saturated, unit_limit
-from miren_activator.clock import Clock, SystemClock, wall_of
+from miren_activator.capacity import pick, saturated
+from miren_activator.clock import Clock, SystemClock
 from miren_activator.config import ActivatorConfig
 from miren_activator.errors import (
     ActivationTimeout,
     ActivatorClosed,
     ActivatorError,
     BootFailed,
-    CrashBackoff,
     Overloaded,
     PoolCreationFailed,
-    Unreachable,
     VersionRemoved,
 )
-from miren_activator.lifecycle import FINAL, SandboxEvent, transition
-from miren_activator.logs import over_cap, rotate, rotated_path
 from miren_activator.metrics import ActivatorMetrics
-from miren_activator.persist import StateWriter
-from miren_activator.policy import (
-    WEB,
-    CrashState,
-    IdleCandidate,
-    PoolParams,
-    after_clean_stop,
-    after_death,
-    idle_victims,
-    pool_id_for,
-    sandboxes_to_start,
+from miren_activator.persist import Recorder, crash_from_entity, new_pool_entity
+from miren_activator.policy import WEB, IdleCandidate, idle_victims, sandboxes_to_start
+from miren_activator.pools import (
+    Held,
+    Lease,
+    PoolRecord,
+    PoolSnapshot,
+    Ref,
+    SandboxInfo,
+    SandboxRecord,
+    VersionRef,
+    sandbox_of,
 )
-from miren_activator.runtimes.base import SandboxHandle, SandboxRuntime, SandboxSpec
+from miren_activator.runtimes.base import SandboxRuntime
 from miren_activator.runtimes.process import ProcessRuntime
 from miren_activator.runtimes.upstream import UpstreamRuntime
-from miren_store.entities import AppVersion, Runtime, Sandbox, SandboxPool, SandboxStatus, new_id
-from miren_store.errors import Conflict, NotFound, StoreError
-from miren_store.logfiles import read_tail, tail_lines
+from miren_activator.supervisor import Supervisor
+from miren_store.entities import AppVersion, Runtime, Sandbox, SandboxStatus
+from miren_store.errors import NotFound
+from miren_store.logfiles import tail_lines
 from miren_store.store import Store
+
+__all__ = ["Activator", "Held", "Lease", "PoolSnapshot", "SandboxInfo", "VersionRef"]
 
 log = logging.getLogger("miren.activator")
 
-PENDING: Final = SandboxStatus.PENDING
 RUNNING: Final = SandboxStatus.RUNNING
-DOWN: Final = SandboxStatus.DOWN
-STOPPED: Final = SandboxStatus.STOPPED
-DEAD: Final = SandboxStatus.DEAD
 
 InvalidationCallback = Callable[[str], None]
-REPROBE_FIRST = 0.25  # seconds before a DOWN upstream is probed again; doubling ...
-REPROBE_MAX = 4.0  # ... up to this: back within seconds of coming back
-
-
-class _Ref(NamedTuple):
-    """A VersionRef from plain ids (`try_acquire`; not the proxy's hot path)."""
-
-    version: str
-    service: str
-
-
-class VersionRef(Protocol):
-    """What `Activator.hold` reads: a (version id, service) pair."""
-
-    @property
-    def version(self) -> str: ...
-
-    @property
-    def service(self) -> str: ...
-
-
-class Held(Protocol):
-    """A unit of work on a sandbox from `Activator.hold`: where to send one request. Give it
-    back with `Activator.release` exactly once. (It is the running sandbox itself.)"""
-
-    @property
-    def addr(self) -> tuple[str, int]: ...
-
-    @property
-    def host(self) -> str: ...
-
-    @property
-    def port(self) -> int: ...
-
-
-class Lease:
-    """One unit of a running sandbox's capacity, held for one in-flight request.
-
-    Give it back with `Activator.release` exactly once (a second release is ignored).
-    """
-
-    # Only `addr` is copied from the sandbox (the ingress's pool key); the rest is read from the
-    # sandbox, whose id, version and service never change. (The ingress's per-request unit is
-    # not a Lease: see `Activator.hold`.)
-    __slots__ = ("_released", "_sandbox", "addr")
-
-    def __init__(self, sandbox: _Sandbox) -> None:
-        self._sandbox = sandbox
-        self._released = False
-        self.addr = sandbox.addr  # (host, port): the ingress's key for its connection pools
-
-    @property
-    def host(self) -> str:
-        return self.addr[0]
-
-    @property
-    def port(self) -> int:
-        return self.addr[1]
-
-    @property
-    def sandbox_id(self) -> str:
-        return self._sandbox.id
-
-    @property
-    def version_id(self) -> str:
-        return self._sandbox.version_id
-
-    @property
-    def service(self) -> str:
-        return self._sandbox.service
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    @property
-    def alive(self) -> bool:
-        """False once its sandbox left RUNNING (the ingress should drop it)."""
-        return self._sandbox.state is RUNNING
-
-    def __repr__(self) -> str:
-        state = "released" if self._released else "held"
-        return (
-            f"<Lease {self.sandbox_id} {self.host}:{self.port} v={self.version_id} "
-            f"svc={self.service} {state}>"
-        )
-
-
-def _sandbox_of(lease: Lease | Held) -> _Sandbox:
-    """The sandbox behind a Lease, or a Held (the sandbox itself: see `Activator.hold`)."""
-    return lease._sandbox if isinstance(lease, Lease) else cast(_Sandbox, lease)
-
-
-class _Sandbox:
-    __slots__ = (
-        "addr",
-        "boot_task",
-        "error",
-        "exit_task",
-        "handle",
-        "host",
-        "id",
-        "in_use",
-        "last_used",
-        "limit",
-        "log_path",
-        "log_rotating",
-        "ordinal",
-        "persisted_activity",
-        "pid",
-        "pool",
-        "port",
-        "service",
-        "started_at",
-        "started_mono",
-        "state",
-        "stop_task",
-        "version_id",
-    )
-
-    def __init__(self, pool: _Pool, sid: str, ordinal: int, now: float, clock: Clock) -> None:
-        self.pool = pool
-        self.id = sid
-        self.version_id = pool.version.id
-        self.service = pool.service
-        self.ordinal = ordinal
-        self.state = PENDING
-        self.limit = pool.params.target  # (capacity.unit_limit: set by _set_limits)
-        self.in_use = 0
-        self.last_used = now
-        self.persisted_activity = now
-        self.started_mono = now
-        self.started_at = clock.now()
-        self.host = ""
-        self.port = 0
-        self.addr = ("", 0)  # (host, port), set with them
-        self.pid: int | None = None
-        self.handle: SandboxHandle | None = None
-        self.log_path: Path | None = None
-        self.log_rotating = False
-        self.boot_task: asyncio.Task[None] | None = None
-        self.exit_task: asyncio.Task[None] | None = None
-        self.stop_task: asyncio.Task[None] | None = None
-        self.error = ""
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}" if self.port else ""
-
-    def __repr__(self) -> str:
-        return (
-            f"<Sandbox {self.id} v={self.pool.version.id} svc={self.pool.service} "
-            f"{self.state.value} pid={self.pid} in_use={self.in_use}/{self.pool.params.target} "
-            f"url={self.url or '-'}>"
-        )
-
-
-class _Pool:
-    __slots__ = (
-        "crash",
-        "down",
-        "entity",
-        "finished",
-        "id",
-        "live",
-        "params",
-        "removed",
-        "running",
-        "service",
-        "version",
-        "waiters",
-    )
-
-    def __init__(
-        self, version: AppVersion, service: str, entity: SandboxPool, crash: CrashState
-    ) -> None:
-        self.id = entity.id
-        self.version = version
-        self.service = service
-        self.params = PoolParams.for_version(version, service)
-        self.entity = entity
-        self.live: list[_Sandbox] = []  # pending + running, in start order
-        self.running: list[_Sandbox] = []  # the RUNNING subset, in boot order
-        self.down: list[_Sandbox] = []  # the DOWN subset (upstreams being re-probed)
-        self.finished: deque[_Sandbox] = deque()  # ended, newest last
-        self.waiters: deque[asyncio.Future[Lease]] = deque()
-        self.crash = crash
-        self.removed = False
-
-    @property
-    def pending(self) -> int:
-        """Sandboxes booting now."""
-        return len(self.live) - len(self.running) - len(self.down)
-
-    def __repr__(self) -> str:
-        return (
-            f"<Pool v={self.version.id} svc={self.service} desired={len(self.live)} "
-            f"ready={len(self.running)} waiters={len(self.waiters)}>"
-        )
-
-
-@attrs.frozen
-class SandboxInfo:
-    id: str
-    state: SandboxStatus
-    in_use: int
-    target: int
-    pid: int | None
-    url: str
-
-
-@attrs.frozen
-class PoolSnapshot:
-    """A point-in-time view of one pool (admin debug output, test oracle)."""
-
-    pool_id: str
-    desired: int
-    ready: int
-    pending: int
-    waiters: int
-    crash_count: int
-    backoff_remaining: float
-    sandboxes: tuple[SandboxInfo, ...]  # live ones, then ended ones
-
-    @property
-    def in_use(self) -> int:
-        return sum(s.in_use for s in self.sandboxes)
 
 
 class Activator:
@@ -375,21 +130,25 @@ class Activator:
     ) -> None:
         self._store = store
         self._config = config or ActivatorConfig()
-        self._runtimes: Mapping[Runtime, SandboxRuntime] = runtimes or {
-            Runtime.PROCESS: ProcessRuntime(),
-            Runtime.UPSTREAM: UpstreamRuntime(),
-        }
         self._clock = clock or SystemClock()
         self._mono = self._clock.monotonic
         self.metrics = ActivatorMetrics(registry)
-        self._writer = StateWriter(store)
-        self._pools: dict[tuple[str, str], _Pool] = {}
-        # hold(): the sandbox found last per version id; running ones only (see _set_state).
-        self.warm: dict[str, _Sandbox] = {}
-        self._creating: dict[tuple[str, str], asyncio.Future[_Pool]] = {}
-        self._sandboxes: dict[str, _Sandbox] = {}  # live and retained ended ones
+        self._recorder = Recorder(store, node=self._config.node, clock=self._clock)
+        self._supervisor = Supervisor(
+            runtimes=runtimes
+            or {Runtime.PROCESS: ProcessRuntime(), Runtime.UPSTREAM: UpstreamRuntime()},
+            config=self._config,
+            clock=self._clock,
+            metrics=self.metrics,
+            recorder=self._recorder,
+            reconcile=self._reconcile,
+            left_running=self._left_running,
+        )
+        self._pools: dict[tuple[str, str], PoolRecord] = {}
+        # hold(): the sandbox found last per version id; running ones only (_left_running).
+        self.warm: dict[str, SandboxRecord] = {}
+        self._creating: dict[tuple[str, str], asyncio.Future[PoolRecord]] = {}
         self._subscribers: list[InvalidationCallback] = []
-        self._tasks: set[asyncio.Task[Any]] = set()
         self._creators: set[asyncio.Task[Any]] = set()  # pool creations in flight
         self._sweeper: asyncio.Task[None] | None = None
         self._started = False
@@ -414,13 +173,13 @@ class Activator:
         if self._started:
             return
         self._started = True
-        for runtime in self._runtimes.values():
-            prepare = getattr(runtime, "prepare", None)
-            if prepare is not None:
-                await prepare()  # e.g. the process runtime picks its launcher once, now
-        self._writer.start()
-        self._sweeper = self._spawn(self._sweep_loop(), "miren-activator-sweep")
-        self._spawn(self._forget_stale_sandboxes(), "miren-activator-recover")
+        await self._supervisor.prepare()  # e.g. the process runtime picks its launcher, now
+        self._recorder.start()
+        self._sweeper = self._supervisor.spawn(self._sweep_loop(), "miren-activator-sweep")
+        self._supervisor.spawn(
+            self._recorder.forget_stale(lambda sid: self._supervisor.get(sid) is not None),
+            "miren-activator-recover",
+        )
 
     async def close(self, grace: float | None = None) -> None:
         """Fail waiters, stop every sandbox (SIGTERM, SIGKILL after `grace`), await all tasks."""
@@ -428,31 +187,17 @@ class Activator:
             return
         self._closed = True
         grace = self._config.stop_grace if grace is None else grace
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + grace + 5.0
         if self._sweeper is not None:
             self._sweeper.cancel()
         for task in self._creators:
             task.cancel()  # their callers get ActivatorClosed
         closed = ActivatorClosed("the activator is shutting down")
-        for pool in list(self._pools.values()):
-            self._fail_waiters(pool, closed)
-            for sb in list(pool.live):
-                self._request_stop(sb, grace)
+        for pool in self._pools.values():
+            pool.fail_waiters(closed)
         self._pools.clear()
         self.warm.clear()
-        # Stops end within the grace (SIGKILL then); a boot still spawning stops its sandbox
-        # as soon as the spawn returns, which may add a stop task: wait until none is left.
-        while pending := [t for t in self._tasks if not t.done()]:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                break
-            await asyncio.wait(pending, timeout=remaining)
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.wait(list(self._tasks))
-        await self._writer.close(self._config.store_flush_timeout)
+        await self._supervisor.close(grace)
+        await self._recorder.close(self._config.store_flush_timeout)
 
     async def __aenter__(self) -> Activator:
         await self.start()
@@ -475,15 +220,21 @@ class Activator:
 
         return unsubscribe
 
-    # -- the warm path (no await) ----------------------------------------------------------------
+    def _left_running(self, sb: SandboxRecord) -> None:
+        """The supervisor's news that `sb` left RUNNING (synchronously, as it happens)."""
+        if self.warm.get(sb.version_id) is sb:
+            del self.warm[sb.version_id]  # (hold() trusts that it only holds running ones)
+        for callback in list(self._subscribers):
+            try:
+                callback(sb.id)
+            except Exception:
+                log.exception("invalidation callback %r failed", callback)
 
-    # `last_used` matters only while a sandbox holds no lease (the idle policy never stops one
-    # that does): it is set when the last lease is given back, so a busy sandbox costs no clock
-    # read per request; the sweep refreshes it on busy sandboxes for `last_activity`.
+    # -- the warm path (no await; see SandboxRecord.last_used for why no clock is read) -------
 
     def try_acquire(self, version_id: str, service: str = WEB) -> Lease | None:
         """A lease on a running sandbox with spare capacity, or None (then call `acquire`)."""
-        sb = self._take(_Ref(version_id, service))
+        sb = self._take(Ref(version_id, service))
         return None if sb is None else Lease(sb)
 
     def hold(self, ref: VersionRef) -> Held | None:
@@ -508,7 +259,7 @@ class Activator:
             self.warm[ref.version] = sb
         return sb
 
-    def _take(self, ref: VersionRef) -> _Sandbox | None:
+    def _take(self, ref: VersionRef) -> SandboxRecord | None:
         """One unit of work on the sandbox `capacity.pick` chooses, unless anyone waits; a unit
         past the target on every sandbox asks for one more sandbox."""
         pool = self._pools.get((ref.version, ref.service))
@@ -523,7 +274,7 @@ class Activator:
             self._scale_up(pool)
         return sb
 
-    def _scale_up(self, pool: _Pool) -> None:
+    def _scale_up(self, pool: PoolRecord) -> None:
         """Every running sandbox is past the target: start one more if the policy says so."""
         if pool.pending or len(pool.live) >= pool.params.max_instances or self._closed:
             return  # (the common case under load, decided without the policy call)
@@ -536,18 +287,18 @@ class Activator:
             saturated=True,
         )
         for _ in range(n):
-            self._start_sandbox(pool)
+            self._supervisor.start(pool)
 
     def release(self, lease: Lease | Held) -> None:
         """Give a lease's capacity back (hands it to the next waiter, if any); a `Held` from
         `hold` too."""
         if isinstance(lease, Lease):
-            if lease._released:
+            if lease.released:
                 return
-            lease._released = True
-            sb = lease._sandbox
+            lease.released = True
+            sb = lease.record
         else:
-            sb = lease  # type: ignore[assignment]  # (a Held is its _Sandbox: see hold)
+            sb = lease  # type: ignore[assignment]  # (a Held is its SandboxRecord: see hold)
         sb.in_use -= 1
         if not sb.in_use:
             sb.last_used = self._mono()
@@ -561,23 +312,13 @@ class Activator:
         the next acquire starts another); an upstream instance is DOWN and re-probed with
         back-off until it answers (nothing could restart it)."""
         self.release(lease)
-        sb = _sandbox_of(lease)
-        if sb.state is not RUNNING:
-            return
-        if getattr(sb.handle, "static", False):  # an upstream: down until it answers again
-            self._unreachable(sb, "refused or timed out a connection")
-            return
-        sb.error = "refused connections"
-        self._set_state(sb, SandboxEvent.EXITED)
-        if sb.handle is not None and sb.stop_task is None:
-            sb.stop_task = self._spawn(self._stop_handle(sb, 0.0), f"stop {sb.id}")
-        self._died(sb, None)
+        self._supervisor.refused(sandbox_of(lease))
 
     def touch(self, lease: Lease) -> bool:
         """Mark activity on a held lease; False when its sandbox is no longer running."""
-        sb = lease._sandbox
+        sb = lease.record
         sb.last_used = self._mono()
-        return sb.state is RUNNING and not lease._released
+        return sb.state is RUNNING and not lease.released
 
     # -- the miss path ---------------------------------------------------------------------------
 
@@ -596,13 +337,15 @@ class Activator:
             pool = await self._pool_for(version, service)
         return await self._wait(pool)
 
-    async def _pool_for(self, version: AppVersion, service: str) -> _Pool:
+    async def _pool_for(self, version: AppVersion, service: str) -> PoolRecord:
         key = (version.id, service)
         fut = self._creating.get(key)
         if fut is None:
             fut = asyncio.get_running_loop().create_future()
             self._creating[key] = fut
-            task = self._spawn(self._create_pool(key, version, service, fut), f"pool {key}")
+            task = self._supervisor.spawn(
+                self._create_pool(key, version, service, fut), f"pool {key}"
+            )
             self._creators.add(task)
             task.add_done_callback(self._creators.discard)
         # shield: a caller that goes away does not cancel the creation others wait on.
@@ -613,7 +356,7 @@ class Activator:
         key: tuple[str, str],
         version: AppVersion,
         service: str,
-        fut: asyncio.Future[_Pool],
+        fut: asyncio.Future[PoolRecord],
     ) -> None:
         try:
             pool = await self._load_or_create_pool(version, service)
@@ -646,14 +389,14 @@ class Activator:
             in_backoff=pool.crash.remaining(self._mono()) > 0,
         )
         for _ in range(n):
-            self._start_sandbox(pool)
+            self._supervisor.start(pool)
         fut.set_result(pool)
 
-    async def _load_or_create_pool(self, version: AppVersion, service: str) -> _Pool:
+    async def _load_or_create_pool(self, version: AppVersion, service: str) -> PoolRecord:
         problems = version.spec.problems()
         if problems:
             raise BootFailed(f"version {version.id} cannot run: {'; '.join(problems)}")
-        if version.spec.runtime not in self._runtimes:
+        if not self._supervisor.has_runtime(version.spec.runtime):
             raise BootFailed(f"no runtime {version.spec.runtime.value!r} on this node")
         if version.revision > 0:
             # A version read from the store: make sure it was not deleted meanwhile (a request
@@ -662,57 +405,23 @@ class Activator:
                 await self._store.get(AppVersion, version.id)
             except NotFound:
                 raise VersionRemoved(f"version {version.id} no longer exists") from None
-        pid = pool_id_for(version.id, service)
-        params = PoolParams.for_version(version, service)
-        fresh = SandboxPool(
-            id=pid,
-            app=version.app,
-            service=service,
-            spec=version.spec,
-            ephemeral=version.is_ephemeral,
-            referenced_by_versions=(version.id,),
-            desired_instances=params.min_instances,
-            owner=self._config.node,
-            created_at=self._clock.now(),
-        )
-        stored: SandboxPool | None = None
-        for _ in range(3):
-            try:
-                stored = await self._store.create(fresh)
-                self.metrics.pool_creations.inc()
-                log.info("created pool %s", pid)
-                break
-            except Conflict:
-                pass  # someone (maybe another node) created it first: use theirs
-            try:
-                stored = await self._store.get(SandboxPool, pid)
-                break
-            except NotFound:
-                continue  # deleted between our create and get: try again
-        if stored is None:
-            raise PoolCreationFailed(f"pool {pid} keeps disappearing (deleted concurrently)")
-        self._writer.know(stored)
-        return _Pool(version, service, stored, self._crash_from_entity(stored))
+        fresh = new_pool_entity(version, service, node=self._config.node, clock=self._clock)
+        stored, created = await self._recorder.create_pool(fresh)
+        if created:
+            self.metrics.pool_creations.inc()
+            log.info("created pool %s", stored.id)
+        return PoolRecord(version, service, stored, crash_from_entity(stored, self._clock))
 
-    def _crash_from_entity(self, entity: SandboxPool) -> CrashState:
-        # A restarted node honours a back-off recorded before it went down.
-        until = None
-        if entity.cooldown_until is not None:
-            left = (entity.cooldown_until - self._clock.now()).total_seconds()
-            if left > 0:
-                until = self._mono() + left
-        return CrashState(consecutive=entity.consecutive_crashes, cooldown_until=until)
-
-    async def _wait(self, pool: _Pool) -> Lease:
+    async def _wait(self, pool: PoolRecord) -> Lease:
         if pool.removed:
             raise VersionRemoved(f"version {pool.version.id} was removed")
         if self._closed:
             raise ActivatorClosed("the activator is shutting down")
         backoff = pool.crash.remaining(self._mono())
         if backoff > 0 and not pool.running and not pool.pending:
-            raise self._backoff_error(pool, backoff)
-        if self._all_down(pool):
-            raise self._down_error(pool)
+            raise pool.backoff_error(backoff)
+        if pool.all_down():
+            raise pool.down_error()
         if len(pool.waiters) >= self._config.max_waiters:
             raise Overloaded(
                 f"{len(pool.waiters)} requests already wait for {pool.version.id}/{pool.service}"
@@ -745,37 +454,9 @@ class Activator:
                     pool.waiters.remove(fut)
             self.metrics.waiters.dec()
 
-    @staticmethod
-    def _all_down(pool: _Pool) -> bool:
-        """Nothing of the pool can serve or is booting, and no other instance may start: every
-        one of its upstream instances is down."""
-        return (
-            bool(pool.down)
-            and not pool.running
-            and not pool.pending
-            and len(pool.live) >= pool.params.max_instances
-        )
-
-    @staticmethod
-    def _down_error(pool: _Pool) -> Unreachable:
-        sb = pool.down[-1]
-        return Unreachable(
-            f"{pool.version.id}/{pool.service}: no instance answers ({sb.url}: {sb.error}); "
-            "re-probing",
-            sandbox_id=sb.id,
-        )
-
-    def _backoff_error(self, pool: _Pool, remaining: float) -> CrashBackoff:
-        return CrashBackoff(
-            f"{pool.version.id}/{pool.service} crashed {pool.crash.consecutive} time(s) in a row "
-            f"shortly after starting; retrying in {remaining:.0f}s",
-            retry_after=remaining,
-            sandbox_id=pool.finished[-1].id if pool.finished else None,
-        )
-
     # -- the bookkeeping step --------------------------------------------------------------------
 
-    def _reconcile(self, pool: _Pool) -> None:
+    def _reconcile(self, pool: PoolRecord) -> None:
         """Hand out capacity, then start sandboxes or fail waiters as the policy says."""
         if self._closed or pool.removed:
             return
@@ -787,7 +468,7 @@ class Activator:
             return
         backoff = pool.crash.remaining(self._mono())
         if waiting and backoff > 0 and not pool.running and not pool.pending:
-            self._fail_waiters(pool, self._backoff_error(pool, backoff))
+            pool.fail_waiters(pool.backoff_error(backoff))
             return
         n = sandboxes_to_start(
             waiting=waiting,
@@ -798,9 +479,9 @@ class Activator:
             saturated=bool(pool.running) and saturated(pool.running, pool.params.target),
         )
         for _ in range(n):
-            self._start_sandbox(pool)
+            self._supervisor.start(pool)
 
-    def _grant(self, pool: _Pool) -> None:
+    def _grant(self, pool: PoolRecord) -> None:
         """Give queued waiters, in order, units of work on the sandboxes `capacity.pick`
         chooses (every waiter, when there is no hard cap and a sandbox runs)."""
         waiters = pool.waiters
@@ -817,267 +498,6 @@ class Activator:
             sb.in_use += 1
             sb.last_used = self._mono()
             fut.set_result(Lease(sb))
-
-    def _fail_waiters(self, pool: _Pool, err: BaseException) -> None:
-        while pool.waiters:
-            fut = pool.waiters.popleft()
-            if not fut.done():
-                fut.set_exception(err)
-
-    # -- sandboxes ---------------------------------------------------------------------------------
-
-    def _start_sandbox(self, pool: _Pool) -> None:
-        used = {sb.ordinal for sb in pool.live}
-        ordinal = next(i for i in range(len(used) + 1) if i not in used)
-        sb = _Sandbox(pool, new_id("sb"), ordinal, self._mono(), self._clock)
-        if self._config.log_dir is not None:
-            sb.log_path = self._config.log_dir / f"{sb.id}.log"
-        pool.live.append(sb)
-        self._set_limits(pool)
-        self._sandboxes[sb.id] = sb
-        self.metrics.cold_starts.labels(app=pool.version.app).inc()
-        self.metrics.sandbox_state(None, PENDING)
-        self._persist_sandbox(sb)
-        self._persist_pool(pool)
-        log.info("starting %r", sb)
-        sb.boot_task = self._spawn(self._boot(sb), f"boot {sb.id}")
-
-    async def _boot(self, sb: _Sandbox) -> None:
-        pool = sb.pool
-        loop = asyncio.get_running_loop()
-        t0 = loop.time()
-        runtime = self._runtimes[pool.version.spec.runtime]
-        spec = SandboxSpec(
-            sandbox_id=sb.id,
-            app=pool.version.app,
-            version_id=pool.version.id,
-            ephemeral_label=pool.version.ephemeral_label,
-            service=pool.service,
-            spec=pool.version.spec,
-            ordinal=sb.ordinal,
-            log_path=sb.log_path,
-        )
-        try:
-            handle = await runtime.start(spec)
-        except BootFailed as exc:
-            self._boot_failed(sb, exc)
-            return
-        except Exception as exc:
-            log.exception("runtime failed to start %s", sb.id)
-            self._boot_failed(sb, BootFailed(f"cannot start sandbox: {exc}", sandbox_id=sb.id))
-            return
-        sb.handle = handle
-        sb.host, sb.port, sb.pid = handle.host, handle.port, handle.pid
-        sb.addr = (sb.host, sb.port)
-        if sb.state is not PENDING:
-            # Stopped while spawning (close, version removed): it must not outlive that.
-            sb.stop_task = self._spawn(self._stop_handle(sb, 0.0), f"stop {sb.id}")
-            return
-        self._persist_sandbox(sb)
-        sb.exit_task = self._spawn(self._watch_exit(sb), f"exit {sb.id}")
-        try:
-            async with asyncio.timeout_at(t0 + pool.params.boot_timeout):
-                await handle.wait_ready()
-        except TimeoutError:
-            self._boot_failed(
-                sb,
-                ActivationTimeout(
-                    f"sandbox {sb.id} of {pool.version.id} was not healthy within "
-                    f"{pool.params.boot_timeout:g}s",
-                    sandbox_id=sb.id,
-                ),
-            )
-            sb.stop_task = self._spawn(self._stop_handle(sb, 1.0), f"stop {sb.id}")
-            return
-        except Unreachable as exc:
-            self._unreachable(sb, str(exc))
-            return
-        except BootFailed:
-            return  # the process ended: the exit watcher reports it
-        self._booted(sb, loop.time() - t0)
-
-    def _unreachable(self, sb: _Sandbox, why: str) -> None:
-        """An upstream instance does not answer (at boot, or a refused connection later): DOWN,
-        its waiters fail at once when nothing else can serve them, and it is re-probed."""
-        prev = sb.state
-        sb.error = why
-        self._set_state(sb, SandboxEvent.UNREACHABLE)
-        if sb.state is not DOWN or prev is DOWN:
-            return
-        pool = sb.pool
-        log.warning("%r is down (%s): re-probing", sb, why)
-        if self._all_down(pool):
-            self._fail_waiters(pool, self._down_error(pool))
-        else:
-            self._reconcile(pool)  # another instance (the next URL) may serve the waiters
-        self._spawn(self._reprobe(sb), f"reprobe {sb.id}")
-
-    async def _reprobe(self, sb: _Sandbox) -> None:
-        """Probe a DOWN instance with back-off until it answers, then it serves again."""
-        delay = REPROBE_FIRST
-        check = getattr(sb.handle, "check", None)
-        while check is not None:
-            await asyncio.sleep(delay)
-            if sb.state is not DOWN or self._closed:
-                return
-            if await check():
-                if sb.state is DOWN:
-                    log.info("%r answers again", sb)
-                    self._set_state(sb, SandboxEvent.BOOTED)
-                    sb.last_used = self._mono()
-                    self._reconcile(sb.pool)
-                return
-            delay = min(delay * 2, REPROBE_MAX)
-
-    async def _watch_exit(self, sb: _Sandbox) -> None:
-        assert sb.handle is not None
-        rc = await sb.handle.wait_exit()
-        self._exited(sb, rc)
-
-    async def _stop_handle(self, sb: _Sandbox, grace: float) -> None:
-        if sb.handle is not None:
-            await sb.handle.stop(grace)
-
-    def _set_state(self, sb: _Sandbox, event: SandboxEvent) -> SandboxStatus:
-        """Apply `event`; returns the previous state (the table decides the new one)."""
-        prev = sb.state
-        new = transition(prev, event)
-        if new is prev:
-            return prev
-        sb.state = new
-        self.metrics.sandbox_state(prev, new)
-        pool = sb.pool
-        if prev is RUNNING:
-            pool.running.remove(sb)
-            if self.warm.get(sb.version_id) is sb:
-                del self.warm[sb.version_id]  # (hold() trusts that it only holds running ones)
-            self._invalidate(sb.id)
-        if new is RUNNING:
-            pool.running.append(sb)
-        if prev is DOWN:
-            pool.down.remove(sb)
-        if new is DOWN:
-            pool.down.append(sb)
-        if new in FINAL:
-            pool.live.remove(sb)
-            self._retain(pool, sb)
-            boot = sb.boot_task
-            if (
-                boot is not None
-                and not boot.done()
-                and sb.handle is not None  # never cancelled mid-spawn: it would leak the child
-                and boot is not asyncio.current_task()
-            ):
-                boot.cancel()  # it is waiting for the health check
-            self._persist_pool(pool)
-        if prev is RUNNING or new is RUNNING or new in FINAL:
-            self._set_limits(pool)
-        self._persist_sandbox(sb)
-        return prev
-
-    @staticmethod
-    def _set_limits(pool: _Pool) -> None:
-        """Every running sandbox's `limit` after the pool's running or live count changed."""
-        params = pool.params
-        limit = unit_limit(
-            target=params.target,
-            cap=params.hard_cap,
-            running=len(pool.running),
-            live=len(pool.live),
-            max_instances=params.max_instances,
-        )
-        for sb in pool.running:
-            sb.limit = limit
-
-    def _booted(self, sb: _Sandbox, duration: float) -> None:
-        if sb.state is not PENDING:
-            return
-        self._set_state(sb, SandboxEvent.BOOTED)
-        sb.last_used = self._mono()
-        self.metrics.cold_start_duration.observe(duration)
-        log.info("%r ready after %.3fs", sb, duration)
-        self._reconcile(sb.pool)
-
-    def _boot_failed(self, sb: _Sandbox, err: ActivatorError) -> None:
-        if sb.state is not PENDING:
-            return
-        sb.error = str(err)
-        self._set_state(sb, SandboxEvent.BOOT_FAILED)
-        self._died(sb, err)
-
-    def _exited(self, sb: _Sandbox, rc: int | None) -> None:
-        prev = sb.state
-        if prev in FINAL:
-            return  # we stopped it, or its boot had already failed
-        sb.error = f"exited with status {rc}"
-        self._set_state(sb, SandboxEvent.EXITED)
-        err = None
-        if prev is PENDING:
-            err = BootFailed(
-                f"sandbox {sb.id} of {sb.pool.version.id} exited with status {rc} while booting",
-                sandbox_id=sb.id,
-            )
-        self._died(sb, err)
-
-    def _died(self, sb: _Sandbox, boot_error: ActivatorError | None) -> None:
-        pool = sb.pool
-        now = self._mono()
-        uptime = now - sb.started_mono
-        pool.crash = after_death(pool.crash, uptime=uptime, now=now, policy=self._config.crash)
-        tail = ""
-        if sb.log_path is not None:
-            with contextlib.suppress(OSError):
-                tail = read_tail(sb.log_path, 1024) or ""
-        log.warning(
-            "%r died after %.2fs (%s); crash count %d%s",
-            sb,
-            uptime,
-            sb.error,
-            pool.crash.consecutive,
-            f"; log tail:\n{tail}" if tail else "",
-        )
-        if boot_error is not None and pool.pending == 0:
-            # Nothing else is booting: the callers waiting for this boot fail now, not at
-            # their timeout.
-            self._fail_waiters(pool, boot_error)
-        self._persist_pool(pool)
-        self._reconcile(pool)
-
-    def _request_stop(self, sb: _Sandbox, grace: float) -> asyncio.Task[None] | None:
-        prev = self._set_state(sb, SandboxEvent.STOP_REQUESTED)
-        if prev in FINAL:
-            return sb.stop_task
-        pool = sb.pool
-        pool.crash = after_clean_stop(
-            pool.crash, uptime=self._mono() - sb.started_mono, policy=self._config.crash
-        )
-        log.info("stopping %r", sb)
-        if sb.handle is not None:
-            sb.stop_task = self._spawn(self._stop_handle(sb, grace), f"stop {sb.id}")
-        # else: still spawning; its boot task stops it as soon as the spawn returns
-        return sb.stop_task if sb.stop_task is not None else sb.boot_task
-
-    def _retain(self, pool: _Pool, sb: _Sandbox) -> None:
-        pool.finished.append(sb)
-        while len(pool.finished) > self._config.history:
-            self._purge(pool.finished.popleft())
-
-    def _purge(self, sb: _Sandbox) -> None:
-        """Forget an ended sandbox: memory, store entity, log file."""
-        self._sandboxes.pop(sb.id, None)
-        self.metrics.sandbox_state(sb.state, None)
-        self._writer.delete(Sandbox, sb.id)
-        if sb.log_path is not None:
-            for path in (sb.log_path, rotated_path(sb.log_path)):
-                with contextlib.suppress(OSError):
-                    path.unlink()
-
-    def _invalidate(self, sandbox_id: str) -> None:
-        for callback in list(self._subscribers):
-            try:
-                callback(sandbox_id)
-            except Exception:
-                log.exception("invalidation callback %r failed", callback)
 
     # -- idle scale-down -------------------------------------------------------------------------
 
@@ -1099,36 +519,21 @@ class Activator:
                 params=pool.params,
             )
             for sid in victims:
-                sb = self._sandboxes[sid]
+                sb = self._supervisor.get(sid)
+                assert sb is not None  # (a running sandbox of the pool)
                 log.info("%r idle for %.1fs: stopping", sb, now - sb.last_used)
-                self._request_stop(sb, self._config.stop_grace)
+                self._supervisor.request_stop(sb, self._config.stop_grace)
                 stopped += 1
             for sb in pool.running:
-                self._check_log(sb)
+                self._supervisor.check_log(sb)
                 if sb.in_use:
                     sb.last_used = now  # busy now (leases do not read the clock)
                 if sb.last_used - sb.persisted_activity >= self._config.activity_persist_interval:
                     sb.persisted_activity = sb.last_used
-                    self._persist_sandbox(sb)
+                    self._recorder.sandbox(sb)
             if len(pool.live) < pool.params.min_instances:
                 self._reconcile(pool)
         return stopped
-
-    def _check_log(self, sb: _Sandbox) -> None:
-        """Rotate a sandbox's log once it is past the cap (see miren_activator.logs)."""
-        path = sb.log_path
-        if path is None or sb.log_rotating or not over_cap(path, self._config.log_max_bytes):
-            return
-        sb.log_rotating = True
-        self._spawn(self._rotate_log(sb, path), f"miren-log-rotate-{sb.id}")
-
-    async def _rotate_log(self, sb: _Sandbox, path: Path) -> None:
-        try:
-            await asyncio.to_thread(rotate, path)
-        except OSError as exc:
-            log.warning("%r: cannot rotate its log %s: %s", sb, path, exc)
-        finally:
-            sb.log_rotating = False
 
     async def _sweep_loop(self) -> None:
         while True:
@@ -1150,85 +555,25 @@ class Activator:
         for key in [k for k in self._pools if k[0] == version_id]:
             pool = self._pools.pop(key)
             pool.removed = True
-            self._fail_waiters(pool, VersionRemoved(f"version {version_id} was removed"))
+            pool.fail_waiters(VersionRemoved(f"version {version_id} was removed"))
             for sb in list(pool.live):
-                task = self._request_stop(sb, self._config.stop_grace)
+                task = self._supervisor.request_stop(sb, self._config.stop_grace)
                 if task is not None:
                     stops.append(task)
-            for sb in list(pool.finished):
-                self._purge(sb)
-            pool.finished.clear()
+            self._supervisor.purge_finished(pool)
         if stops:
             await asyncio.wait(stops)
 
-    # -- store records ---------------------------------------------------------------------------
-
-    def _persist_sandbox(self, sb: _Sandbox) -> None:
-        if sb.id not in self._sandboxes:
-            return
-        entity = self._sandbox_entity(sb)
-        self._writer.put(Sandbox, sb.id, lambda _cur: entity)
-
-    def _persist_pool(self, pool: _Pool) -> None:
-        if pool.removed:
-            return
-        desired = len(pool.live)
-        crash = pool.crash
-        cooldown = None
-        if crash.cooldown_until is not None and crash.remaining(self._mono()) > 0:
-            cooldown = wall_of(self._clock, crash.cooldown_until)
-        last_crash = pool.entity.last_crash_at
-        if crash.consecutive > pool.entity.consecutive_crashes:
-            last_crash = self._clock.now()
-
-        def build(cur: SandboxPool | None) -> SandboxPool:
-            base = cur if cur is not None else pool.entity
-            return attrs.evolve(
-                base,
-                desired_instances=desired,
-                consecutive_crashes=crash.consecutive,
-                last_crash_at=last_crash,
-                cooldown_until=cooldown,
-            )
-
-        pool.entity = build(pool.entity)
-        self._writer.put(SandboxPool, pool.id, build)
-
-    def _sandbox_entity(self, sb: _Sandbox) -> Sandbox:
-        return Sandbox(
-            id=sb.id,
-            pool=sb.pool.id,
-            app=sb.pool.version.app,
-            version=sb.pool.version.id,
-            node=self._config.node,
-            status=sb.state,
-            url=sb.url,
-            pid=sb.pid,
-            started_at=sb.started_at,
-            last_activity=wall_of(self._clock, sb.last_used),
-        )
-
     async def flush(self, timeout: float | None = None) -> bool:
         """Wait until every state change so far is written to the store (tests, shutdown)."""
-        return await self._writer.flush(timeout)
-
-    async def _forget_stale_sandboxes(self) -> None:
-        # Sandboxes this node recorded before a restart died with it (PR_SET_PDEATHSIG).
-        try:
-            stale = [s for s in await self._store.list(Sandbox) if s.node == self._config.node]
-        except StoreError as exc:
-            log.warning("could not list stale sandboxes: %s", exc)
-            return
-        for s in stale:
-            if s.id not in self._sandboxes:
-                self._writer.delete(Sandbox, s.id)
+        return await self._recorder.flush(timeout)
 
     # -- introspection (admin API, logs, tests) --------------------------------------------------
 
     def sandboxes(self, app: str | None = None) -> list[Sandbox]:
         """Sandbox records (live, then recently ended) of `app`'s pools on this node."""
         return [
-            self._sandbox_entity(sb)
+            self._recorder.sandbox_entity(sb)
             for pool in self._pools.values()
             if app is None or pool.version.app == app
             for sb in (*pool.live, *pool.finished)
@@ -1236,7 +581,7 @@ class Activator:
 
     def log_path(self, sandbox_id: str) -> Path | None:
         """The log file of a live or recently ended sandbox (None when unknown or not logged)."""
-        sb = self._sandboxes.get(sandbox_id)
+        sb = self._supervisor.get(sandbox_id)
         return sb.log_path if sb is not None else None
 
     def tail_log(
@@ -1255,21 +600,7 @@ class Activator:
 
     def snapshot(self, version_id: str, service: str = WEB) -> PoolSnapshot | None:
         pool = self._pools.get((version_id, service))
-        if pool is None:
-            return None
-        return PoolSnapshot(
-            pool_id=pool.id,
-            desired=len(pool.live),
-            ready=len(pool.running),
-            pending=pool.pending,
-            waiters=sum(1 for f in pool.waiters if not f.done()),
-            crash_count=pool.crash.consecutive,
-            backoff_remaining=pool.crash.remaining(self._mono()),
-            sandboxes=tuple(
-                SandboxInfo(sb.id, sb.state, sb.in_use, pool.params.target, sb.pid, sb.url)
-                for sb in (*pool.live, *pool.finished)
-            ),
-        )
+        return None if pool is None else pool.snapshot(self._mono())
 
     def describe(self) -> list[str]:
         """One line per pool and per sandbox (reprs), for logs and the admin debug output."""
@@ -1282,16 +613,3 @@ class Activator:
     def pools(self) -> Iterable[tuple[str, str]]:
         """(version id, service) of every loaded pool."""
         return list(self._pools)
-
-    # -- tasks -------------------------------------------------------------------------------------
-
-    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
-        task = asyncio.get_running_loop().create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("activator task %s failed", task.get_name(), exc_info=task.exception())
