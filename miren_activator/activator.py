@@ -66,7 +66,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Final
 
@@ -113,8 +113,6 @@ log = logging.getLogger("miren.activator")
 
 RUNNING: Final = SandboxStatus.RUNNING
 
-InvalidationCallback = Callable[[str], None]
-
 
 class Activator:
     """See the module docstring. Create, `await start()`, use, `await close()`."""
@@ -148,7 +146,6 @@ class Activator:
         # hold(): the sandbox found last per version id; running ones only (_left_running).
         self.warm: dict[str, SandboxRecord] = {}
         self._creating: dict[tuple[str, str], asyncio.Future[PoolRecord]] = {}
-        self._subscribers: list[InvalidationCallback] = []
         self._creators: set[asyncio.Task[Any]] = set()  # pool creations in flight
         self._sweeper: asyncio.Task[None] | None = None
         self._started = False
@@ -206,29 +203,10 @@ class Activator:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    def subscribe(self, callback: InvalidationCallback) -> Callable[[], None]:
-        """Call `callback(sandbox_id)` synchronously whenever a sandbox leaves RUNNING.
-
-        Returns a function that unsubscribes. A callback must not raise (it is logged if it does)
-        and must not block.
-        """
-        self._subscribers.append(callback)
-
-        def unsubscribe() -> None:
-            with contextlib.suppress(ValueError):
-                self._subscribers.remove(callback)
-
-        return unsubscribe
-
     def _left_running(self, sb: SandboxRecord) -> None:
         """The supervisor's news that `sb` left RUNNING (synchronously, as it happens)."""
         if self.warm.get(sb.version_id) is sb:
             del self.warm[sb.version_id]  # (hold() trusts that it only holds running ones)
-        for callback in list(self._subscribers):
-            try:
-                callback(sb.id)
-            except Exception:
-                log.exception("invalidation callback %r failed", callback)
 
     # -- the warm path (no await; see SandboxRecord.last_used for why no clock is read) -------
 
@@ -601,14 +579,6 @@ class Activator:
     def snapshot(self, version_id: str, service: str = WEB) -> PoolSnapshot | None:
         pool = self._pools.get((version_id, service))
         return None if pool is None else pool.snapshot(self._mono())
-
-    def describe(self) -> list[str]:
-        """One line per pool and per sandbox (reprs), for logs and the admin debug output."""
-        lines = [repr(self)]
-        for pool in self._pools.values():
-            lines.append("  " + repr(pool))
-            lines.extend("    " + repr(sb) for sb in (*pool.live, *pool.finished))
-        return lines
 
     def pools(self) -> Iterable[tuple[str, str]]:
         """(version id, service) of every loaded pool."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 from pathlib import Path
@@ -224,19 +225,30 @@ async def test_warm_path_with_a_hard_cap_takes_exactly_the_cap(
     assert not act.touch(first)  # released: good for nothing any more
 
 
-async def test_reprs_are_one_line(make_activator: ActivatorFactory) -> None:
+async def test_reprs_are_one_line(
+    make_activator: ActivatorFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The reprs as the logs show them (the pool's own: tests/activator/test_pools.py)."""
+    caplog.set_level(logging.INFO, logger="miren.activator")
     act = await make_activator()
     lease = await act.acquire(make_version("app-v3"))
-    lines = act.describe()
-    assert lines[1] == "  <Pool v=app-v3 svc=web desired=1 ready=1 waiters=0>"
-    assert lines[2].startswith(f"    <Sandbox {lease.sandbox_id} v=app-v3 svc=web running pid=")
-    assert lines[2].endswith(f"in_use=1/10 url={lease.url}>")
+    pid = pid_of(act, lease)
+    logged = caplog.text  # (formatted as each record was emitted)
+    assert (
+        f"starting <Sandbox {lease.sandbox_id} v=app-v3 svc=web pending pid=None in_use=0/10 "
+        "url=->\n"
+    ) in logged
+    assert (
+        f" <Sandbox {lease.sandbox_id} v=app-v3 svc=web running pid={pid} in_use=0/10 "
+        f"url={lease.url}> ready after "
+    ) in logged
     assert repr(lease) == (
         f"<Lease {lease.sandbox_id} {lease.host}:{lease.port} v=app-v3 svc=web held>"
     )
     assert repr(act).startswith("<Activator node=node-a pools=1 sandboxes=1 creating=0 open>")
-    assert all("\n" not in line for line in lines)
+    assert all("\n" not in r.getMessage() for r in caplog.records)
     act.release(lease)
+    assert repr(lease).endswith(" released>")
 
 
 # -- boot failures -----------------------------------------------------------------------------
@@ -321,14 +333,14 @@ async def test_sigkill_invalidates_leases_at_once_and_next_acquire_restarts(
     make_activator: ActivatorFactory,
 ) -> None:
     act = await make_activator(crash=CrashPolicy(window=0.0))  # no crash counts as quick
-    invalidated: list[str] = []
-    act.subscribe(invalidated.append)
     version = make_version("app-v1")
     lease = await act.acquire(version)
     pid = pid_of(act, lease)
     os.kill(pid, signal.SIGKILL)
-    await wait_until(lambda: invalidated == [lease.sandbox_id], 2.0, "the invalidation")
-    assert not lease.alive
+    await wait_until(lambda: not lease.alive, 2.0, "the lease to see its sandbox end")
+    snap = act.snapshot("app-v1")
+    assert snap is not None
+    assert [(s.id, s.state) for s in snap.sandboxes] == [(lease.sandbox_id, DEAD)]
     assert act.try_acquire("app-v1") is None
     fresh = await act.acquire(version)
     assert fresh.sandbox_id != lease.sandbox_id
@@ -474,8 +486,6 @@ async def test_idle_sandbox_stops_after_delay_and_next_acquire_cold_starts(
     make_activator: ActivatorFactory,
 ) -> None:
     act = await make_activator(sweep_interval=0.05)
-    invalidated: list[str] = []
-    act.subscribe(invalidated.append)
     version = make_version("app-v1", scale_down=1.0)
     lease = await act.acquire(version)
     pid = pid_of(act, lease)
@@ -486,7 +496,10 @@ async def test_idle_sandbox_stops_after_delay_and_next_acquire_cold_starts(
         return snap is not None and snap.desired == 0
 
     await wait_until(stopped, 5.0, "the idle sandbox to stop")
-    assert invalidated == [lease.sandbox_id]
+    assert not lease.alive
+    snap = act.snapshot("app-v1")
+    assert snap is not None
+    assert [(s.id, s.state) for s in snap.sandboxes] == [(lease.sandbox_id, STOPPED)]
     await wait_until(lambda: pid_gone(pid), 5.0, "its process to end")
     assert act.snapshot("app-v1").sandboxes[0].state is STOPPED  # type: ignore[union-attr]
     again = await act.acquire(version)  # scaled to zero: cold start
@@ -884,26 +897,26 @@ async def test_stop_requested_while_spawning_stops_the_sandbox_once_spawned(
     await wait_until(lambda: pid_gone(pid), 5.0, "the late-spawned sandbox to be stopped")
 
 
-async def test_a_failing_subscriber_does_not_stop_the_others(
+async def test_a_sandbox_that_ends_ends_its_own_leases_and_no_other(
     make_activator: ActivatorFactory,
 ) -> None:
     act = await make_activator(crash=CrashPolicy(window=0.0))
-    seen: list[str] = []
-
-    def broken(_: str) -> None:
-        raise RuntimeError("subscriber bug")
-
-    act.subscribe(broken)
-    unsubscribe = act.subscribe(seen.append)
+    other = await act.acquire(make_version("app-v2"))
     lease = await act.acquire(make_version("app-v1"))
+    twin = act.try_acquire("app-v1")  # a second lease on the same sandbox
+    assert twin is not None and twin.sandbox_id == lease.sandbox_id
     os.kill(pid_of(act, lease), signal.SIGKILL)
-    await wait_until(lambda: seen == [lease.sandbox_id], 2.0, "the invalidation")
-    unsubscribe()
+    await wait_until(lambda: not lease.alive, 2.0, "the lease to see its sandbox end")
+    assert not twin.alive  # every lease of it, in the same step
+    assert other.alive  # another version's sandbox is not touched
     act.release(lease)
+    act.release(twin)
     fresh = await act.acquire(make_version("app-v1"))
+    assert fresh.alive and fresh.sandbox_id != lease.sandbox_id
     await act.remove_version("app-v1")
-    assert seen == [lease.sandbox_id]  # unsubscribed: not told about the second one
+    assert not fresh.alive and other.alive  # removal ends the version's sandboxes only
     act.release(fresh)
+    act.release(other)
 
 
 async def test_a_log_past_its_cap_is_rotated_and_stays_appendable(

@@ -9,8 +9,8 @@ import signal
 from typing import NamedTuple
 
 from miren_activator import Activator, Held, Lease, ManualClock
-from miren_store.entities import AppVersion
-from tests.activator.conftest import ActivatorFactory, make_version, wait_until
+from miren_store.entities import AppVersion, SandboxStatus
+from tests.activator.conftest import ActivatorFactory, make_version, sample, wait_until
 
 
 class Ref(NamedTuple):
@@ -80,8 +80,6 @@ async def test_hold_never_returns_a_sandbox_that_left_running(
     make_activator: ActivatorFactory,
 ) -> None:
     act = await make_activator()
-    invalidated: list[str] = []
-    act.subscribe(invalidated.append)
     version = make_version("app-v1")
     lease = await act.acquire(version)
     held = act.hold(Ref("app-v1"))
@@ -92,7 +90,12 @@ async def test_hold_never_returns_a_sandbox_that_left_running(
     (info,) = snap.sandboxes
     assert info.pid is not None
     os.kill(info.pid, signal.SIGKILL)
-    await wait_until(lambda: invalidated == [info.id], 2.0, "the invalidation")
+
+    def states() -> list[tuple[str, SandboxStatus]]:
+        return [(s.id, s.state) for s in act.snapshot("app-v1").sandboxes]  # type: ignore[union-attr]
+
+    await wait_until(lambda: states() != [(info.id, SandboxStatus.RUNNING)], 2.0, "its end")
+    assert states() == [(info.id, SandboxStatus.DEAD)] and not lease.alive
     assert "app-v1" not in act.warm  # it left the cache as it left RUNNING (no stale ref kept)
     assert act.hold(Ref("app-v1")) is None  # not the dead sandbox it tried first before
     fresh = await act.acquire(version)  # a new sandbox boots
@@ -121,13 +124,14 @@ async def test_report_unreachable_takes_a_held_sandbox_out_of_service(
     make_activator: ActivatorFactory,
 ) -> None:
     act = await make_activator()
-    invalidated: list[str] = []
-    act.subscribe(invalidated.append)
     held = await boot_and_hold(act, make_version("app-v1"))
     act.report_unreachable(held)  # (releases it too)
-    snap = act.snapshot("app-v1")
+    snap = act.snapshot("app-v1")  # out of service at once, not when its exit is noticed
     assert snap is not None and snap.in_use == 0 and snap.ready == 0
-    assert len(invalidated) == 1
+    assert [s.state for s in snap.sandboxes] == [SandboxStatus.DEAD]
+    assert sample(act, "miren_activator_sandboxes", state="running") == 0
+    assert sample(act, "miren_activator_sandboxes", state="dead") == 1
+    assert "app-v1" not in act.warm
     assert act.hold(Ref("app-v1")) is None
 
 
