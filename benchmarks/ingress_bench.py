@@ -116,31 +116,6 @@ def deploy(admin: str, proxy: str, backend: str, kind: str = "tuned") -> None:
 
 
 # --- micro: the real stack in one process, fake transports -----------------------------------
-class FakeTransport:
-    __slots__ = ("writes",)
-
-    def __init__(self) -> None:
-        self.writes = 0
-
-    def write(self, data: bytes) -> None:
-        self.writes += 1
-
-    def get_extra_info(self, name: str, default: object = None) -> object:
-        return ("127.0.0.1", 5555) if name == "peername" else default
-
-    def set_write_buffer_limits(self, high: int, low: int) -> None:
-        pass
-
-    def is_closing(self) -> bool:
-        return False
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-
 RESPONSE = (
     b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Fri, 27 Nov 2026 02:15:09 GMT\r\n"
     b"Content-Type: text/plain\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nok"
@@ -196,6 +171,7 @@ def micro(
     from miren_ingress.proxy.engine import Engine
     from miren_ingress.proxy.inbound import InboundConnection
     from miren_ingress.proxy.metrics import ProxyMetrics
+    from miren_ingress.proxy.testing import FakeTransport
     from miren_ingress.proxy.upstream import UpstreamConnection
     from miren_ingress.routing.router import EdgeRouter
     from miren_ingress.routing.routes import RouteTable
@@ -244,7 +220,7 @@ def micro(
                 lease = await router.acquire(target)  # type: ignore[arg-type]  # boots the pool
                 pool = engine.pool_for(lease)
                 conn = UpstreamConnection(pool, engine)
-                conn.connection_made(FakeTransport())  # type: ignore[arg-type]
+                conn.connection_made(FakeTransport(record=False))  # type: ignore[arg-type]
                 pool.put(conn)
                 # The lease stays out while the loop runs: another request in flight, as under
                 # any load (at 32 connections the sandbox is idle for 0.7 % of releases).
@@ -273,7 +249,7 @@ def micro(
     ) -> None:
         host = label.split(maxsplit=1)[0]
         cycle = len(responses)
-        client = FakeTransport()
+        client = FakeTransport(record=False)
         inbound = InboundConnection(engine)
         inbound.connection_made(client)  # type: ignore[arg-type]
         request = REQUEST.format(host=host).encode()

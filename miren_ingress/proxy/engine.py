@@ -22,9 +22,12 @@ kept to plain attribute and dict operations. Habits that follow from measuring i
 it finishes, shared by the duration metric and every deadline; no per-request Task, closure,
 timer call or bound-method object; request heads are rendered with one join of parts; response
 heads are spliced from the upstream's raw bytes (upstream.py); counters a scrape can compute
-(in-flight requests) are not kept per request; the hit path is written out where a call
-would cost more than it abstracts (`UpstreamPool.take`/`put` inline in exchange.py and
-upstream.py), and each such place says so.
+(in-flight requests) are not kept per request. Each rule has one owner, which the hit path
+calls: taking a parked connection (`UpstreamPool.take`), attaching it (`UpstreamConnection.begin`),
+a hit-path write (`Engine.write_hit`), parking it (`UpstreamConnection.park`), counting a
+request (`ProxyMetrics.request_done`), moving the client connection on
+(`InboundConnection.exchange_done`), taking and giving back a unit of work (the router's, that
+is the activator's, `hold` / `release`). States and their moves: states.py.
 
 Data flow and back-pressure
   client --data_received--> parser callbacks --> exchange.pending --one write--> upstream
@@ -203,8 +206,8 @@ class Engine:
 
     def write_hit(self, transport: asyncio.WriteTransport, data: bytes, now: float) -> None:
         """Write `data` (a hit-path write at monotonic `now`): at once while the loop is quiet,
-        at the end of this loop iteration while it is busy (see "Writes" above). (The hit path
-        has this written out; `arm_flush` runs once per iteration, not per write.)"""
+        at the end of this loop iteration while it is busy (see "Writes" above). (`arm_flush`
+        runs once per iteration, not per write.)"""
         later = self.later
         if later or now - self.last_write < self.busy_gap:
             later.append((transport, data))

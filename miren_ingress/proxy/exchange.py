@@ -2,8 +2,9 @@
 
 An exchange is created by the inbound connection when a request head has been parsed, started
 when it becomes the connection's active exchange (requests are answered strictly in order), and
-finished exactly once (`done`): then its metrics are recorded, its lease is handed back and the
-inbound connection moves on to the next request or closes.
+finished exactly once: then its metrics are recorded, its lease is handed back and the inbound
+connection moves on to the next request or closes. Its states and their moves are the table
+`states.EXCHANGE` (WAITING, ROUTING, SENDING, RESPONDING, TUNNEL, DONE: see states.py).
 
 The request head for the upstream is rendered once (`head`, kept for a replay) and written when
 an upstream connection is attached, together with any framed body bytes collected in `pending`
@@ -19,7 +20,6 @@ deadlines), both `time.monotonic()`.
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 from time import monotonic
 from typing import TYPE_CHECKING
@@ -27,8 +27,9 @@ from typing import TYPE_CHECKING
 from .errorpage import render_json, render_response
 from .errors import ProxyError, UpstreamConnectError, UpstreamReset
 from .headers import accept_of
-from .interfaces import Lease, Refusal, Target
-from .metrics import FAST_BOUND
+from .interfaces import UNROUTED, Lease, Refusal, Target
+from .retry import Next, after_connect_error, after_upstream_lost
+from .states import EXCHANGE, Ex, ExEvent, move
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -37,14 +38,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+WAITING, ROUTING, SENDING, RESPONDING, TUNNEL, DONE = Ex
 RESERVED_PREFIX = b"/.well-known/miren/"
 HEALTH_PATH = b"/.well-known/miren/health"
-_REPLAYABLE = frozenset((b"GET", b"HEAD", b"OPTIONS"))
-# Connecting failed before any request byte was sent: safe to retry on a fresh lease. A reset
-# while connecting is a dying sandbox's listener (it accepted, then the process went away).
-_RETRY_ERRNOS = frozenset(
-    (errno.ECONNREFUSED, errno.ECONNRESET, errno.EHOSTUNREACH, errno.ENETUNREACH)
-)
 # Request properties passed to Exchange() as one int.
 F_KEEP_ALIVE = 1
 F_HTTP10 = 2
@@ -68,20 +64,17 @@ class Exchange:
     # read on every request are set in __init__ even so: reading a class default costs about
     # four times an instance attribute (CPython 3.11 does not specialize that lookup).
     app = "unknown"
-    conn: UpstreamConnection | None = None
-    done = False  # finished: recorded, lease handed back
-    head_sent = False  # the final response head was written to the client
+    conn: UpstreamConnection | None = None  # attached (SENDING, RESPONDING, TUNNEL)
     lease: Lease | None = None
-    lease_cached = True  # `lease` came from the router's cache (see the retry rule)
-    local = False  # answered by the proxy itself: request body bytes are dropped
+    lease_cached = True  # `lease` came from the router's cache (see retry.py)
     pending: list[bytes] | None = None  # framed body bytes not written upstream yet
     pending_size = 0
     replayed = False  # the one replay after a stale keep-alive connection was used
     request_complete = False  # the whole request was read from the client
     retried = False  # the one retry after a refused cached lease was used
-    started = 0.0
+    started = 0.0  # monotonic: the duration's origin (set by start)
     status = 0
-    target: Target | None = None
+    target: Target = UNROUTED  # (set by start when routed: before ROUTING or SENDING)
     task: asyncio.Task[None] | None = None
     timeout = 60.0
     # Properties of the request, set from its head (see `set_flags`):
@@ -118,6 +111,7 @@ class Exchange:
         self.reserved = 0
         self.started = 0.0
         self.pending: list[bytes] | None = None
+        self.state = WAITING  # (see states.EXCHANGE)
 
     @classmethod
     def rejection(
@@ -158,12 +152,14 @@ class Exchange:
     def __repr__(self) -> str:
         return (
             f"<Exchange {self.method.decode()} app={self.app} status={self.status} "
-            f"conn={'yes' if self.conn is not None else 'no'} done={self.done}>"
+            f"conn={'yes' if self.conn is not None else 'no'} {self.state.name}>"
         )
 
     # --- start: local answers, routing, lease, connection -------------------------------------
     def start(self) -> None:
-        """Become the active exchange of the inbound connection."""
+        """Become the active exchange of the inbound connection: answer a reserved path or a
+        refusal, else attach a parked connection of a warm lease (the hit path: synchronous),
+        else obtain them in a task."""
         engine = self.engine
         now = monotonic()
         self.started = self.arrived or now
@@ -184,44 +180,19 @@ class Exchange:
             engine.metrics.lease_hits += 1
             pool = engine.pools.get(lease.addr)
             if pool is not None:
-                idle = pool.idle
-                if idle:
-                    conn = idle.pop()  # UpstreamPool.take() written out: the hit path
-                    if not conn.dead:
-                        self.conn = conn
-                        if conn._rare or self.pending is not None or self.inbound.write_paused:
-                            conn.begin(self, now)
-                        else:  # UpstreamConnection.begin() written out for the common request
-                            conn.ex = self
-                            conn._head_done = False
-                            conn._cl = None
-                            conn._conn_cut = False
-                            conn._date = False
-                            deadline = conn.deadline = now + self.timeout
-                            if deadline < conn._timer_at:
-                                conn._arm(deadline)
-                            # Engine.write_hit() written out: at once while the loop
-                            # is quiet, with the other writes of this iteration when busy.
-                            later = engine.later
-                            if later or now - engine.last_write < engine.busy_gap:
-                                later.append((conn.transport, self.head))
-                                if not engine.later_armed:
-                                    engine.arm_flush()
-                            else:
-                                conn.transport.write(self.head)
-                            engine.last_write = now
-                        if self.inbound.blocked:
-                            self.inbound.attached()
-                        return
+                conn = pool.take()
+                if conn is not None:
+                    self.attach(conn, now)
+                    return
+        self.state = move(EXCHANGE, self.state, ExEvent.ROUTE)
         self.task = engine.spawn(self._connect())
 
     def _reserved(self) -> None:
-        self.local = True
         if self.reserved & F_REJECT:
             err = self.error
             if err is None:  # (HTTP/0.9: no answer the client could read)
                 self.status = 400
-                self._finish(monotonic())
+                self.finished(monotonic())
             else:
                 self.respond_error(err.status, err.public_message, err.retry_after)
             return
@@ -232,16 +203,15 @@ class Exchange:
             self.inbound.write(
                 render_json(status, payload, keep_alive=self.keep_alive, head_only=self.head_only)
             )
-            self.head_sent = True
-            self._finish(monotonic())
+            self.state = move(EXCHANGE, self.state, ExEvent.HEAD_SENT)
+            self.finished(monotonic())
         else:
             self.respond_error(404, "The page could not be found.")
 
     async def _connect(self) -> None:
-        """Slow path: acquire a lease (cache miss) and/or open a connection, then attach."""
+        """ROUTING: acquire a lease (cache miss) and/or open a connection, then attach."""
         engine = self.engine
         target = self.target
-        assert target is not None
         try:
             while True:
                 lease = self.lease
@@ -257,14 +227,11 @@ class Exchange:
                     conn = await pool.connect()
                     break
                 except (OSError, TimeoutError) as exc:
-                    if not (isinstance(exc, TimeoutError) or exc.errno in _RETRY_ERRNOS):
-                        raise UpstreamConnectError() from exc
-                    # Refused, reset or timed out: nothing was sent. The sandbox is taken out
-                    # of service (an upstream is marked down and re-probed); once, the request
-                    # goes to another lease (another ready instance, or a fresh boot).
-                    self.lease = None
-                    engine.router.discard(lease)
-                    if self.retried:
+                    step = after_connect_error(exc, retried=self.retried)
+                    if step is not Next.FAIL:  # the sandbox is out of service
+                        self.lease = None
+                        engine.router.discard(lease)
+                    if step is not Next.FRESH_LEASE:
                         raise UpstreamConnectError() from exc
                     engine.metrics.upstream_error("connect_retried")
                     self.retried = True
@@ -278,8 +245,8 @@ class Exchange:
             self.fail(ProxyError())
             return
         self.task = None
-        if self.done:  # (defensive: abort and fail cancel this task)
-            engine.pool_for(lease).put(conn, monotonic())
+        if self.state is not ROUTING:  # (defensive: abort and fail cancel this task)
+            pool.put(conn, monotonic())
             self._release()
             return
         self.attach(conn, monotonic())
@@ -287,6 +254,7 @@ class Exchange:
     def attach(self, conn: UpstreamConnection, now: float) -> None:
         """Use `conn` (open, idle) for this exchange: it writes the head and pending body."""
         self.conn = conn
+        self.state = SENDING  # (ATTACH: from WAITING on the hit path, else from ROUTING)
         conn.begin(self, now)  # sets the deadline: no need to re-arm it for this first write
         if self.inbound.blocked:
             self.inbound.attached()
@@ -307,48 +275,26 @@ class Exchange:
 
     # --- outcomes -------------------------------------------------------------------------------
     def finished(self, now: float) -> None:
-        """The upstream response was read to its end and forwarded (at monotonic `now`); the
-        upstream connection is already parked or closed."""
+        """The exchange is over at monotonic `now`: the upstream response was forwarded whole
+        (its connection is already parked or closed), or the proxy answered or ended it. Its
+        metrics are recorded, its lease is handed back and the client connection moves on."""
         self.conn = None
-        self.done = True
+        self.state = DONE  # (FINISH: from RESPONDING; from WAITING when nothing is answered)
         if not self.request_complete:
             self.keep_alive = False  # the rest of the request body cannot be skipped safely
         engine = self.engine
-        seconds = now - self.started
-        stats = engine.metrics.apps.get(self.app)
-        if (
-            stats is not None
-            and seconds < FAST_BOUND
-            and self.status == 200
-            and self.method == b"GET"
-        ):
-            stats.fast += 1  # ProxyMetrics.request_done() written out for the common answer
-            stats.total += seconds
-        else:
-            engine.metrics.request_done(self.app, self.status, self.method, seconds)
+        engine.metrics.request_done(self.app, self.status, self.method, now - self.started)
         lease = self.lease
         if lease is not None:
             self.lease = None
             engine.router.release(lease)
-        inbound = self.inbound
-        if (
-            inbound._active is self
-            and self.keep_alive
-            and not inbound._stop_after
-            and not inbound.blocked
-            and not inbound._queue
-        ):  # the common case of InboundConnection.exchange_done(), written out (hot)
-            inbound._active = None
-            inbound._idle_deadline = now + inbound._keepalive
-        else:
-            inbound.exchange_done(self, now)
+        self.inbound.exchange_done(self, now)
 
     def switched(self) -> None:
         """101 forwarded: both sides are now a raw byte tunnel; the request is counted done."""
         conn = self.conn
         assert conn is not None
-        self.head_sent = True
-        self.done = True
+        self.state = move(EXCHANGE, self.state, ExEvent.SWITCH)
         self.inbound.become_tunnel(conn)
         self._record()
 
@@ -358,45 +304,45 @@ class Exchange:
         self.conn = None
         if conn is not None:
             conn.close()
+        self.state = move(EXCHANGE, self.state, ExEvent.ABORT)
         self.inbound.close()
         self._release()
 
     def upstream_lost(self, conn: UpstreamConnection, err: ProxyError) -> None:
-        """The upstream connection broke, timed out or spoke nonsense mid-exchange."""
+        """The upstream connection broke, timed out or spoke nonsense mid-exchange: answer the
+        error, or send the request again where retry.py says it is safe."""
         self.conn = None
         conn.abort()
-        if (
-            isinstance(err, UpstreamReset)
-            and not conn.got_bytes
-            and self.request_complete
-            and not self.has_body
-            and self.method in _REPLAYABLE
-            and not self.upgrade
-        ):
-            if conn.reused and not self.replayed:
-                # A stale keep-alive connection closed as we reused it, before any response
-                # byte, for a request that is safe to send again: send it once more on a new
-                # connection (attach() writes the head again; there is no body).
-                self.replayed = True
-                self.task = self.engine.spawn(self._connect())
-                return
-            if self.replayed and self.lease_cached and not self.retried:
-                # The new connection was reset before any byte too: the sandbox is going away
-                # (a killed process's listener can still accept for a moment). Treat it like a
-                # refused cached lease: drop it and retry once on a fresh lease.
-                self.engine.metrics.upstream_error("connect_retried")
-                self.retried = True
-                lease, self.lease = self.lease, None
-                if lease is not None:
-                    self.engine.router.discard(lease)
-                self.task = self.engine.spawn(self._connect())
-                return
-        self.fail(err)
+        step = after_upstream_lost(
+            reset=isinstance(err, UpstreamReset),
+            got_bytes=conn.got_bytes,
+            request_complete=self.request_complete,
+            has_body=self.has_body,
+            method=self.method,
+            upgrade=self.upgrade,
+            reused=conn.reused,
+            replayed=self.replayed,
+            lease_cached=self.lease_cached,
+            retried=self.retried,
+        )
+        if step is Next.REPLAY:  # the same lease, a new connection (attach writes the head)
+            self.replayed = True
+        elif step is Next.FRESH_LEASE:
+            self.engine.metrics.upstream_error("connect_retried")
+            self.retried = True
+            lease, self.lease = self.lease, None
+            if lease is not None:
+                self.engine.router.discard(lease)
+        else:
+            self.fail(err)
+            return
+        self.state = move(EXCHANGE, self.state, ExEvent.RETRY)
+        self.task = self.engine.spawn(self._connect())
 
     def fail(self, err: ProxyError, *, upstream: bool = True) -> None:
         """Answer an error: an error page if no response head went out yet, else close.
         `upstream` errors are also counted in miren_ingress_upstream_errors_total."""
-        if self.done:
+        if self.state >= TUNNEL:
             return
         if self.task is not None:  # (a client error during a cold start or a connect)
             self.task.cancel()
@@ -407,15 +353,15 @@ class Exchange:
             conn.abort()
         if upstream:
             self.engine.metrics.upstream_error(err.reason)
-        if self.head_sent:
+        if self.state is RESPONDING:
             self.keep_alive = False
-            self._finish(monotonic())
+            self.finished(monotonic())
         else:
             self.respond_error(err.status, err.public_message, err.retry_after)
 
     def respond_error(self, status: int, message: str, retry_after: int | None = None) -> None:
+        """The proxy's own answer; request body bytes still arriving are dropped."""
         self.status = status
-        self.local = True
         self.pending = None
         self.pending_size = 0
         self.keep_alive = self.keep_alive and self.request_complete
@@ -429,8 +375,8 @@ class Exchange:
                 head_only=self.head_only,
             )
         )
-        self.head_sent = True
-        self._finish(monotonic())
+        self.state = move(EXCHANGE, self.state, ExEvent.HEAD_SENT)
+        self.finished(monotonic())
 
     def abort(self) -> None:
         """The client connection is gone: stop everything, keep no upstream connection."""
@@ -441,25 +387,15 @@ class Exchange:
         self.conn = None
         if conn is not None:
             conn.abort()
-        if not self.done:
-            if not self.head_sent:
+        state = self.state
+        if state < TUNNEL:  # not answered yet: recorded now
+            if state is not RESPONDING:
                 self.status = 499  # client closed the request
-            self.done = True
             self._record()
+        self.state = move(EXCHANGE, state, ExEvent.ABORT)
         self._release()
 
     # --- bookkeeping ------------------------------------------------------------------------------
-    def _finish(self, now: float) -> None:
-        """Done without an upstream response to forward (answered by the proxy, or an error
-        after the response head went out)."""
-        if self.done:
-            return
-        self.done = True
-        engine = self.engine
-        engine.metrics.request_done(self.app, self.status, self.method, now - self.started)
-        self._release()
-        self.inbound.exchange_done(self, now)
-
     def _record(self) -> None:
         self.engine.metrics.request_done(
             self.app, self.status, self.method, monotonic() - self.started

@@ -59,6 +59,7 @@ from .exchange import (
     Exchange,
     reserved_flags,
 )
+from .states import INPUT, LIFE, Ex, Input, InputEvent, Life, LifeEvent, move
 from .target import absolute_target
 
 if TYPE_CHECKING:
@@ -66,6 +67,9 @@ if TYPE_CHECKING:
     from .upstream import UpstreamConnection
 
 _INF = float("inf")
+OPEN, STOPPING, LINGERING, CLOSING, CLOSED = Life
+PARSE, UPGRADE_BODY, HOLD, TUNNEL, DISCARD = Input
+WAITING, ROUTING, RESPONDING, EX_TUNNEL = Ex.WAITING, Ex.ROUTING, Ex.RESPONDING, Ex.TUNNEL
 # Reasons to pause reading from the client (bits of `_blocked`).
 _BLOCK_UPSTREAM = 1  # the upstream's write buffer is above its high-water mark
 _BLOCK_PIPELINE = 2  # a pipelined request waits for the active one
@@ -117,7 +121,6 @@ class InboundConnection(asyncio.Protocol):
         "_body_left",
         "_body_timeout",
         "_cl",
-        "_closed",
         "_conn_extra",
         "_expect",
         "_fwd",
@@ -132,17 +135,14 @@ class InboundConnection(asyncio.Protocol):
         "_keepalive",
         "_lines",
         "_linger_until",
-        "_lingering",
         "_max_headers",
         "_parser",
         "_parsing",
         "_queue",
         "_rare",
-        "_raw",
         "_reject_with",
         "_request_buffer",
         "_seg",
-        "_stop_after",
         "_te",
         "_tick",
         "_timer",
@@ -153,6 +153,8 @@ class InboundConnection(asyncio.Protocol):
         "_xff",
         "blocked",
         "engine",
+        "input",
+        "life",
         "on_url",
         "peer",
         "transport",
@@ -173,10 +175,8 @@ class InboundConnection(asyncio.Protocol):
         self._queue: deque[Exchange] = deque()
         self.blocked = 0
         self.write_paused = False
-        self._closed = False
-        self._stop_after = False  # close once the active exchange is done
-        self._raw = False  # the parser is done (upgrade, or a malformed request): not parsed
-        self._lingering = False  # half-closed after an early answer: reads are dropped
+        self.life = OPEN  # the connection's lifecycle (states.LIFE)
+        self.input = PARSE  # what happens to the bytes read (states.INPUT)
         self._linger_until = _INF
         # Bytes after an upgrade request, held until its answer (RFC 9931): written to the
         # tunnel after a 101, parsed as the next requests after any other answer.
@@ -210,13 +210,11 @@ class InboundConnection(asyncio.Protocol):
         self._reset_rare()
 
     def __repr__(self) -> str:
-        state = (
-            "tunnel" if self._tunnel is not None
-            else "busy" if self._active is not None
-            else "reading" if self._url_parts
-            else "idle"
-        )  # fmt: skip
-        return f"<InboundConnection {self.peer.decode()} {state} queued={len(self._queue)}>"
+        ex = self._active
+        return (
+            f"<InboundConnection {self.peer.decode()} {self.life.name} {self.input.name} "
+            f"active={ex.state.name if ex is not None else '-'} queued={len(self._queue)}>"
+        )
 
     def _reset_rare(self) -> None:
         """Fields that only requests with a special header set (`_rare` says whether any is)."""
@@ -252,7 +250,7 @@ class InboundConnection(asyncio.Protocol):
         self._arm(now + self._tick)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._closed = True
+        self.life = move(LIFE, self.life, LifeEvent.LOST)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -260,14 +258,14 @@ class InboundConnection(asyncio.Protocol):
         ex = self._active
         self._active = None
         if ex is not None:
-            if not ex.started:  # (a buffered body): counted from its head's arrival
+            if ex.state is WAITING:  # (a buffered body): counted from its head's arrival
                 ex.started = ex.arrived or monotonic()
             ex.abort()
         self._tunnel = None
         self.engine.connection_closed(self)
 
     def eof_received(self) -> bool | None:
-        if self._lingering:
+        if self.life is LINGERING:
             return None  # the client is done too: close
         if self._reading_body() is not None:
             # The body ends before its announced end: a malformed request (400), answered on
@@ -293,7 +291,7 @@ class InboundConnection(asyncio.Protocol):
             conn.resume_reading()
 
     def data_received(self, data: bytes) -> None:
-        if self._raw:
+        if self.input:  # (not PARSE)
             self._raw_received(data)
             return
         self._seg = len(data)
@@ -313,7 +311,7 @@ class InboundConnection(asyncio.Protocol):
         ex = self._active
         if ex is not None:
             # Not started: its head was parsed in this segment, or its body is buffered.
-            if not ex.started and (
+            if ex.state is WAITING and (
                 ex.request_complete or not ex.buffered or ex.pending_size >= self._request_buffer
             ):
                 ex.start()
@@ -360,7 +358,7 @@ class InboundConnection(asyncio.Protocol):
         the end of the previous message when both came in one read, hence the slack of one
         read). A request line without a version (HTTP/0.9) would wait for headers that never
         come: the connection is closed at once."""
-        if self._raw:
+        if self.input:  # (parsing stopped in this read)
             return
         config = self.engine.config
         if len(self._lines) == 4 and self._host is None and _is_http09_line(data):
@@ -408,7 +406,7 @@ class InboundConnection(asyncio.Protocol):
             return None
         if ex.body_length > 0:
             ex.request_complete = False
-            self._raw = True
+            self.input = move(INPUT, self.input, InputEvent.UPGRADE_BODY)
             self._body_left = ex.body_length
             return self._take_body(rest)
         self._parsing = None
@@ -440,30 +438,31 @@ class InboundConnection(asyncio.Protocol):
         upstream before a 101 (see exchange_done and become_tunnel). One it refuses itself (h2c:
         forwarded as a plain request) parses on at once: returns those bytes."""
         if ex.upgrade:
-            self._raw = True
+            self.input = move(INPUT, self.input, InputEvent.UPGRADE_WAIT)
             self._held = [rest] if rest else []
             self._block(_BLOCK_UPGRADE)
             return None
-        self._raw = False
+        self.input = move(INPUT, self.input, InputEvent.PARSE_ON)
         self._parser = HttpRequestParser(self)  # (llhttp cannot resume after an upgrade)
         return rest
 
     def _raw_received(self, data: bytes) -> None:
-        tunnel = self._tunnel
-        if tunnel is not None:
+        """Bytes read while they are not parsed (see states.Input)."""
+        mode = self.input
+        if mode is TUNNEL:
+            tunnel = self._tunnel
+            assert tunnel is not None
             tunnel.write(data)
-            return
-        if self._lingering:  # (dropped; the client is still alive)
-            self._body_deadline = monotonic() + LINGER_IDLE
-            return
-        if self._body_left:
+        elif mode is UPGRADE_BODY:
             rest = self._take_body(data)
             if rest:  # a refused upgrade's body is complete: the next requests
                 self.data_received(rest)
-            return
-        held = self._held
-        if held is not None:  # (reading is paused: at most what was already on its way)
+        elif mode is HOLD:  # (reading is paused: at most what was already on its way)
+            held = self._held
+            assert held is not None
             held.append(data)
+        elif self.life is LINGERING:  # (dropped; the client is still alive)
+            self._body_deadline = monotonic() + LINGER_IDLE
         # else: nothing more is parsed (a malformed request): dropped
 
     # --- httptools callbacks (request parser) --------------------------------------------------
@@ -593,7 +592,7 @@ class InboundConnection(asyncio.Protocol):
     def _reading_body(self) -> Exchange | None:
         """The exchange whose body is being read, if the body is not complete yet."""
         ex = self._parsing
-        if ex is None or ex.request_complete or ex.done or self._closed:
+        if ex is None or ex.request_complete or ex.state >= EX_TUNNEL or self.life is CLOSED:
             return None
         return ex
 
@@ -690,7 +689,7 @@ class InboundConnection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         ex = self._parsing
-        if ex is None or ex.local or ex.done:
+        if ex is None or ex.state >= EX_TUNNEL:  # (answered: the rest of the body is dropped)
             return
         if ex.chunked_in:
             ex.add_body(b"%x\r\n" % len(body) + body + b"\r\n")
@@ -703,7 +702,7 @@ class InboundConnection(asyncio.Protocol):
         ex = self._parsing
         if ex is None:
             return  # (a request without body: complete with its head)
-        if ex.chunked_in and not ex.local and not ex.done:
+        if ex.chunked_in and ex.state < EX_TUNNEL:
             ex.add_body(b"0\r\n\r\n")
         ex.request_complete = True
         if not ex.stops_parser:  # (an upgrade request: see _upgrade_point, llhttp's next step)
@@ -711,7 +710,7 @@ class InboundConnection(asyncio.Protocol):
 
     # --- used by exchanges ----------------------------------------------------------------------
     def write(self, data: bytes) -> None:
-        if not self._closed:
+        if self.life is not CLOSED:
             self.engine.flush_writes()  # (in order: see Engine.flush_writes)
             self.transport.write(data)
 
@@ -727,6 +726,7 @@ class InboundConnection(asyncio.Protocol):
     def become_tunnel(self, conn: UpstreamConnection) -> None:
         """The upgrade was accepted (101): what the client sent after its request goes now."""
         self._tunnel = conn
+        self.input = move(INPUT, self.input, InputEvent.ACCEPTED)
         self._body_left = 0  # (the rest of the body, if any, goes on through the tunnel)
         self._parsing = None
         held, self._held = self._held, None
@@ -740,7 +740,7 @@ class InboundConnection(asyncio.Protocol):
         if self._active is not ex:
             return  # (also when the connection was lost: connection_lost clears _active)
         self._active = None
-        if not ex.keep_alive or self._stop_after:
+        if not ex.keep_alive or self.life is not OPEN:
             self.close()
             return
         if self.blocked:
@@ -764,13 +764,14 @@ class InboundConnection(asyncio.Protocol):
         request body (the app answered before it was all read) gets a lingering close instead:
         closing with its bytes unread would reset the connection, and a reset can destroy the
         answer before the client reads it (see _linger)."""
-        self._stop_after = True
-        if self._closed or self._lingering:
+        life = self.life
+        if life >= LINGERING:  # (closing its way already)
             return
         parsing = self._parsing
         if (parsing is not None and not parsing.request_complete) or self._body_left:
             self._linger()
             return
+        self.life = move(LIFE, life, LifeEvent.CLOSE)
         self._block(_BLOCK_CLOSED)
         self.engine.flush_writes()  # (a response written before the close goes first)
         self.transport.close()
@@ -779,8 +780,8 @@ class InboundConnection(asyncio.Protocol):
         """Half-close: send what is written and then a FIN, and go on reading (and dropping)
         what the client sends until it closes too, stops sending for LINGER_IDLE seconds, or
         LINGER_MAX seconds passed (as nginx's lingering close)."""
-        self._lingering = True
-        self._raw = True  # parse nothing more: every byte is dropped (_raw_received)
+        self.life = move(LIFE, self.life, LifeEvent.LINGER)
+        self.input = move(INPUT, self.input, InputEvent.LINGER)  # every byte is dropped
         self._parsing = None
         self._body_left = 0
         self._held = None
@@ -788,6 +789,7 @@ class InboundConnection(asyncio.Protocol):
         self.engine.flush_writes()
         transport = self.transport
         if not transport.can_write_eof():
+            self.life = move(LIFE, self.life, LifeEvent.LINGER_END)
             transport.close()
             return
         transport.write_eof()
@@ -807,7 +809,7 @@ class InboundConnection(asyncio.Protocol):
         if ex is None and self._tunnel is None:
             self.close()
             return
-        self._stop_after = True
+        self.life = move(LIFE, self.life, LifeEvent.STOP)
         if ex is not None:
             ex.keep_alive = False
 
@@ -820,10 +822,10 @@ class InboundConnection(asyncio.Protocol):
     def busy(self) -> bool:
         """An exchange was started and is not finished (tunnels count as finished)."""
         ex = self._active
-        return ex is not None and bool(ex.started) and not ex.done
+        return ex is not None and ROUTING <= ex.state <= RESPONDING
 
     def abort(self) -> None:
-        if not self._closed:
+        if self.life is not CLOSED:
             self.engine.flush_writes()  # (as if written at once: see Engine.flush_writes)
             self.transport.abort()
 
@@ -833,7 +835,7 @@ class InboundConnection(asyncio.Protocol):
         HTTP/1.1 (RFC 9931), and what the client sent after it is parsed as its next requests."""
         held = self._held or []
         self._held = None
-        self._raw = False
+        self.input = move(INPUT, self.input, InputEvent.REFUSED)
         self._parser = HttpRequestParser(self)
         self._idle_deadline = now + self._keepalive
         self._unblock(_BLOCK_UPGRADE)
@@ -848,12 +850,12 @@ class InboundConnection(asyncio.Protocol):
         whose exchange was started, that exchange fails instead (400, or a close when its
         response is under way): none of its bytes past the good ones ever go upstream."""
         owner = self._reading_body()
-        self._raw = True  # parse nothing more
+        self.input = move(INPUT, self.input, InputEvent.MALFORMED)  # parse nothing more
         self._body_left = 0
         self._parsing = None
         self._url_parts.clear()
         self._block(_BLOCK_DONE)
-        if owner is not None and owner.started:
+        if owner is not None and owner.state is not WAITING:
             owner.fail(err or BadRequest(), upstream=False)
             return
         method = accept = b""  # (unknown: the head that failed to parse)
@@ -869,14 +871,14 @@ class InboundConnection(asyncio.Protocol):
             self._queue.append(bad)
 
     def _block(self, reason: int) -> None:
-        if not self.blocked and not self._closed:
+        if not self.blocked and self.life is not CLOSED:
             self.transport.pause_reading()
         self.blocked |= reason
 
     def _unblock(self, reasons: int) -> None:
         was = self.blocked
         self.blocked = was & ~reasons
-        if was and not self.blocked and not self._closed:
+        if was and not self.blocked and self.life is not CLOSED:
             self.transport.resume_reading()
             if self._parsing is not None:  # the body timeout counts from now again
                 self._body_deadline = monotonic() + self._body_timeout
@@ -888,12 +890,14 @@ class InboundConnection(asyncio.Protocol):
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_at = _INF
-        if self._closed:
+        if self.life is CLOSED:
             return
         now = monotonic()
-        if self._lingering:
+        if self.life is LINGERING:
             if now >= self._body_deadline or now >= self._linger_until:
-                self.transport.close()  # (FIN sent long ago: the answer had its chance)
+                # (FIN sent long ago: the answer had its chance)
+                self.life = move(LIFE, self.life, LifeEvent.LINGER_END)
+                self.transport.close()
             else:
                 self._arm(min(self._body_deadline, self._linger_until))
             return

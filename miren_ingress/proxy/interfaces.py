@@ -27,6 +27,9 @@ class Target:
     request_timeout: float = 60.0  # idle timeout on the upstream connection, seconds
 
 
+UNROUTED = Target(app="unknown", version="")  # an exchange's target before it is routed
+
+
 @attrs.frozen(slots=True)
 class Refusal:
     """A routing answer that is an error. `message` is public: it must carry no internal ids."""

@@ -2,8 +2,8 @@
 
 Invariants:
 - a connection is in `idle` only while no exchange uses it, its last response was read to the
-  end, the upstream did not ask to close, and it was not closed (`dead` is set by close, abort
-  and connection_lost, so `take` needs no transport call);
+  end, the upstream did not ask to close, and it was not closed (its state is CLOSED after a
+  close, an abort, the upstream's FIN or a loss, so `take` needs no transport call);
 - `idle` is a LIFO stack (hot connections are reused first, surplus ones idle out), at most
   `max_idle` long; a connection returned to a full pool is closed;
 - `take()` never awaits: it pops an idle connection or returns None, and only then does the
@@ -17,10 +17,14 @@ import contextlib
 from time import monotonic
 from typing import TYPE_CHECKING
 
+from .states import Up
 from .upstream import UpstreamConnection
 
 if TYPE_CHECKING:
     from .engine import Engine
+
+
+OPEN = Up.OPEN
 
 
 class UpstreamPool:
@@ -57,7 +61,7 @@ class UpstreamPool:
         idle = self.idle
         while idle:
             conn = idle.pop()
-            if not conn.dead:
+            if conn.state is OPEN:
                 return conn
         return None
 

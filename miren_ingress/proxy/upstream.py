@@ -63,11 +63,11 @@ from httptools import (
 from . import headers as h
 from .dates import date_line
 from .errors import UpstreamProtocolError, UpstreamReset, UpstreamTimeout
+from .states import UPSTREAM, Ex, Up, UpEvent, move
 
 if TYPE_CHECKING:
     from .engine import Engine
     from .exchange import Exchange
-    from .interfaces import Target
     from .pool import UpstreamPool
 
 log = logging.getLogger(__name__)
@@ -79,6 +79,8 @@ _KNOWN_HEAD_MAX = 2048  # longer response heads are never remembered (UpstreamPo
 _NOVEL = 16  # heads in a row that never repeated, after which only every 16th is remembered
 _KEPT = (h.ORDINARY, h.CONTENT_LENGTH, h.DATE)  # forwarded as they are (see _ordinary_lines)
 _TIMER_SLACK = 0.001  # re-arm at least this far ahead (uvloop's timers have 1 ms resolution)
+OPEN, TUNNEL, CLOSED = Up
+SENDING, RESPONDING = Ex.SENDING, Ex.RESPONDING
 
 
 class _Stop(Exception):
@@ -111,7 +113,6 @@ class UpstreamConnection(asyncio.Protocol):
         "_timer",
         "_timer_at",
         "_upgrade_value",
-        "dead",
         "deadline",
         "engine",
         "ex",
@@ -119,8 +120,8 @@ class UpstreamConnection(asyncio.Protocol):
         "parser",
         "pool",
         "reused",
+        "state",
         "transport",
-        "tunnel",
     )
 
     def __init__(self, pool: UpstreamPool, engine: Engine) -> None:
@@ -132,8 +133,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = _INF
         self.reused = False  # served an exchange before (keep-alive)
-        self.tunnel = False  # switched to raw byte piping (101)
-        self.dead = False  # closed, closing or lost: never to be reused
+        self.state = OPEN  # (see states.UPSTREAM; idle or busy: `ex`)
         self._stop_reuse = False  # never to go back to the pool (so never reset)
         self._spare_fd = -1  # a dup of the socket's fd while a body streams (see _salvage)
         self._reading_paused = False
@@ -153,7 +153,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._reset_rare()
 
     def __repr__(self) -> str:
-        state = "tunnel" if self.tunnel else "busy" if self.ex is not None else "idle"
+        state = self.state.name if self.state is not OPEN else "BUSY" if self.ex else "IDLE"
         return f"<UpstreamConnection {self.pool.host}:{self.pool.port} {state}>"
 
     @property
@@ -192,7 +192,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._arm(monotonic() + self.pool.idle_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.dead = True
+        was = self.state
+        self.state = move(UPSTREAM, was, UpEvent.CLOSE)
         self.pool.open -= 1
         self.engine.upstream_open -= 1
         if self._timer is not None:
@@ -200,7 +201,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._timer = None
         ex = self.ex
         if self._spare_fd >= 0:
-            if exc is not None and ex is not None and not self.tunnel and not self._done:
+            if exc is not None and ex is not None and was is not TUNNEL and not self._done:
                 rest = self._salvage()
                 if rest:
                     self._stop_reuse = True
@@ -210,7 +211,7 @@ class UpstreamConnection(asyncio.Protocol):
         if ex is None:
             self.pool.forget(self)
             return
-        if self.tunnel:
+        if was is TUNNEL:
             ex.tunnel_closed()
         elif self._eof_body and self._head_done:
             # An EOF-delimited body ended: this is the normal end of the response.
@@ -222,7 +223,8 @@ class UpstreamConnection(asyncio.Protocol):
             ex.upstream_lost(self, UpstreamReset())
 
     def eof_received(self) -> bool | None:
-        self.dead = True  # closing: a parked connection must not be taken any more
+        # Closing: a parked connection must not be taken any more.
+        self.state = move(UPSTREAM, self.state, UpEvent.CLOSE)
         return None  # close our side too; connection_lost does the bookkeeping
 
     def pause_writing(self) -> None:
@@ -238,7 +240,7 @@ class UpstreamConnection(asyncio.Protocol):
         if ex is None:  # bytes while parked: the stream is out of sync, never reuse it
             self.close()
             return
-        if self.tunnel:
+        if self.state is TUNNEL:
             ex.inbound.write(data)
             return
         out = self.out
@@ -264,13 +266,13 @@ class UpstreamConnection(asyncio.Protocol):
                 self.parser.feed_data(data)
             except HttpParserUpgrade as upgrade:
                 self._data = None
-                if not self._head_done or ex.target is None or not ex.upgrade:
+                if not self._head_done or not ex.upgrade:
                     self._protocol_error(ex)
                     return
                 rest = data[upgrade.args[0] :]
                 if rest:
                     out.append(rest)
-                self.tunnel = True
+                self.state = move(UPSTREAM, self.state, UpEvent.UPGRADED)
                 self.deadline = _INF
             except (HttpParserCallbackError, HttpParserError):
                 # A callback stopped the parser (a HEAD response, done; or a second message after
@@ -288,43 +290,21 @@ class UpstreamConnection(asyncio.Protocol):
         spliced = self._spliced
         if spliced is not None:  # (then `out` is empty: see on_headers_complete)
             self._spliced = None
-            # Engine.write_hit() written out: at once while the loop is quiet, with the other
-            # writes of this iteration when busy.
-            engine = self.engine
-            later = engine.later
-            if later or now - engine.last_write < engine.busy_gap:
-                later.append((ex.inbound.transport, spliced))
-                if not engine.later_armed:
-                    engine.arm_flush()
-            else:
-                ex.inbound.transport.write(spliced)
-            engine.last_write = now
-            ex.head_sent = True
-        elif out:
             # Invariant: an exchange whose client connection is lost is detached from its
             # upstream connection at once (Exchange.abort), so the client transport is open.
+            self.engine.write_hit(ex.inbound.transport, spliced, now)
+            ex.state = RESPONDING  # (HEAD_SENT: an error can only close the connection now)
+        elif out:
             self.engine.flush_writes()  # (in order: see Engine.flush_writes)
             ex.inbound.transport.write(b"".join(out))  # (one part: joined without a copy)
             out.clear()
-            if self._head_done:
-                ex.head_sent = True  # from now on an error can only close the connection
-        if self.tunnel:  # (llhttp also completes the 101 message: test this first)
+            if self._head_done and ex.state is SENDING:
+                ex.state = RESPONDING  # (HEAD_SENT)
+        if self.state is TUNNEL:  # (llhttp also completes the 101 message: test this first)
             ex.switched()
         elif self._done:
             self._done = False
-            # park() written out (the hit path); a request body not sent whole leaves the
-            # stream unusable.
-            pool = self.pool
-            idle = pool.idle
-            if self._stop_reuse or not ex.request_complete or len(idle) >= pool.max_idle:
-                self.close()
-            else:
-                self.reused = True
-                self.ex = None
-                if self._reading_paused:
-                    self.resume_reading()  # must see the upstream's close while parked
-                self.deadline = now + pool.idle_timeout
-                idle.append(self)
+            self.park(now)
             try:
                 ex.finished(now)
             except Exception:  # (free in 3.11 until raised)
@@ -415,8 +395,7 @@ class UpstreamConnection(asyncio.Protocol):
         status line to a keep-alive client, or in place of the Connection line when the client
         connection closes (see on_headers_complete); a Date line when `dated` is false."""
         if ex.keep_alive and ex.request_complete:
-            target: Target = ex.target  # type: ignore[assignment]  # (attached: routed)
-            insert = self.engine.head_inserts[target.ephemeral]
+            insert = self.engine.head_inserts[ex.target.ephemeral]
             if not dated:
                 insert = (insert or b"\r\n") + date_line()
             self._spliced = data.replace(b"\r\n", insert, 1) if insert else data
@@ -427,7 +406,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def _splice_closing(self, ex: Exchange, data: bytes, dated: bool) -> None:
         """The fast path's output when the client connection closes after this response."""
-        add = self.engine.close_lines[ex.target.ephemeral]  # type: ignore[union-attr]
+        add = self.engine.close_lines[ex.target.ephemeral]
         if not dated:
             add += b"\r\n" + date_line()[:-2]
         if self._conn_cut:
@@ -498,7 +477,6 @@ class UpstreamConnection(asyncio.Protocol):
         self._upgrade_value = None
 
     def _general_head(self, ex: Exchange, status: int) -> None:
-        assert ex.target is not None
         lines = self._ordinary_lines(self._head_lines(), self._conn_extra)
         self._pre = None
         self._rare = True
@@ -553,8 +531,8 @@ class UpstreamConnection(asyncio.Protocol):
     # --- used by the exchange and the pool ---------------------------------------------------
     def begin(self, ex: Exchange, now: float) -> None:
         """Attach an exchange (the connection is open and idle; `now` is a monotonic time) and
-        write its request head, with any body bytes collected meanwhile. (Written out in
-        Exchange.start for the common request: keep the two in step.)"""
+        write its request head, with any body bytes collected meanwhile. The head alone is the
+        hit path's write: deferred while the loop is busy (Engine.write_hit)."""
         self.ex = ex
         self._head_done = False
         self._cl = None
@@ -565,10 +543,13 @@ class UpstreamConnection(asyncio.Protocol):
         deadline = self.deadline = now + ex.timeout
         if deadline < self._timer_at:
             self._arm(deadline)
+        pending = ex.pending
         if ex.inbound.write_paused:
             self.pause_reading()
+        elif pending is None:
+            self.engine.write_hit(self.transport, ex.head, now)
+            return
         self.engine.flush_writes()  # (in order: see Engine.flush_writes)
-        pending = ex.pending
         if pending is None:
             self.transport.write(ex.head)
         else:
@@ -578,11 +559,18 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.write(b"".join(pending))
 
     def park(self, now: float) -> None:
-        """The exchange finished cleanly: go idle in the pool (or close if it is full or
-        closed). The deadline becomes the pool idle timeout from `now`."""
+        """The response was read to its end (at monotonic `now`): go idle in the pool, where
+        the deadline becomes the pool idle timeout. Closed instead when it cannot be reused: the
+        upstream asked to close or the stream is out of sync (`_stop_reuse`), the request body
+        was not sent whole, or the pool is full (or closed: then it holds none)."""
         pool = self.pool
         idle = pool.idle
-        if len(idle) >= pool.max_idle:  # (0 once the pool is closed)
+        ex = self.ex
+        if (
+            self._stop_reuse
+            or (ex is not None and not ex.request_complete)
+            or len(idle) >= pool.max_idle
+        ):
             self.close()
             return
         self.reused = True
@@ -597,11 +585,12 @@ class UpstreamConnection(asyncio.Protocol):
         re-arms the idle timeout too. While a body streams, a duplicate of the socket's fd is
         kept (see `_salvage`)."""
         ex = self.ex
-        if self._spare_fd < 0 and ex is not None and not self.tunnel:
+        tunnel = self.state is TUNNEL
+        if self._spare_fd < 0 and ex is not None and not tunnel:
             self._keep_spare_fd()
         self.engine.flush_writes()  # (in order: see Engine.flush_writes)
         self.transport.write(data)
-        if ex is not None and not self.tunnel:
+        if ex is not None and not tunnel:
             self.deadline = monotonic() + ex.timeout
 
     def _keep_spare_fd(self) -> None:
@@ -643,13 +632,13 @@ class UpstreamConnection(asyncio.Protocol):
 
     def close(self) -> None:
         self.ex = None
-        self.dead = True
+        self.state = move(UPSTREAM, self.state, UpEvent.CLOSE)
         self.engine.flush_writes()  # (what was written before the close goes first)
         self.transport.close()
 
     def abort(self) -> None:
         self.ex = None
-        self.dead = True
+        self.state = move(UPSTREAM, self.state, UpEvent.CLOSE)
         self.engine.flush_writes()  # (as if written at once: see Engine.flush_writes)
         self.transport.abort()
 
@@ -667,7 +656,7 @@ class UpstreamConnection(asyncio.Protocol):
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_at = _INF
-        if self.dead:
+        if self.state is CLOSED:
             return
         now = monotonic()
         tick = now + self.pool.idle_timeout
@@ -677,7 +666,7 @@ class UpstreamConnection(asyncio.Protocol):
                 self.pool.forget(self)
                 self.close()
                 return
-        elif self.tunnel:
+        elif self.state is TUNNEL:
             pass  # upgraded connections have no timeout
         elif now >= self.deadline:
             ex.upstream_lost(self, UpstreamTimeout())

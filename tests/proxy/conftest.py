@@ -4,6 +4,8 @@
   connection; it records connections and the raw requests read with `read_request`.
 - `proxy(routes, **config)`: a ProxyServer with a StaticRouter (or a router given), on a free port.
 Everything started here is closed at teardown, also when the test fails.
+Every exchange of every test here checks its state moves against states.EXCHANGE
+(`checked_exchanges`, autouse): the hit path stores its moves directly.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import httptools
@@ -20,6 +22,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from miren_ingress.proxy import ProxyConfig, ProxyServer, Router, StaticRouter
+from miren_ingress.proxy.testing import checked_exchanges
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -131,6 +134,12 @@ def ok_handler(upstream_ref: list[RawUpstream], body: bytes = b"ok", extra: byte
             await writer.drain()
 
     return handler
+
+
+@pytest.fixture(autouse=True)
+def _checked_exchange_states() -> Iterator[None]:
+    with checked_exchanges():
+        yield
 
 
 @pytest.fixture

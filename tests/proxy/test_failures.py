@@ -77,7 +77,11 @@ class ScriptedRouter:
         self.calls.append("acquire")
         self.acquire_started.set()
         if self.acquire_gate is not None:
-            await self.acquire_gate.wait()
+            try:
+                await self.acquire_gate.wait()
+            except asyncio.CancelledError:
+                self.calls.append("acquire cancelled")
+                raise
         answer = self.acquired
         if self.more:
             self.acquired = self.more.pop(0)
@@ -323,9 +327,13 @@ async def test_client_gone_during_cold_start_leaves_nothing(
     await asyncio.wait_for(router.acquire_started.wait(), 5)
     assert p.server.in_flight == 1
     writer.close()
+    # The cold start is cancelled (not left to finish for nobody): checked by waiting for the
+    # cancellation itself, since an acquire that went on would only show after the gate opens.
+    await eventually(lambda: "acquire cancelled" in router.calls, what="acquire cancelled")
     await eventually(lambda: p.server.in_flight == 0, what="in-flight back to 0")
     await eventually(lambda: p.server.open_connections == 0, what="connection gone")
     router.acquire_gate.set()
+    assert router.calls == ["cached", "acquire", "acquire cancelled"]
     assert router.outstanding == set()
     assert ok_upstream.requests == []
 
