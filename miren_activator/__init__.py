@@ -18,6 +18,7 @@ from miren_activator.errors import (
 from miren_activator.policy import CrashPolicy, PoolParams, pool_id_for
 from miren_activator.pools import Held, Lease, PoolSnapshot, SandboxInfo, VersionRef
 from miren_activator.runtimes.base import PollSchedule, SandboxHandle, SandboxRuntime, SandboxSpec
+from miren_activator.runtimes.fake import FakeRuntime, FakeSandbox
 from miren_activator.runtimes.process import ProcessRuntime
 from miren_activator.runtimes.upstream import UpstreamRuntime
 
@@ -31,6 +32,8 @@ __all__ = [
     "Clock",
     "CrashBackoff",
     "CrashPolicy",
+    "FakeRuntime",
+    "FakeSandbox",
     "Held",
     "IllegalTransition",
     "Lease",

@@ -1,9 +1,10 @@
 """The runtime interface: how a sandbox is started, checked, and stopped.
 
 The activator never spawns or probes anything itself; it calls a `SandboxRuntime` chosen by the
-version's `spec.runtime` (`ProcessRuntime`, `UpstreamRuntime`, or a test's own). A runtime's
-`start` returns quickly with a `SandboxHandle` once the sandbox exists (process spawned); the
-activator then races `wait_ready` against `wait_exit` under the version's `boot_timeout`.
+version's `spec.runtime` (`ProcessRuntime`, `UpstreamRuntime`, or the in-memory `FakeRuntime` of
+`fake.py`). A runtime's `start` returns quickly with a `SandboxHandle` once the sandbox exists
+(process spawned); the activator then races `wait_ready` against `wait_exit` under the version's
+`boot_timeout`.
 
 Health: `probe` asks `GET <health_path>` and counts any answer below 500 as serving (the default
 path is `/`, where many apps answer 404: an app that answers HTTP at all is up; a 5xx means up but

@@ -861,40 +861,25 @@ async def test_acquire_starts_an_unstarted_activator(store: MemoryStore, tmp_pat
     assert await act.flush(0.1)
 
 
-class GatedRuntime:
-    """The process runtime behind a gate: `start` waits until the test opens it. Holds a boot
-    in its spawn step, a moment no real process can be made to stop in on cue."""
-
-    def __init__(self) -> None:
-        from miren_activator import ProcessRuntime
-
-        self.inner = ProcessRuntime()
-        self.gate = asyncio.Event()
-        self.entered = asyncio.Event()
-        self.pids: list[int] = []
-
-    async def start(self, spec):  # type: ignore[no-untyped-def]
-        self.entered.set()
-        await self.gate.wait()
-        handle = await self.inner.start(spec)
-        self.pids.append(handle.pid)
-        return handle
-
-
 async def test_stop_requested_while_spawning_stops_the_sandbox_once_spawned(
     make_activator: ActivatorFactory,
 ) -> None:
-    runtime = GatedRuntime()
+    from miren_activator import FakeRuntime
+
+    runtime = FakeRuntime(ready=True)
+    runtime.hold_starts()  # the boot waits in its spawn step, a moment no process stops in
     act = await make_activator(runtimes={Runtime.PROCESS: runtime})
     waiter = asyncio.ensure_future(act.acquire(make_version("app-v1")))
-    await asyncio.wait_for(runtime.entered.wait(), 5)
+    await asyncio.wait_for(runtime.called(1), 5)
     removal = asyncio.ensure_future(act.remove_version("app-v1"))
     with pytest.raises(VersionRemoved):
         await waiter
-    runtime.gate.set()
+    assert runtime.sandboxes == []  # not spawned yet
+    runtime.release_starts()
     await asyncio.wait_for(removal, 5)
-    (pid,) = runtime.pids
-    await wait_until(lambda: pid_gone(pid), 5.0, "the late-spawned sandbox to be stopped")
+    (sb,) = runtime.sandboxes
+    assert await asyncio.wait_for(sb.wait_stopped(), 5) == 0.0  # stopped as soon as spawned
+    assert sb.ended and act.snapshot("app-v1") is None
 
 
 async def test_a_sandbox_that_ends_ends_its_own_leases_and_no_other(
