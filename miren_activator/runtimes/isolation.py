@@ -74,6 +74,8 @@ from typing import Final
 
 import attrs
 
+from miren_store.settings import setting
+
 DEFAULT_UID: Final = 65532
 DEFAULT_GID: Final = 65532
 DEFAULT_TMP_SIZE: Final = 256 * 1024 * 1024
@@ -132,6 +134,34 @@ class IsolationConfig:
     bwrap: str | None = "bwrap"
     tmp_size: int = attrs.field(default=DEFAULT_TMP_SIZE, validator=attrs.validators.ge(0))
     scratch_dir: str | None = None
+
+
+@attrs.frozen(kw_only=True)
+class SandboxConfig:
+    """The `[sandbox]` section of the edge's config: the part of `IsolationConfig` an operator
+    chooses; `miren serve` adds the paths to hide (`isolation_config`)."""
+
+    isolation: IsolationMode = attrs.field(
+        default=IsolationMode.AUTO,
+        metadata=setting(
+            "how process sandboxes are confined: auto, bwrap, user or none (see Security)"
+        ),
+    )
+    uid: int = attrs.field(
+        default=DEFAULT_UID,
+        metadata=setting(
+            "who sandboxes run as when the edge is root (never 0)", minimum=1, maximum=2**32 - 2
+        ),
+    )
+    gid: int = attrs.field(
+        default=DEFAULT_GID,
+        metadata=setting("the group they run as (never 0)", minimum=1, maximum=2**32 - 2),
+    )
+
+    def isolation_config(self, hidden_paths: Iterable[str]) -> IsolationConfig:
+        return IsolationConfig(
+            mode=self.isolation, uid=self.uid, gid=self.gid, hidden_paths=tuple(hidden_paths)
+        )
 
 
 @attrs.frozen

@@ -1,23 +1,92 @@
-"""Settings of the proxy engine: one typed object, built by the caller, passed down."""
+"""Settings of the proxy engine: one typed object, built by the caller, passed down.
+
+It is also the `[ingress]` section of the edge's configuration: each field is declared once,
+with its default and its help (`miren_store.settings`); `internal` fields are not config keys.
+"""
 
 from __future__ import annotations
 
 import attrs
 
+from miren_store.settings import internal, setting
+
 
 @attrs.frozen(slots=True)
 class ProxyConfig:
-    header_timeout: float = 30.0  # a request head must arrive within this (slowloris bound)
-    keepalive_timeout: float = 75.0  # an idle client connection is closed after this
-    body_timeout: float = 30.0  # a request body must not stall longer than this (408)
-    request_buffer: int = 16 * 1024  # body bytes read before the upstream is chosen (0: none)
-    max_header_bytes: int = 64 * 1024  # request line + header section (larger: 431)
-    max_request_line: int = 8 * 1024  # request target length (longer: 414)
-    max_headers: int = 100  # header fields in a request head (more: 431)
-    robots_tag: str = "noindex"  # X-Robots-Tag value on ephemeral targets' responses
-    connect_timeout: float = 5.0  # TCP connect to an upstream (then 502, the target marked down)
-    pool_max_idle: int = 512  # idle keep-alive connections kept per upstream address
-    pool_idle_timeout: float = 30.0  # an idle pooled connection is closed after this
-    buffer_limit: int = 256 * 1024  # request bytes held while no upstream is attached yet
-    write_high_water: int = 256 * 1024  # transport write buffer: pause the other side above
-    write_low_water: int = 64 * 1024  # ... and resume it below
+    header_timeout: float = attrs.field(
+        default=30.0,
+        metadata=setting(
+            "a request head must arrive within this (slow-client bound)",
+            duration=True,
+            positive=True,
+        ),
+    )
+    keepalive_timeout: float = attrs.field(
+        default=75.0,
+        metadata=setting(
+            "an idle client connection is closed after this", duration=True, positive=True
+        ),
+    )
+    body_timeout: float = attrs.field(
+        default=30.0,
+        metadata=setting(
+            "a request body that stops arriving this long is answered 408 (its lease and "
+            "upstream connection are freed)",
+            duration=True,
+            positive=True,
+        ),
+    )
+    request_buffer: int = attrs.field(
+        default=16 * 1024,
+        metadata=setting(
+            "bytes of a request body read before the upstream is chosen: a shorter body arrives "
+            "whole before it takes a lease, so a stalled one holds no capacity; longer bodies "
+            "stream; 0 streams at once; requests with Expect are never buffered",
+            minimum=0,
+            maximum=1024 * 1024,  # held per client connection at most: keep it small
+        ),
+    )
+    max_header_bytes: int = attrs.field(
+        default=64 * 1024, metadata=internal("request line + header section (larger: 431)")
+    )
+    max_request_line: int = attrs.field(
+        default=8 * 1024, metadata=internal("request target length (longer: 414)")
+    )
+    max_headers: int = attrs.field(
+        default=100,
+        metadata=setting(
+            "header fields in a request head; more: 431 (also a head over 64 KiB; a target "
+            "over 8 KiB: 414)",
+            minimum=1,
+        ),
+    )
+    robots_tag: str = attrs.field(
+        default="noindex",
+        metadata=setting("X-Robots-Tag value on preview responses (empty: none)"),
+    )
+    connect_timeout: float = attrs.field(
+        default=5.0,
+        metadata=setting(
+            "connecting to a sandbox or upstream: past it, 502 (retried once elsewhere) and the "
+            "target marked down",
+            duration=True,
+            positive=True,
+        ),
+    )
+    pool_max_idle: int = attrs.field(
+        default=512, metadata=internal("idle keep-alive connections kept per upstream address")
+    )
+    pool_idle_timeout: float = attrs.field(
+        default=30.0, metadata=internal("an idle pooled connection is closed after this (s)")
+    )
+    buffer_limit: int = attrs.field(
+        default=256 * 1024,
+        metadata=internal("request bytes held while no upstream is attached yet"),
+    )
+    write_high_water: int = attrs.field(
+        default=256 * 1024,
+        metadata=internal("transport write buffer: pause the other side above this"),
+    )
+    write_low_water: int = attrs.field(
+        default=64 * 1024, metadata=internal("... and resume it below this")
+    )

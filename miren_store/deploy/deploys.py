@@ -79,6 +79,7 @@ from miren_store.deploy.labels import label_from, validate_label
 from miren_store.deploy.ttl import DEFAULT_TTL, MAX_TTL, resolve_ttl
 from miren_store.entities import App, AppVersion, HttpRoute, Source, VersionSpec, new_id, utcnow
 from miren_store.errors import Conflict, NotFound, StoreUnavailable
+from miren_store.settings import setting
 from miren_store.store import Check, Create, Delete, Op, Store, Update
 
 Clock = Callable[[], datetime]
@@ -93,13 +94,42 @@ MAX_EVICTIONS_PER_DEPLOY = 12
 class EphemeralConfig:
     """Settings of the deploy domain (part of the server's one config object)."""
 
-    max_per_app: int = 10
-    default_ttl: timedelta = DEFAULT_TTL
-    max_ttl: timedelta = MAX_TTL
-    cluster_hostname: str | None = None
-    url_scheme: str = "https"
-    url_port: int | None = None
-    commit_attempts: int = 50  # races lost before giving up (N racing deploys need <= N)
+    max_per_app: int = attrs.field(
+        default=10,
+        metadata=setting(
+            "previews per app; a deploy beyond it evicts the expired ones first, then the "
+            "nearest expiry",
+            minimum=1,
+        ),
+    )
+    default_ttl: timedelta = attrs.field(
+        default=DEFAULT_TTL, metadata=setting("a preview's lifetime when its deploy names none")
+    )
+    max_ttl: timedelta = attrs.field(
+        default=MAX_TTL, metadata=setting("the longest lifetime a deploy or an extend may ask for")
+    )
+    cluster_hostname: str | None = attrs.field(
+        default=None,
+        metadata=setting("URL for previews of apps without routes: <label>.<cluster_hostname>"),
+    )
+    url_scheme: str = attrs.field(
+        default="https",
+        metadata=setting("the scheme of the URLs deploy answers print", choices=("http", "https")),
+    )
+    url_port: int | None = attrs.field(
+        default=None,
+        metadata=setting(
+            "the port of the URLs deploy answers print (none: the scheme's)",
+            minimum=1,
+            maximum=65535,
+        ),
+    )
+    commit_attempts: int = attrs.field(
+        default=50,
+        metadata=setting(
+            "deploy commits lost to races before giving up (N racing deploys need N)", minimum=1
+        ),
+    )
 
     def __attrs_post_init__(self) -> None:
         if self.max_per_app < 1:

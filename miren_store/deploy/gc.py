@@ -44,12 +44,36 @@ from miren_store.deploy.cascade import Deleted, delete_orphan_pools, delete_vers
 from miren_store.deploy.errors import ActiveVersion, StoreFailure
 from miren_store.entities import AppVersion, utcnow
 from miren_store.errors import NotFound, StoreUnavailable
+from miren_store.settings import setting
 from miren_store.store import Store
 
 log = logging.getLogger(__name__)
 
 _EPSILON = 0.001  # seconds added to a timer so a wake-up lands just after the instant, not before
 _ERROR_PAUSE = 1.0  # seconds to wait after an unexpected error before the next pass
+
+
+@attrs.frozen(kw_only=True)
+class GcConfig:
+    """The `[gc]` section of the edge's config: how `miren serve` runs its `ExpiryGC`."""
+
+    sweep_interval: float = attrs.field(
+        default=60.0,
+        metadata=setting(
+            "a full sweep of the expiry index, besides one timer per preview",
+            duration=True,
+            positive=True,
+        ),
+    )
+    expiry_grace: float = attrs.field(
+        default=1.0,
+        metadata=setting(
+            "an expired preview answers 410 this long, then it is collected (404)",
+            duration=True,
+            minimum=0.0,
+            maximum=60.0,
+        ),
+    )
 
 
 @attrs.frozen
