@@ -4,9 +4,14 @@
     etcd://h1:2379[,h2:2379][/prefix]   -> EtcdStore (the path, if any, overrides `prefix`)
     etcd://unix:%2Frun%2Fetcd%2Fclient.sock:0[/prefix]
                                         -> EtcdStore on a unix socket (`/run/etcd/client.sock:0`)
+    embedded                            -> EtcdStore on a private etcd child process in
+                                           `<data_dir>/etcd` (`miren_store.embedded`)
 
-`embedded` (a private etcd child process) needs a data dir and a process to own: see
-`open_embedded`, which `miren serve` calls with its `--data-dir`.
+`open_backend` is the one place a store is chosen: an async context manager that opens the store
+named by the `store` setting with its `StoreOptions` (the `[store_options]` section) and, for
+`embedded`, starts the etcd first and stops it after the store is closed. `check_store` says
+whether a name is valid without any I/O (config validation). `open_store` opens the in-process
+and `etcd://` backends only (it never starts a process; tests use it on a server they own).
 
 Endpoints. An endpoint is `host:port` (TCP) or `unix:/absolute/path` (a unix socket). aetcd, the
 gRPC client, always dials the target `f"{host}:{port}"`, and gRPC reads `unix:<path>` as a
@@ -21,11 +26,16 @@ written with each `/` as `%2F` (as in `http+unix://` URLs); `EmbeddedEtcd.url` d
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Final
 from urllib.parse import unquote
 
+import attrs
+
+from miren_store.settings import setting
 from miren_store.store import Store, StoreStats
 
 if TYPE_CHECKING:
@@ -40,6 +50,82 @@ USAGE = (
     "expected 'memory', 'embedded' or 'etcd://host:port[,host:port...][/prefix]' "
     "(a unix socket: 'etcd://unix:%2Fpath%2Fto%2Fname:N', each '/' of the path as %2F)"
 )
+
+
+MEMORY: Final = "memory"
+EMBEDDED: Final = "embedded"
+EMBEDDED_SUBDIR: Final = "etcd"  # the embedded etcd's directory inside the data dir
+
+
+@attrs.frozen(kw_only=True)
+class StoreOptions:
+    """The `[store_options]` section of the edge's config: how the store is used, whichever
+    backend `store` names."""
+
+    etcd_prefix: str = attrs.field(
+        default="/miren",
+        metadata=setting("key prefix in etcd (the path of an etcd:// URL overrides it)"),
+    )
+    timeout: float = attrs.field(
+        default=2.0,
+        metadata=setting(
+            "every store call fails (store_unavailable) within this",
+            duration=True,
+            positive=True,
+        ),
+    )
+
+
+@attrs.frozen
+class Backend:
+    """An open store, and the embedded etcd under it (None for `memory` and `etcd://`)."""
+
+    name: str  # `memory`, `embedded` or `etcd`
+    store: Store
+    etcd: EmbeddedEtcd | None = None
+
+    def __repr__(self) -> str:
+        return f"<Backend {self.name} {self.store!r}>"
+
+
+def check_store(name: str) -> None:
+    """Raise ValueError naming `name` unless `open_backend` can open it. No I/O."""
+    if name in (MEMORY, EMBEDDED):
+        return
+    if not name.startswith(ETCD_SCHEME):
+        raise ValueError(
+            f"{name!r} is not memory, embedded or etcd://host:port[,host:port...][/prefix]"
+        )
+    parse_endpoints(parse_etcd_url(name)[0])
+
+
+@contextlib.asynccontextmanager
+async def open_backend(
+    name: str,
+    options: StoreOptions | None = None,
+    *,
+    data_dir: str | os.PathLike[str],
+    stats: StoreStats | None = None,
+) -> AsyncIterator[Backend]:
+    """The store named `name` (`memory`, `embedded`, `etcd://...`), open for the block.
+
+    For `embedded`, a private etcd is started in `<data_dir>/etcd` first (`EtcdLaunchError`
+    if it cannot be) and stopped after the store is closed, also when the block raises; no
+    process outlives the block. Raises ValueError naming `name` when it is not a store.
+    """
+    options = options if options is not None else StoreOptions()
+    check_store(name)
+    async with contextlib.AsyncExitStack() as stack:
+        etcd: EmbeddedEtcd | None = None
+        url = name
+        if name == EMBEDDED:
+            from miren_store.embedded import EmbeddedEtcd
+
+            etcd = await stack.enter_async_context(EmbeddedEtcd(Path(data_dir) / EMBEDDED_SUBDIR))
+            url = etcd.url
+        store = open_store(url, timeout=options.timeout, prefix=options.etcd_prefix, stats=stats)
+        stack.push_async_callback(store.close)
+        yield Backend(name.partition("://")[0], store, etcd)
 
 
 def parse_etcd_url(url: str) -> tuple[list[str], str | None]:
@@ -74,7 +160,7 @@ def open_store(
     """A store by name (see the module docstring). Never does I/O: etcd is connected lazily,
     so this succeeds while etcd is down (its calls raise StoreUnavailable until it is up)."""
     name = url.strip()
-    if name == "memory":
+    if name == MEMORY:
         from miren_store.memory import MemoryStore
 
         store = MemoryStore()
@@ -89,35 +175,11 @@ def open_store(
             return EtcdStore(endpoints, prefix=url_prefix or prefix, timeout=timeout, stats=stats)
         except ValueError as exc:
             raise ValueError(f"etcd store URL {url!r}: {exc}") from exc
-    if name == "embedded":
+    if name == EMBEDDED:
         raise ValueError(
-            "the embedded store needs a data dir and owns an etcd process: "
-            "use open_embedded(data_dir)"
+            "the embedded store needs a data dir and owns an etcd process: use open_backend"
         )
     raise ValueError(f"unknown store {url!r}; {USAGE}")
-
-
-async def open_embedded(
-    data_dir: str | os.PathLike[str],
-    *,
-    timeout: float = 2.0,
-    prefix: str = "/miren",
-    stats: StoreStats | None = None,
-) -> tuple[Store, EmbeddedEtcd]:
-    """Start a private etcd in `data_dir` and open the etcd store on it.
-
-    The caller owns both: close the store, then `await etcd.stop()`. If opening fails after etcd
-    started, etcd is stopped before the error propagates.
-    """
-    from miren_store.embedded import EmbeddedEtcd
-
-    etcd = EmbeddedEtcd(data_dir)
-    await etcd.start()
-    try:
-        return open_store(etcd.url, timeout=timeout, prefix=prefix, stats=stats), etcd
-    except BaseException:
-        await etcd.stop()
-        raise
 
 
 def parse_endpoints(endpoints: str | Sequence[str]) -> tuple[tuple[str, int], ...]:
