@@ -297,6 +297,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return run(config, config_path=args.config)
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    """`miren config`: every key of the serve configuration, its default and its help."""
+    from miren_ingress.shell import reference
+
+    if args.format == "json":
+        print(reference.as_json())
+    elif args.format == "markdown":
+        print(reference.markdown_table(), end="")
+    else:
+        print(reference.text(), end="")
+    return 0
+
+
 # -- parser -------------------------------------------------------------------------------------
 
 
@@ -318,17 +331,38 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentParser(add_help=False)
     fmt.add_argument("--format", choices=["text", "json"], default="text")
 
-    s = sub.add_parser("serve", help="run the edge proxy and the admin API")
+    # The keys' defaults and help are written once, with the config classes: `miren config`
+    # prints them (importing them here would slow every other command down).
+    s = sub.add_parser(
+        "serve",
+        help="run the edge proxy and the admin API",
+        epilog="Every key, its default, its MIREN_* variable and its meaning: `miren config`.",
+    )
     s.add_argument("--config", help="TOML config file")
-    s.add_argument("--listen", help="proxy listener (default 127.0.0.1:8080)")
-    s.add_argument("--admin-listen", dest="admin_listen", help="admin listener (127.0.0.1:8081)")
-    s.add_argument("--store", help="memory | embedded | etcd://h1:2379,h2:2379")
-    s.add_argument("--data-dir", dest="data_dir", help="state directory (default ./.miren)")
+    s.add_argument("--listen", metavar="HOST:PORT", help="proxy listener (key listen)")
+    s.add_argument(
+        "--admin-listen", dest="admin_listen", metavar="HOST:PORT", help="(key admin_listen)"
+    )
+    s.add_argument("--store", help="memory | embedded | etcd://h1:2379,h2:2379 (key store)")
+    s.add_argument("--data-dir", dest="data_dir", metavar="DIR", help="(key data_dir)")
     s.add_argument(
         "--set",
         action="append",
         metavar="KEY=VALUE",
         help="any config key, e.g. --set ephemeral.max_ttl=7d",
+    )
+
+    c = sub.add_parser(
+        "config",
+        help="list the keys of the serve configuration, their defaults and help",
+        description="Every key of `miren serve`'s configuration, with its default, its "
+        "environment variable and its meaning.",
+    )
+    c.add_argument(
+        "--format",
+        choices=["text", "json", "markdown"],
+        default="text",
+        help="markdown: the README's table",
     )
 
     a = sub.add_parser("app", help="apps and their versions")
@@ -402,6 +436,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command_name == "serve":
         return cmd_serve(args)
+    if args.command_name == "config":
+        return cmd_config(args)
     from miren_ingress.admin.token import cli_token
 
     try:

@@ -1,11 +1,23 @@
 """`miren serve`: wires the store, route table, activator, proxy, GC and admin API together.
 
-Start-up order: store (starting the embedded etcd first when it is the store) -> route table sync
--> activator -> proxy listener -> GC -> admin listener; "ready" is logged when all listen.
-Shutdown (SIGTERM / SIGINT) runs in reverse under a deadline: stop accepting on the proxy and let
-in-flight requests finish up to the grace, stop the admin listener, the GC and the table sync,
-stop every sandbox (SIGTERM, then SIGKILL), close the store, stop the embedded etcd. Every child
-process is also tied to this process's life (PR_SET_PDEATHSIG), so none outlives a SIGKILL.
+Start-up and shutdown are one `contextlib.AsyncExitStack`: each component is entered on it as it
+starts, so shutdown is start-up in reverse, and a failure at any step of start-up tears down what
+already started before the error propagates (no process, task or listener is left behind). The
+steps, in start-up order:
+
+    store             `miren_store.backends.open_backend` (`embedded` starts its etcd first)
+    activator         sandboxes, confined as `[sandbox]` says
+    route table sync  the table follows the store through a watch
+    gc                the expiry GC
+    proxy listener
+    admin listener    then "ready" is logged
+
+Shutdown (SIGTERM / SIGINT) unwinds them: the admin listener closes; the proxy stops accepting
+and lets in-flight requests finish up to `ingress.shutdown_grace`; the GC and the table sync
+stop; every sandbox stops (SIGTERM, then SIGKILL after `activator.stop_grace`); the store closes
+and the embedded etcd stops. Every child process is also tied to this process's life
+(PR_SET_PDEATHSIG), so none outlives a SIGKILL. Each step logs "started <step>" and "stopped
+<step>" at debug level.
 """
 
 from __future__ import annotations
@@ -18,10 +30,11 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 import uvloop
@@ -30,52 +43,37 @@ from prometheus_client import CollectorRegistry, Counter
 
 from miren_activator.activator import Activator
 from miren_activator.config import ActivatorConfig
-from miren_activator.runtimes.isolation import IsolationConfig, set_undumpable
+from miren_activator.runtimes.isolation import set_undumpable
 from miren_activator.runtimes.process import ProcessRuntime
 from miren_activator.runtimes.upstream import UpstreamRuntime
 from miren_ingress.admin import token as admin_token
 from miren_ingress.admin.api import AdminContext, AdminRunner, make_admin_app
-from miren_ingress.proxy.config import ProxyConfig
 from miren_ingress.proxy.server import ProxyServer
 from miren_ingress.routing.router import EdgeRouter
 from miren_ingress.routing.routes import RouteTable
 from miren_ingress.routing.table_sync import TableSync
 from miren_ingress.shell.config import Config, split_hostport
+from miren_store.backends import open_backend
 from miren_store.deploy.gc import ExpiryGC
-from miren_store.embedded import EmbeddedEtcd
 from miren_store.entities import AppVersion, Runtime
-from miren_store.memory import MemoryStore
+from miren_store.errors import StoreError
+from miren_store.settings import configured
 from miren_store.store import Change, Store, StoreStats
+
+T = TypeVar("T")
 
 log = logging.getLogger("miren")
 
 
-@contextlib.asynccontextmanager
-async def open_configured_store(
-    config: Config, stats: StoreStats
-) -> AsyncIterator[tuple[Store, EmbeddedEtcd | None]]:
-    """The configured store; for `embedded`, a private etcd under `<data_dir>/etcd`."""
-    etcd: EmbeddedEtcd | None = None
-    timeout = config.store_options.timeout.total_seconds()
-    prefix = config.store_options.etcd_prefix
-    if config.store == "memory":
-        store: Store = MemoryStore()
-        store.stats = stats
-    else:
-        from miren_store.backends import open_store
+class ListenError(Exception):
+    """A listener could not be opened; the message names the key, the address and why."""
 
-        url = config.store
-        if config.store == "embedded":
-            etcd = EmbeddedEtcd(Path(config.data_dir) / "etcd")
-            await etcd.start()
-            url = etcd.url
-        store = open_store(url, timeout=timeout, prefix=prefix, stats=stats)
-    try:
-        yield store, etcd
-    finally:
-        await store.close()
-        if etcd is not None:
-            await etcd.stop()
+
+def activator_config(config: Config) -> ActivatorConfig:
+    """The `[activator]` section as the activator runs it: the log dir resolved (`<data_dir>/logs`
+    unless `activator.log_dir` is set). Built by name from the section's keys, so every other
+    field (the crash policy) is the activator's own default, and a test may substitute the name."""
+    return ActivatorConfig(**{**configured(config.activator), "log_dir": config.log_dir})
 
 
 class Edge:
@@ -102,6 +100,8 @@ class Edge:
         self._sync: TableSync | None = None
         self.store: Store | None = None
         self._removals: set[asyncio.Task[None]] = set()
+        self.started: list[str] = []  # the start-up steps, in the order they started
+        self.stopped: list[str] = []  # ... and in the order they stopped
 
     def health(self) -> dict[str, Any]:
         store_ok = self.store is not None and self.store.healthy
@@ -164,38 +164,92 @@ class Edge:
         hidden = [str(Path(cfg.data_dir).absolute()), str(cfg.log_dir.absolute())]
         if self.config_path:
             hidden.append(str(Path(self.config_path).absolute()))
-        return ProcessRuntime(
-            isolation=IsolationConfig(
-                mode=cfg.sandbox.isolation,
-                uid=cfg.sandbox.uid,
-                gid=cfg.sandbox.gid,
-                hidden_paths=tuple(hidden),
-            )
-        )
+        return ProcessRuntime(isolation=cfg.sandbox.isolation_config(hidden))
 
     async def run(self, on_ready: Callable[[Edge], None] | None = None) -> None:
+        """Start every component, serve until `request_stop()`, stop them in reverse order.
+
+        Raises what made start-up fail (`ListenError`, `EtcdLaunchError`, ...) once everything
+        that had started is stopped again."""
         cfg = self.config
         await asyncio.to_thread(admin_token.ensure_private_dir, cfg.data_dir)
         if not cfg.admin_token:
             token = await asyncio.to_thread(admin_token.load_or_create, cfg.data_dir)
             cfg = self.config = attrs.evolve(cfg, admin_token=token)
             log.info("admin API token: %s", admin_token.token_path(cfg.data_dir))
-        async with open_configured_store(cfg, self.stats) as (store, _etcd):
-            self.store = store
-            processes = self._sandbox_runtime()
-            activator = Activator(
-                store,
-                config=ActivatorConfig(
-                    node=cfg.node_name,
-                    log_dir=cfg.log_dir,
-                    log_max_bytes=cfg.activator.log_max_bytes,
-                    max_waiters=cfg.ingress.max_waiters,
-                    stop_grace=cfg.activator.stop_grace.total_seconds(),
-                ),
-                runtimes={Runtime.PROCESS: processes, Runtime.UPSTREAM: UpstreamRuntime()},
-                registry=self.registry,
-            )
-            await activator.start()
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                backend = await self._start(
+                    stack,
+                    "store",
+                    open_backend(
+                        cfg.store, cfg.store_options, data_dir=cfg.data_dir, stats=self.stats
+                    ),
+                )
+                store = self.store = backend.store
+                activator = await self._start(stack, "activator", self._activator(store))
+                sync = await self._start(
+                    stack, "route table sync", self._table_sync(store, activator)
+                )
+                gc = await self._start(stack, "gc", self._gc(store))
+                self.proxy_address = await self._start(
+                    stack, "proxy listener", self._proxy_listener(activator)
+                )
+                self.admin_address = await self._start(
+                    stack, "admin listener", self._admin_listener(store, gc, activator)
+                )
+                await self._ready(sync)
+                if on_ready is not None:
+                    on_ready(self)
+                await self._stop.wait()
+                log.info("shutting down")
+        finally:
+            log.info("stopped")
+
+    async def _start(
+        self, stack: contextlib.AsyncExitStack, step: str, cm: AbstractAsyncContextManager[T]
+    ) -> T:
+        """Enter one start-up step on the stack: it is stopped when the stack unwinds."""
+        return await stack.enter_async_context(self._logged(step, cm))
+
+    @contextlib.asynccontextmanager
+    async def _logged(self, step: str, cm: AbstractAsyncContextManager[T]) -> AsyncIterator[T]:
+        """`cm`, its start and its stop recorded (`started`, `stopped`) and logged. A step whose
+        own stop fails is not recorded as stopped; one stopped while an error passes through
+        (a later step failed to start) is."""
+        thrown: BaseException | None = None
+        try:
+            async with cm as value:
+                self.started.append(step)
+                log.debug("started %s", step)
+                try:
+                    yield value
+                except BaseException as exc:
+                    thrown = exc
+                    raise
+                finally:
+                    log.debug("stopping %s", step)
+        except BaseException as exc:
+            if exc is thrown:
+                self._record_stop(step)
+            raise
+        self._record_stop(step)
+
+    def _record_stop(self, step: str) -> None:
+        self.stopped.append(step)
+        log.debug("stopped %s", step)
+
+    @contextlib.asynccontextmanager
+    async def _activator(self, store: Store) -> AsyncIterator[Activator]:
+        processes = self._sandbox_runtime()
+        activator = Activator(
+            store,
+            config=activator_config(self.config),
+            runtimes={Runtime.PROCESS: processes, Runtime.UPSTREAM: UpstreamRuntime()},
+            registry=self.registry,
+        )
+        await activator.start()
+        try:
             iso = processes.isolation
             self.isolation = iso.description if iso is not None else "unknown"
             if iso is not None and iso.refusal is not None:
@@ -207,83 +261,101 @@ class Edge:
                 )
             else:
                 log.info("sandbox isolation: %s", self.isolation)
-            sync = self._sync = TableSync(
-                store, self.table, on_change=lambda change: self._forget_removed(activator, change)
+            yield activator
+        finally:
+            if self._removals:
+                await asyncio.wait(list(self._removals))
+            await activator.close()
+
+    @contextlib.asynccontextmanager
+    async def _table_sync(self, store: Store, activator: Activator) -> AsyncIterator[TableSync]:
+        sync = self._sync = TableSync(
+            store, self.table, on_change=lambda change: self._forget_removed(activator, change)
+        )
+        sync.start()
+        try:
+            yield sync
+        finally:
+            await sync.stop()
+
+    @contextlib.asynccontextmanager
+    async def _gc(self, store: Store) -> AsyncIterator[ExpiryGC]:
+        gc = ExpiryGC(
+            store,
+            sweep_interval=self.config.gc.sweep_interval,
+            grace=self.config.gc.expiry_grace,
+            registry=self.registry,
+        )
+        gc.start()
+        try:
+            yield gc
+        finally:
+            await gc.stop()
+
+    @contextlib.asynccontextmanager
+    async def _proxy_listener(self, activator: Activator) -> AsyncIterator[tuple[str, int]]:
+        cfg = self.config
+        router = EdgeRouter(self.table, activator, request_timeout=cfg.request_timeout)
+        proxy = ProxyServer(
+            router, config=cfg.ingress, registry=self.registry, health=self.proxy_health
+        )
+        host, port = split_hostport(cfg.listen, "listen")
+        address = await _listen("listen", host, port, proxy.start(host, port))
+        try:
+            yield address
+        finally:
+            await proxy.close(cfg.shutdown_grace)
+
+    @contextlib.asynccontextmanager
+    async def _admin_listener(
+        self, store: Store, gc: ExpiryGC, activator: Activator
+    ) -> AsyncIterator[tuple[str, int]]:
+        ctx = AdminContext(
+            store=store,
+            config=self.config,
+            registry=self.registry,
+            health=self.health,
+            now=lambda: datetime.now(UTC),
+            extra={"gc": gc, "activator": activator},
+        )
+        runner = AdminRunner(make_admin_app(ctx), access_log=None)
+        await runner.setup()
+        try:
+            host, port = split_hostport(self.config.admin_listen, "admin_listen")
+            site = web.TCPSite(runner, host, port, reuse_address=True)
+            await _listen("admin_listen", host, port, site.start())
+            yield _bound_address(runner, (host, port))
+        finally:
+            await runner.cleanup()
+
+    async def _ready(self, sync: TableSync) -> None:
+        cfg = self.config
+        if not await sync.wait_loaded(cfg.store_options.timeout * 5):
+            log.warning(
+                "the store is not reachable yet (%s): the proxy answers 503 until the "
+                "route table loads",
+                sync.last_error or "no answer",
             )
-            sync.start()
-            router = EdgeRouter(
-                self.table, activator, request_timeout=cfg.ingress.request_timeout.total_seconds()
-            )
-            proxy = ProxyServer(
-                router,
-                config=ProxyConfig(
-                    header_timeout=cfg.ingress.header_timeout.total_seconds(),
-                    connect_timeout=cfg.ingress.connect_timeout.total_seconds(),
-                    keepalive_timeout=cfg.ingress.keepalive_timeout.total_seconds(),
-                    body_timeout=cfg.ingress.body_timeout.total_seconds(),
-                    request_buffer=cfg.ingress.request_buffer,
-                    max_headers=cfg.ingress.max_headers,
-                    robots_tag=cfg.ingress.robots_tag,
-                ),
-                registry=self.registry,
-                health=self.proxy_health,
-            )
-            gc = ExpiryGC(
-                store,
-                sweep_interval=cfg.gc.sweep_interval.total_seconds(),
-                grace=cfg.gc.expiry_grace.total_seconds(),
-                registry=self.registry,
-            )
-            runner: web.AppRunner | None = None
-            try:
-                host, port = split_hostport(cfg.listen, "listen")
-                self.proxy_address = await proxy.start(host, port)
-                gc.start()
-                ctx = AdminContext(
-                    store=store,
-                    config=cfg,
-                    registry=self.registry,
-                    health=self.health,
-                    now=lambda: datetime.now(UTC),
-                    extra={"gc": gc, "activator": activator},
-                )
-                runner = AdminRunner(make_admin_app(ctx), access_log=None)
-                await runner.setup()
-                host, port = split_hostport(cfg.admin_listen, "admin_listen")
-                site = web.TCPSite(runner, host, port, reuse_address=True)
-                await site.start()
-                self.admin_address = _bound_address(runner, (host, port))
-                if not await sync.wait_loaded(cfg.store_options.timeout.total_seconds() * 5):
-                    log.warning(
-                        "the store is not reachable yet (%s): the proxy answers 503 until the "
-                        "route table loads",
-                        sync.last_error or "no answer",
-                    )
-                self.ready_after = time.monotonic() - self.started_at
-                pygc.collect()
-                pygc.freeze()  # start-up objects never need scanning again
-                log.info(
-                    "miren serve ready in %.2fs: proxy on %s:%d, admin API on %s:%d, store %s",
-                    self.ready_after,
-                    *self.proxy_address,
-                    *self.admin_address,
-                    cfg.store,
-                )
-                if on_ready is not None:
-                    on_ready(self)
-                await self._stop.wait()
-                log.info("shutting down")
-            finally:
-                grace = cfg.ingress.shutdown_grace.total_seconds()
-                await proxy.close(grace)
-                if runner is not None:
-                    await runner.cleanup()
-                await gc.stop()
-                await sync.stop()
-                if self._removals:
-                    await asyncio.wait(list(self._removals))
-                await activator.close()
-                log.info("stopped")
+        self.ready_after = time.monotonic() - self.started_at
+        pygc.collect()
+        pygc.freeze()  # start-up objects never need scanning again
+        assert self.proxy_address is not None and self.admin_address is not None
+        log.info(
+            "miren serve ready in %.2fs: proxy on %s:%d, admin API on %s:%d, store %s",
+            self.ready_after,
+            *self.proxy_address,
+            *self.admin_address,
+            cfg.store,
+        )
+
+
+async def _listen(key: str, host: str, port: int, opening: Awaitable[T]) -> T:
+    """Await `opening` (a listener starting); an OSError becomes a `ListenError` naming `key`."""
+    try:
+        return await opening
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise ListenError(f"{key}: cannot listen on {host}:{port}: {reason}") from exc
 
 
 def _bound_address(runner: web.AppRunner, fallback: tuple[str, int]) -> tuple[str, int]:
@@ -318,7 +390,8 @@ def run(config: Config, *, config_path: str | None = None) -> int:
 
     try:
         uvloop.run(main())
-    except OSError as exc:
+    except (ListenError, StoreError, OSError) as exc:
+        # Start-up failures (a port taken, etcd not starting, ...): the message says it all.
         log.error("miren serve: %s", exc)
         return 1
     except Exception as exc:

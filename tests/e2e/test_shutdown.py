@@ -1,6 +1,6 @@
 """SIGTERM during load on the embedded store: the listener closes, the requests in flight finish
 within the grace, then the sandboxes and the embedded etcd stop and `miren serve` exits 0 with no
-process left behind."""
+process left behind; the steps stop in the reverse order of their start."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tests.e2e.harness import ECHO_CMD, MirenServer, Reply, is_alive, wait_for
+from tests.e2e.test_startup import STEPS, steps_logged
 
 GRACE = 5.0
 SLOW_MS = 2000
@@ -71,3 +72,38 @@ def test_sigterm_drains_in_flight_requests_and_stops_everything(tmp_path: Path) 
         # Sandboxes and etcd stopped with it (the context exit checks every tracked process too).
         wait_for("sandbox and etcd to stop", lambda: not any(map(is_alive, edge.tracked())), 5)
         assert "stopped" in edge.log_tail(5)
+
+
+def test_sigterm_stops_the_steps_in_reverse_order_of_start(tmp_path: Path) -> None:
+    """The shutdown is the start-up stack unwinding: admin listener first, the embedded etcd
+    (inside the store step) last, after the sandboxes (inside the activator step)."""
+    edge = MirenServer(
+        tmp_path,
+        store="embedded",
+        shutdown_grace=1.0,
+        settings={"activator.stop_grace": "2s", "log_level": "debug"},
+    )
+    with edge:
+        edge.cli("app", "create", "order")
+        edge.cli("route", "set", "order.example.com", "--app", "order")
+        edge.cli("deploy", "--app", "order", "--", *ECHO_CMD)
+        assert edge.get_routed("order.example.com").status == 200  # a sandbox runs
+        (sandbox,) = edge.record_sandboxes()
+        edge.observe()
+        edge.send_signal(signal.SIGTERM)
+        assert edge.wait_exit(timeout=20) == 0, edge.log_tail()
+    log = edge.log_path.read_text()
+    assert steps_logged(log, "started") == STEPS, log
+    assert steps_logged(log, "stopped") == STEPS[::-1], log
+    lines = log.splitlines()
+    begin = next(i for i, line in enumerate(lines) if line.endswith("miren: stopping activator"))
+    end = next(i for i, line in enumerate(lines) if line.endswith("miren: stopped activator"))
+    sandbox_stops = [
+        i
+        for i, line in enumerate(lines)
+        if "miren.activator: stopping <Sandbox" in line and f" pid={sandbox} " in line
+    ]
+    assert len(sandbox_stops) == 1 and begin < sandbox_stops[0] < end, log
+    etcd_log = (edge.data_dir / "etcd" / "etcd.log").read_text()
+    assert "received signal; shutting down" in etcd_log and "closed etcd server" in etcd_log
+    assert not any(map(is_alive, edge.tracked())), edge.tracked()

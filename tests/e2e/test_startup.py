@@ -1,24 +1,41 @@
 """`miren serve` refuses bad start-ups at once, with a message and a non-zero status, and leaves
-nothing running; and how long a start takes is measured, not asserted (see the report)."""
+nothing running; and how long a start takes is measured, not asserted (see the report).
+
+Start-up is one exit stack (`miren_ingress.shell.serve`): when a later step fails (a port taken),
+the steps already started stop in reverse order before the error ends the process, and neither a
+child process (the embedded etcd, sandboxes) nor a listener is left."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
+import signal
 import socket
 import stat
 import subprocess
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from miren_ingress.shell.config import load_config
+from miren_ingress.shell.serve import Edge, ListenError
 from tests.e2e.harness import (
+    REPO,
     TOKEN,
     MirenServer,
+    Tracked,
     base_env,
+    cmdline,
+    descendants,
     free_port,
     http_call,
+    is_alive,
     pids_naming,
     process_table,
+    read_proc,
     serve_argv,
 )
 
@@ -149,3 +166,176 @@ def test_the_embedded_etcd_listens_only_on_private_unix_sockets(tmp_path: Path) 
             rows = Path(f"/proc/net/{table}").read_text().splitlines()[1:]
             inet |= {int(row.split()[9]) for row in rows}
         assert held and not held & inet, "the embedded etcd holds a TCP or UDP socket"
+
+
+# -- start-up is one exit stack: a later step failing stops the earlier ones, in reverse ----------
+
+STEPS = ["store", "activator", "route table sync", "gc", "proxy listener", "admin listener"]
+
+
+def steps_logged(log: str, verb: str) -> list[str]:
+    """The steps of `miren serve`'s debug lines "started <step>" / "stopped <step>", in order."""
+    return [
+        line.split(f" miren: {verb} ", 1)[1]
+        for line in log.splitlines()
+        if f" miren: {verb} " in line
+    ]
+
+
+@dataclass
+class Run:
+    result: subprocess.CompletedProcess[str]
+    children: list[Tracked]  # every process seen below `miren serve` while it ran
+
+
+def serve_watched(argv: list[str], env: dict[str, str], timeout: float) -> Run:
+    """Run `miren serve` to its exit, recording its descendants (the embedded etcd, sandboxes)
+    while it runs, so a test can check afterwards that none is left."""
+    seen: dict[tuple[int, int], Tracked] = {}
+    proc = subprocess.Popen(
+        argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO
+    )
+    try:
+        deadline = time.monotonic() + timeout
+        while proc.poll() is None and time.monotonic() < deadline:
+            for pid in descendants(proc.pid, process_table()):
+                info = read_proc(pid)
+                if info is not None and info.state != "Z":
+                    seen.setdefault((pid, info.start), Tracked(pid, info.start, cmdline(pid)))
+            time.sleep(0.01)
+        stdout, stderr = proc.communicate(timeout=max(0.1, deadline - time.monotonic()))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return Run(
+        subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr), list(seen.values())
+    )
+
+
+def assert_all_gone(children: list[Tracked]) -> None:
+    alive = wait_for_exit(children)
+    for t in alive:  # never leave one behind, whatever the assertion says
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(t.pid, signal.SIGKILL)
+    assert alive == [], f"processes survived a failed start: {alive}"
+
+
+def wait_for_exit(children: list[Tracked], timeout: float = 10.0) -> list[Tracked]:
+    deadline = time.monotonic() + timeout
+    while (alive := [t for t in children if is_alive(t)]) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return alive
+
+
+def can_bind(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+@pytest.mark.parametrize(
+    ("taken", "key", "failed"),
+    [
+        ("--admin-listen", "admin_listen", "admin listener"),
+        ("--listen", "listen", "proxy listener"),
+    ],
+    ids=["admin-port-taken", "proxy-port-taken"],
+)
+def test_a_later_step_failing_stops_the_started_ones_in_reverse(
+    tmp_path: Path, taken: str, key: str, failed: str
+) -> None:
+    """Real ports, the embedded store: the step that cannot listen ends `miren serve` with one
+    clear line and status 1, after every step before it stopped, last started first stopped;
+    the etcd is stopped (SIGTERM, not the parent-death signal), no process and no listener is
+    left."""
+    ports = {"--listen": free_port(), "--admin-listen": free_port()}
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        ports[taken] = holder.getsockname()[1]
+        argv = serve_argv(
+            *(arg for flag, port in ports.items() for arg in (flag, f"127.0.0.1:{port}")),
+            "--store",
+            "embedded",
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--set",
+            "log_level=debug",
+        )
+        run = serve_watched(argv, base_env(), FAIL_FAST_TIMEOUT)
+    result = run.result
+    assert result.returncode == 1, result
+    assert "Traceback" not in result.stderr
+    error = [line for line in result.stderr.splitlines() if " ERROR " in line]
+    assert error and error[-1].endswith(
+        f"miren serve: {key}: cannot listen on 127.0.0.1:{ports[taken]}: Address already in use"
+    ), result.stderr
+    started = steps_logged(result.stderr, "started")
+    assert started == STEPS[: STEPS.index(failed)], result.stderr
+    assert steps_logged(result.stderr, "stopped") == started[::-1], result.stderr
+    assert any(str(tmp_path / "data" / "etcd") in t.what for t in run.children), run.children
+    etcd_log = (tmp_path / "data" / "etcd" / "etcd.log").read_text()
+    assert "received signal; shutting down" in etcd_log and "closed etcd server" in etcd_log
+    assert_all_gone(run.children)
+    for flag, port in ports.items():
+        if flag != taken:  # the listener that did open is closed again
+            assert can_bind(port), f"port {port} ({flag}) is still held"
+
+
+def test_a_store_that_cannot_start_is_a_clear_error(tmp_path: Path) -> None:
+    """The first step failing (an etcd binary that exits at once): nothing else starts."""
+    fake = tmp_path / "etcd"
+    fake.write_text("#!/bin/sh\necho 'etcd: cannot start here' >&2\nexit 3\n")
+    fake.chmod(0o755)
+    env = {**base_env(), "MIREN_ETCD_BIN": str(fake)}
+    result = serve_once(tmp_path, "--store", "embedded", "--set", "log_level=debug", env=env)
+    assert result.returncode == 1, result
+    assert "Traceback" not in result.stderr
+    assert "miren serve: embedded etcd" in result.stderr, result.stderr
+    assert "exited with status 3 before becoming healthy" in result.stderr, result.stderr
+    assert "etcd: cannot start here" in result.stderr  # the tail of its log
+    assert steps_logged(result.stderr, "started") == []
+
+
+async def test_in_process_the_stack_stops_what_started_when_the_admin_port_is_taken(
+    tmp_path: Path,
+) -> None:
+    """The same through `Edge.run` in this process (no parent death to clean up after it): the
+    error propagates only after the started steps stopped, in reverse, the proxy's port is free
+    again, the store is closed and the etcd child is gone."""
+    before = descendants(os.getpid(), process_table())
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        admin_port = holder.getsockname()[1]
+        proxy_port = free_port()
+        config = load_config(
+            env={},
+            overrides={
+                "store": "embedded",
+                "listen": f"127.0.0.1:{proxy_port}",
+                "admin_listen": f"127.0.0.1:{admin_port}",
+                "data_dir": str(tmp_path / "data"),
+                "log_level": "warning",
+                "ingress": {"shutdown_grace": "1s"},
+            },
+        )
+        edge = Edge(config)
+        with pytest.raises(
+            ListenError, match=f"admin_listen: cannot listen on 127.0.0.1:{admin_port}"
+        ):
+            async with asyncio.timeout(FAIL_FAST_TIMEOUT):
+                await edge.run()
+    assert edge.started == STEPS[:5]
+    assert edge.stopped == STEPS[:5][::-1]
+    assert edge.proxy_address is not None and edge.proxy_address[1] == proxy_port
+    assert can_bind(proxy_port)
+    assert " closed " in repr(edge.store)
+    left = descendants(os.getpid(), process_table()) - before
+    alive = [pid for pid in left if (info := read_proc(pid)) is not None and info.state != "Z"]
+    assert alive == [], [cmdline(pid) for pid in alive]
