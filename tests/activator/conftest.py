@@ -3,7 +3,7 @@ are closed (and whose sandbox processes are checked gone) at teardown."""
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from datetime import timedelta
@@ -17,6 +17,7 @@ import pytest
 from miren_activator import Activator, ActivatorConfig, Lease
 from miren_store.entities import AppVersion, Concurrency, Runtime, VersionSpec
 from miren_store.memory import MemoryStore
+from tests.support.poll import eventually
 
 ECHO = Path(__file__).resolve().parents[1] / "apps" / "echo_server.py"
 ECHO_CMD = (sys.executable, "-S", str(ECHO), "--port", "$PORT")
@@ -69,16 +70,8 @@ def pid_gone(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
 
 
-async def wait_until(
-    cond: Callable[[], bool], timeout: float = 5.0, what: str = "condition"
-) -> None:
-    """Poll `cond` every 5 ms until true; fail the test after `timeout` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not cond():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.005)
+# Poll every 5 ms until true; fail the test after the timeout (5 s unless given).
+wait_until = functools.partial(eventually, interval=0.005)
 
 
 async def get_json(lease: Lease, path: str = "/") -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Fixtures for the end-to-end tests: real `miren serve` subprocesses (see `harness.py`)."""
+"""Fixtures for the end-to-end tests: real `miren serve` subprocesses (see tests/support/edge.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.e2e.harness import TOKEN, MirenServer
+from tests.support.edge import TOKEN, MirenServer
 
 CLUSTER_HOSTNAME = "c.miren.systems"
 

@@ -12,16 +12,8 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.harness import (
-    DEAD_UPSTREAM,
-    TOKEN,
-    MirenServer,
-    Reply,
-    base_env,
-    free_port,
-    http_call,
-    run_cli,
-)
+from tests.support.clients import Response, free_port, http_call
+from tests.support.edge import DEAD_UPSTREAM, TOKEN, MirenServer, base_env, run_cli
 
 APP = "errs"
 UPSTREAM_SPEC = {"runtime": "upstream", "urls": [DEAD_UPSTREAM]}
@@ -43,7 +35,7 @@ def errs_app(edge: MirenServer) -> Iterator[dict[str, str]]:
     yield {"active": active.json()["version"]["id"], "preview": preview.json()["version"]["id"]}
 
 
-def assert_json_error(reply: Reply, status: int, code: str | None = None) -> dict[str, Any]:
+def assert_json_error(reply: Response, status: int, code: str | None = None) -> dict[str, Any]:
     assert reply.status == status, reply
     assert reply.headers["content-type"].startswith("application/json"), reply.headers
     err: dict[str, Any] = reply.json()["error"]

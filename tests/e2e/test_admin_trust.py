@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import REPO, MirenServer, base_env, run_cli
+from tests.support.edge import REPO, MirenServer, base_env, run_cli
 
 UPSTREAM_SPEC = {"runtime": "upstream", "urls": ["http://127.0.0.1:9"]}
 

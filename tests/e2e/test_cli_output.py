@@ -13,13 +13,7 @@ from typing import Any
 import pytest
 
 from tests.e2e.conftest import CLUSTER_HOSTNAME
-from tests.e2e.harness import (
-    DEAD_UPSTREAM,
-    ECHO_CMD,
-    MirenServer,
-    table_rows,
-    url_lines,
-)
+from tests.support.edge import DEAD_UPSTREAM, ECHO_CMD, MirenServer, table_rows, url_lines
 
 RFC3339_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$")
 EPHEMERAL_KEYS = {"ephemeral_label", "ephemeral_ttl", "expires_at"}

@@ -12,15 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import (
-    MirenServer,
-    Tracked,
-    descendants,
-    is_alive,
-    process_table,
-    read_proc,
-    wait_for,
-)
+from tests.support.edge import MirenServer
+from tests.support.poll import eventually_sync
+from tests.support.procs import Tracked, descendants, is_alive, process_table, read_proc
 
 SPAWN_GRANDCHILD = (
     "import subprocess, sys\n"
@@ -76,4 +70,4 @@ def test_a_survivor_is_reported_and_killed(
     assert server.kill_survivors(timeout=0.2) == [
         f"process survived miren serve: pid {grandchild} (a stubborn sandbox)"
     ]
-    wait_for("the survivor to die", lambda: not is_alive(tracked), 5)
+    eventually_sync(lambda: not is_alive(tracked), 5, "the survivor to die")

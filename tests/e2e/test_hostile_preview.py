@@ -19,8 +19,10 @@ from urllib.parse import urlencode
 
 import pytest
 
-from tests.e2e.harness import MirenServer, Reply, wait_for
 from tests.support.apps import APPS, SANDBOX_PYTHON
+from tests.support.clients import Response
+from tests.support.edge import MirenServer
+from tests.support.poll import eventually_sync
 
 TOKEN = "hostile-hunt-token-5e8a1c"
 
@@ -50,14 +52,13 @@ def hunt(edge: MirenServer, store: str) -> dict[str, object]:
             "sockdirs": f"{edge.data_dir},{edge.data_dir / 'etcd'}",
         }
     )
-    answers: list[Reply] = []
 
-    def answered() -> bool:
-        answers.append(edge.get("pr-666.app.example.com", f"/?{query}", timeout=30))
-        return answers[-1].status == 200
+    def answered() -> Response | None:
+        reply = edge.get("pr-666.app.example.com", f"/?{query}", timeout=30)
+        return reply if reply.status == 200 else None
 
-    wait_for("the hostile preview to answer", answered, 60)
-    report: dict[str, object] = json.loads(answers[-1].body)
+    reply = eventually_sync(answered, 60, "the hostile preview to answer")
+    report: dict[str, object] = json.loads(reply.body)
     report["store"] = store
     return report
 

@@ -31,7 +31,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from tests.e2e.harness import DEAD_UPSTREAM, TOKEN, MirenServer
+from tests.support.edge import DEAD_UPSTREAM, TOKEN, MirenServer
 
 EXAMPLES_PER_OPERATION = 25
 CHECKS = [

@@ -10,8 +10,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from tests.e2e.harness import ECHO_CMD, MirenServer, Reply, is_alive, wait_for
 from tests.e2e.test_startup import STEPS, steps_logged
+from tests.support.clients import Response
+from tests.support.edge import ECHO_CMD, MirenServer
+from tests.support.poll import eventually_sync
+from tests.support.procs import is_alive
 
 GRACE = 5.0
 SLOW_MS = 2000
@@ -49,19 +52,21 @@ def test_sigterm_drains_in_flight_requests_and_stops_everything(tmp_path: Path) 
             pool.submit(edge.get, HOST, f"/slow?ms={SLOW_MS}", timeout=GRACE + 10)
             for _ in range(IN_FLIGHT)
         ]
-        wait_for(
-            f"{IN_FLIGHT} requests in flight",
+        eventually_sync(
             lambda: edge.metric("miren_ingress_in_flight_requests") == IN_FLIGHT,
-            timeout=5,
+            5,
+            f"{IN_FLIGHT} requests in flight",
         )
         sent = time.monotonic()
         edge.send_signal(signal.SIGTERM)
 
         # New connections are refused while the old requests are still being served.
-        wait_for("the proxy to stop accepting", lambda: refuses_connections(edge.proxy_port), 3)
+        eventually_sync(
+            lambda: refuses_connections(edge.proxy_port), 3, "the proxy to stop accepting"
+        )
         assert not all(f.done() for f in futures), "the slow requests finished before the close"
 
-        replies: list[Reply] = [f.result() for f in futures]
+        replies: list[Response] = [f.result() for f in futures]
         assert [r.status for r in replies] == [200] * IN_FLIGHT, replies
         assert {r.json()["version"] for r in replies} == {version}
 
@@ -70,7 +75,9 @@ def test_sigterm_drains_in_flight_requests_and_stops_everything(tmp_path: Path) 
         assert rc == 0, edge.log_tail()
         assert took < GRACE + 5, f"exit took {took:.1f}s"
         # Sandboxes and etcd stopped with it (the context exit checks every tracked process too).
-        wait_for("sandbox and etcd to stop", lambda: not any(map(is_alive, edge.tracked())), 5)
+        eventually_sync(
+            lambda: not any(map(is_alive, edge.tracked())), 5, "sandbox and etcd to stop"
+        )
         assert "stopped" in edge.log_tail(5)
 
 

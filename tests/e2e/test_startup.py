@@ -8,13 +8,10 @@ child process (the embedded etcd, sandboxes) nor a listener is left."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-import signal
 import socket
 import stat
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,21 +19,17 @@ import pytest
 
 from miren_ingress.shell.config import load_config
 from miren_ingress.shell.serve import Edge, ListenError
-from tests.e2e.harness import (
-    REPO,
-    TOKEN,
-    MirenServer,
+from tests.support.clients import free_port, http_call
+from tests.support.edge import REPO, TOKEN, MirenServer, base_env, serve_argv
+from tests.support.poll import eventually_sync
+from tests.support.procs import (
+    ProcessAccount,
     Tracked,
-    base_env,
     cmdline,
     descendants,
-    free_port,
-    http_call,
-    is_alive,
     pids_naming,
     process_table,
     read_proc,
-    serve_argv,
 )
 
 FAIL_FAST_TIMEOUT = 15.0  # generous: a refusal takes ~0.5 s here (interpreter start + imports)
@@ -185,47 +178,40 @@ def steps_logged(log: str, verb: str) -> list[str]:
 @dataclass
 class Run:
     result: subprocess.CompletedProcess[str]
-    children: list[Tracked]  # every process seen below `miren serve` while it ran
+    account: ProcessAccount  # every process seen below `miren serve` while it ran
+
+    @property
+    def children(self) -> list[Tracked]:
+        return self.account.tracked()
 
 
 def serve_watched(argv: list[str], env: dict[str, str], timeout: float) -> Run:
     """Run `miren serve` to its exit, recording its descendants (the embedded etcd, sandboxes)
     while it runs, so a test can check afterwards that none is left."""
-    seen: dict[tuple[int, int], Tracked] = {}
+    account = ProcessAccount()
     proc = subprocess.Popen(
         argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO
     )
+
+    def exited() -> bool:
+        account.track_all(descendants(proc.pid, process_table()))
+        return proc.poll() is not None
+
     try:
-        deadline = time.monotonic() + timeout
-        while proc.poll() is None and time.monotonic() < deadline:
-            for pid in descendants(proc.pid, process_table()):
-                info = read_proc(pid)
-                if info is not None and info.state != "Z":
-                    seen.setdefault((pid, info.start), Tracked(pid, info.start, cmdline(pid)))
-            time.sleep(0.01)
-        stdout, stderr = proc.communicate(timeout=max(0.1, deadline - time.monotonic()))
+        eventually_sync(exited, timeout, "miren serve to exit on its own")
+        stdout, stderr = proc.communicate(timeout=10)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    return Run(
-        subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr), list(seen.values())
-    )
+    return Run(subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr), account)
 
 
-def assert_all_gone(children: list[Tracked]) -> None:
-    alive = wait_for_exit(children)
-    for t in alive:  # never leave one behind, whatever the assertion says
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(t.pid, signal.SIGKILL)
-    assert alive == [], f"processes survived a failed start: {alive}"
-
-
-def wait_for_exit(children: list[Tracked], timeout: float = 10.0) -> list[Tracked]:
-    deadline = time.monotonic() + timeout
-    while (alive := [t for t in children if is_alive(t)]) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return alive
+def assert_all_gone(run: Run) -> None:
+    """Every process seen below `miren serve` ends within 10 s; any that does not is killed
+    (never leave one behind, whatever the assertion says) and fails the test."""
+    survivors = run.account.kill_survivors(timeout=10.0, owner="a failed start")
+    assert survivors == [], survivors
 
 
 def can_bind(port: int) -> bool:
@@ -281,7 +267,7 @@ def test_a_later_step_failing_stops_the_started_ones_in_reverse(
     assert any(str(tmp_path / "data" / "etcd") in t.what for t in run.children), run.children
     etcd_log = (tmp_path / "data" / "etcd" / "etcd.log").read_text()
     assert "received signal; shutting down" in etcd_log and "closed etcd server" in etcd_log
-    assert_all_gone(run.children)
+    assert_all_gone(run)
     for flag, port in ports.items():
         if flag != taken:  # the listener that did open is closed again
             assert can_bind(port), f"port {port} ({flag}) is still held"

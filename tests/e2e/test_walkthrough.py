@@ -9,16 +9,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from tests.e2e.harness import (
-    ECHO_CMD,
-    REPO,
-    MirenServer,
-    deployed_id,
-    table_rows,
-    url_lines,
-    wait_for,
-    wait_until_equal,
-)
+from tests.support.edge import ECHO_CMD, REPO, MirenServer, deployed_id, table_rows, url_lines
+from tests.support.poll import eventually_sync, transitions_sync
 
 HOST = "app.example.com"
 
@@ -90,7 +82,7 @@ def test_readme_walkthrough_and_restart(tmp_path: Path) -> None:
         pr7_id = deployed_id(out)
         expires = parse_time(versions(edge)[pr7_id]["expires_at"])
         assert edge.get_routed(f"pr-7.{HOST}").status == 200
-        seen = wait_until_equal("pr-7's status", lambda: edge.get(f"pr-7.{HOST}").status, 404, 10)
+        seen = transitions_sync(lambda: edge.get(f"pr-7.{HOST}").status, 404, 10, "pr-7's status")
         statuses = [status for status, _ in seen]
         # 410 from the expiry instant until the GC deletes it, gc.expiry_grace (1 s) later.
         assert statuses == [200, 410, 404], statuses
@@ -117,7 +109,7 @@ def test_readme_walkthrough_and_restart(tmp_path: Path) -> None:
         assert edge.get_routed(f"pr-9.{HOST}").status == 200
         out = edge.cli("ephemeral", "rm", "pr-9", "--app", "web").stdout
         assert out.strip() == "Preview pr-9 deleted."
-        wait_for("pr-9 to answer 404", lambda: edge.get(f"pr-9.{HOST}").status == 404, 5)
+        eventually_sync(lambda: edge.get(f"pr-9.{HOST}").status == 404, 5, "pr-9 to answer 404")
         assert gone_id not in versions(edge)
 
         # -- restart: same ports, same data dir; everything is still there and serves again
@@ -151,6 +143,6 @@ def test_expired_preview_answers_410_until_collected(edge: MirenServer) -> None:
     edge.cli("deploy", "--app", "gone410", "--ephemeral", "pr-410", "--ttl", "2s", "--", *ECHO_CMD)
     host = "pr-410.gone410.example.com"
     assert edge.get_routed(host).status == 200
-    seen = wait_until_equal(f"{host}'s status", lambda: edge.get(host).status, 404, 10)
+    seen = transitions_sync(lambda: edge.get(host).status, 404, 10, f"{host}'s status")
     assert [status for status, _ in seen] == [200, 410, 404]
     assert seen[2][1] - seen[1][1] >= 0.5, "the 410 lasted less than 0.5 s"

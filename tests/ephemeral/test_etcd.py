@@ -15,6 +15,7 @@ from miren_store.codec import encode
 from miren_store.deploy.deploys import (
     DeployRequest,
     EphemeralConfig,
+    LabelLookup,
     LabelState,
     deploy,
     resolve_label,
@@ -27,6 +28,7 @@ from miren_store.errors import NotFound
 from miren_store.store import Store
 from tests.ephemeral.conftest import SPEC, add_pool, eph, ephemeral_versions, labelled, setup_app
 from tests.etcd_fixtures import etcd_factory, etcd_server  # noqa: F401
+from tests.support.poll import eventually
 
 pytestmark = pytest.mark.etcd
 
@@ -143,14 +145,13 @@ async def test_frozen_etcd_fails_the_deploy_and_keeps_the_previous_preview(
         assert "step 'read'" in str(info.value)
     finally:
         etcd_server.thaw()
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            found = await resolve_label(store, "app", "feat-x")
-            break
-        except Exception:
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.05)
+
+    async def resolved() -> tuple[LabelLookup]:
+        return (await resolve_label(store, "app", "feat-x"),)  # (a tuple: always truthy)
+
+    (found,) = await eventually(
+        resolved, 10, "feat-x to resolve after the thaw", interval=0.05, ignore=(Exception,)
+    )
     assert found.version == old
     assert [v.id for v in await store.list(AppVersion)] == [old.id]
 
@@ -180,9 +181,11 @@ async def test_gc_collects_on_etcd_and_rearms_after_a_restart(clients: StoreFact
     try:
         assert soon.expires_at is not None
         expiry = time.monotonic() + (soon.expires_at - utcnow()).total_seconds()
-        while await labelled(store, "app", "soon"):
-            assert time.monotonic() < expiry + 2, "not deleted within 2 s of its expiry"
-            await asyncio.sleep(0.01)
+
+        async def deleted() -> bool:
+            return not await labelled(store, "app", "soon")
+
+        await eventually(deleted, expiry + 2 - time.monotonic(), "its deletion (2 s after expiry)")
         assert second.sweeps == 1
     finally:
         await second.stop()

@@ -3,7 +3,6 @@ ordered expiry index instead of a full scan, a timer per version, the first pass
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -19,6 +18,7 @@ from miren_store.memory import MemoryStore
 from miren_store.store import Store
 from tests.ephemeral.conftest import SPEC, FakeClock, add_pool, eph, normal, setup_app
 from tests.faults import FaultyStore
+from tests.support.poll import eventually
 
 
 @pytest.fixture
@@ -41,12 +41,13 @@ async def exists(store: Store, vid: str) -> bool:
 
 
 async def wait_gone(store: Store, vid: str, deadline: float) -> float:
-    """Poll until the version is gone; the monotonic time it was first seen gone."""
-    while time.monotonic() < deadline:
-        if not await exists(store, vid):
-            return time.monotonic()
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"version {vid} still exists at the deadline")
+    """Poll until the version is gone (at most until the monotonic `deadline`); the monotonic
+    time it was first seen gone."""
+
+    async def gone_at() -> float | None:
+        return None if await exists(store, vid) else time.monotonic()
+
+    return await eventually(gone_at, deadline - time.monotonic(), f"version {vid} to be gone")
 
 
 async def test_case67_expired_preview_and_its_pool_go_everything_else_stays(
@@ -292,10 +293,7 @@ async def test_loop_survives_an_unavailable_store(store: MemoryStore, gcs: list[
     gc = ExpiryGC(store, sweep_interval=0.05)
     gcs.append(gc)
     gc.start()
-    deadline = time.monotonic() + 5
-    while gc.failed_total < 2:
-        assert time.monotonic() < deadline, gc
-        await asyncio.sleep(0.01)
+    await eventually(lambda: gc.failed_total >= 2, 5, lambda: f"two failed sweeps: {gc!r}")
     assert gc.running
     store.unavailable = False
     await wait_gone(store, expired.id, time.monotonic() + 5)

@@ -23,8 +23,10 @@ import pytest
 from websockets.asyncio.client import connect
 
 from miren_store.entities import Concurrency, Runtime, VersionSpec
-from tests.ingress.e2e_support import RunningEdge, running_edge
-from tests.support.apps import APPS, SANDBOX_PYTHON, StartApp, free_port
+from tests.support.apps import APPS, SANDBOX_PYTHON, StartApp
+from tests.support.clients import free_port
+from tests.support.edge import InProcessEdge, running_edge
+from tests.support.poll import eventually
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -49,26 +51,27 @@ def spec(command: tuple[str, ...], **concurrency: Any) -> VersionSpec:
 
 
 @pytest.fixture
-async def edge(tmp_path: Path) -> AsyncIterator[RunningEdge]:
+async def edge(tmp_path: Path) -> AsyncIterator[InProcessEdge]:
     async with running_edge(tmp_path) as e:
         await e.app("web")
         await e.route("web.test", "web")
         yield e
 
 
-async def preview(edge: RunningEdge, command: tuple[str, ...], label: str = "pr-1") -> str:
+async def preview(edge: InProcessEdge, command: tuple[str, ...], label: str = "pr-1") -> str:
     """Deploy `command` as the preview `label` of app web; returns its host, once it serves."""
     await edge.deploy("web", spec(command), label=label)
     host = f"{label}.web.test"
     async with client(edge, host, timeout=60) as c:
-        deadline = time.monotonic() + 60
-        while (await c.get("/health")).status_code != 200:
-            assert time.monotonic() < deadline, f"{host} never served"
-            await asyncio.sleep(0.1)
+
+        async def healthy() -> bool:
+            return (await c.get("/health")).status_code == 200
+
+        await eventually(healthy, 60, f"{host} to serve", interval=0.1)
     return host
 
 
-def client(edge: RunningEdge, host: str, timeout: float = 30) -> httpx.AsyncClient:
+def client(edge: InProcessEdge, host: str, timeout: float = 30) -> httpx.AsyncClient:
     return httpx.AsyncClient(
         base_url=f"http://127.0.0.1:{edge.port}", headers={"Host": host}, timeout=timeout
     )
@@ -92,7 +95,7 @@ def big_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     return path, hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-async def test_sse_events_arrive_one_by_one(edge: RunningEdge) -> None:
+async def test_sse_events_arrive_one_by_one(edge: InProcessEdge) -> None:
     host = await preview(edge, UVICORN)
     arrivals: list[tuple[float, float]] = []  # (sent by the app, received here)
     async with client(edge, host) as c, c.stream("GET", "/sse?n=5&ms=300") as r:
@@ -105,7 +108,7 @@ async def test_sse_events_arrive_one_by_one(edge: RunningEdge) -> None:
         assert received < next_sent  # each event reached us before the next was even sent
 
 
-async def test_websockets_1000_messages_and_one_of_a_megabyte(edge: RunningEdge) -> None:
+async def test_websockets_1000_messages_and_one_of_a_megabyte(edge: InProcessEdge) -> None:
     host = await preview(edge, UVICORN)
     async with connect(
         f"ws://{host}:{edge.port}/ws", host="127.0.0.1", port=edge.port, max_size=2 * MB
@@ -120,7 +123,7 @@ async def test_websockets_1000_messages_and_one_of_a_megabyte(edge: RunningEdge)
 
 @pytest.mark.parametrize("framework", sorted(FRAMEWORKS))
 async def test_50_mb_up_and_down(
-    edge: RunningEdge, big_file: tuple[Path, str], framework: str
+    edge: InProcessEdge, big_file: tuple[Path, str], framework: str
 ) -> None:
     path, digest = big_file
     host = await preview(edge, FRAMEWORKS[framework])
@@ -148,7 +151,7 @@ async def test_50_mb_up_and_down(
 @pytest.mark.parametrize("expect", [False, True], ids=["no-expect", "expect-100"])
 @pytest.mark.parametrize("framework", sorted(FRAMEWORKS))
 async def test_an_early_413_during_a_50_mb_upload_is_delivered(
-    edge: RunningEdge, big_file: tuple[Path, str], framework: str, expect: bool
+    edge: InProcessEdge, big_file: tuple[Path, str], framework: str, expect: bool
 ) -> None:
     """10 tries, 10 delivered: never a 502, never a reset before curl has the answer."""
     path, _ = big_file
@@ -175,7 +178,7 @@ async def test_an_early_413_during_a_50_mb_upload_is_delivered(
 
 @pytest.mark.parametrize("framework", sorted(FRAMEWORKS))
 async def test_expect_100_continue_then_the_body(
-    edge: RunningEdge, big_file: tuple[Path, str], framework: str
+    edge: InProcessEdge, big_file: tuple[Path, str], framework: str
 ) -> None:
     path, digest = big_file
     host = await preview(edge, FRAMEWORKS[framework])
@@ -193,7 +196,7 @@ async def overlap(c: httpx.AsyncClient, n: int) -> list[dict[str, float]]:
     return [a.json() for a in answers]
 
 
-async def test_30_concurrent_slow_requests_to_a_preview_are_not_queued(edge: RunningEdge) -> None:
+async def test_30_concurrent_slow_requests_to_a_preview_are_not_queued(edge: InProcessEdge) -> None:
     """A preview has one sandbox and requests_per_instance 10 (a target, not a cap): all 30
     run at once in it."""
     host = await preview(edge, UVICORN)
@@ -203,7 +206,7 @@ async def test_30_concurrent_slow_requests_to_a_preview_are_not_queued(edge: Run
 
 
 async def test_30_concurrent_slow_requests_to_an_upstream_are_not_queued(
-    edge: RunningEdge, app_process: StartApp
+    edge: InProcessEdge, app_process: StartApp
 ) -> None:
     """An upstream version has one instance per URL: 30 requests to its one URL run at once."""
     server = await app_process(list(UVICORN), cwd=APPS)
@@ -213,15 +216,16 @@ async def test_30_concurrent_slow_requests_to_an_upstream_are_not_queued(
         "up", VersionSpec(runtime=Runtime.UPSTREAM, urls=(server.url,), health_path="/health")
     )
     async with client(edge, "up.test") as c:
-        deadline = time.monotonic() + 30
-        while (await c.get("/health")).status_code != 200:
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.05)
+
+        async def healthy() -> bool:
+            return (await c.get("/health")).status_code == 200
+
+        await eventually(healthy, 30, "up.test to serve", interval=0.05)
         spans = await overlap(c, 30)
     assert max(s["started"] for s in spans) < min(s["ended"] for s in spans)
 
 
-async def test_12_open_websockets_then_a_get(edge: RunningEdge) -> None:
+async def test_12_open_websockets_then_a_get(edge: InProcessEdge) -> None:
     host = await preview(edge, UVICORN)
     sockets = []
     try:
@@ -239,21 +243,23 @@ async def test_12_open_websockets_then_a_get(edge: RunningEdge) -> None:
             await ws.close()
 
 
-async def test_a_dead_upstream_is_a_502_not_a_timeout(edge: RunningEdge) -> None:
+async def test_a_dead_upstream_is_a_502_not_a_timeout(edge: InProcessEdge) -> None:
     await edge.app("dead")
     await edge.route("dead.test", "dead")
     url = f"http://127.0.0.1:{free_port()}"
     await edge.deploy("dead", VersionSpec(runtime=Runtime.UPSTREAM, urls=(url,)))
     async with client(edge, "dead.test", timeout=10) as c:
-        deadline = time.monotonic() + 10
-        while (r := await c.get("/")).status_code == 404:  # (until the route table has it)
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.05)
+
+        async def routed() -> httpx.Response | None:
+            r = await c.get("/")
+            return r if r.status_code != 404 else None  # (until the route table has it)
+
+        r = await eventually(routed, 10, "dead.test to be routed", interval=0.05)
         assert r.status_code == 502, r.text
         assert (await c.get("/")).status_code == 502  # again at once: it is known down
 
 
-async def test_a_refused_upgrade_behind_gunicorn_cannot_smuggle(edge: RunningEdge) -> None:
+async def test_a_refused_upgrade_behind_gunicorn_cannot_smuggle(edge: InProcessEdge) -> None:
     """Flask has no WebSockets: it answers an upgrade request like any other (404 here). The
     request behind it in the same write is answered second, on its own; another client gets
     its own answer."""

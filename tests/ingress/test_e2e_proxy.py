@@ -35,33 +35,26 @@ import miren_ingress.shell.serve as serve_module
 from miren_activator.config import ActivatorConfig
 from miren_activator.policy import CrashPolicy
 from miren_store.entities import Sandbox, SandboxStatus
-from tests.e2e.harness import MirenServer, wait_for
-from tests.ingress.e2e_support import (
+from tests.support.apps import REPO, SANDBOX_PYTHON
+from tests.support.clients import Conn, Response, get, metric, raw_exchange
+from tests.support.edge import (
     ECHO_APP,
     ECHO_CMD,
-    Answer,
-    Conn,
-    Received,
-    RecordingUpstream,
-    Response,
-    RunningEdge,
+    InProcessEdge,
+    MirenServer,
     echo_spec,
-    get,
-    metric,
-    process_alive,
-    raw_exchange,
     running_edge,
-    until,
     upstream_spec,
-    vm_kib,
 )
-from tests.support.apps import REPO, SANDBOX_PYTHON, host_pid
+from tests.support.poll import eventually, eventually_sync
+from tests.support.procs import host_pid, pid_alive, status_kib
+from tests.support.upstream import Answer, Received, RecordingUpstream
 
 MB = 1 << 20
 
 
 async def setup_app(
-    edge: RunningEdge, app: str, host: str, *, label: str | None = None, **route: Any
+    edge: InProcessEdge, app: str, host: str, *, label: str | None = None, **route: Any
 ) -> tuple[str, str | None]:
     """An app with one route and an active echo version (and a preview `label`): the active
     and preview version ids, once the route serves."""
@@ -76,7 +69,7 @@ async def setup_app(
     return active, preview
 
 
-async def running_sandbox(edge: RunningEdge, version: str) -> Sandbox:
+async def running_sandbox(edge: InProcessEdge, version: str) -> Sandbox:
     """The running sandbox of `version` as the store records it (written in the background)."""
 
     async def probe() -> Sandbox | None:
@@ -85,7 +78,7 @@ async def running_sandbox(edge: RunningEdge, version: str) -> Sandbox:
                 return sb
         return None
 
-    found: Sandbox = await until(f"a running sandbox of {version}", probe)
+    found: Sandbox = await eventually(probe, 10.0, f"a running sandbox of {version}")
     return found
 
 
@@ -148,7 +141,7 @@ class RssSampler:
         with contextlib.suppress(OSError):
             Path(f"/proc/{self.pid}/clear_refs").write_text("5")  # resets VmHWM to VmRSS
             self._hwm_reset = True
-        self.peak = vm_kib(self.pid, "VmRSS")
+        self.peak = status_kib(self.pid, "VmRSS")
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self
@@ -156,13 +149,13 @@ class RssSampler:
     def _sample(self) -> None:
         while not self._stop.wait(0.005):
             with contextlib.suppress(OSError, AssertionError):
-                self.peak = max(self.peak, vm_kib(self.pid, "VmRSS"))
+                self.peak = max(self.peak, status_kib(self.pid, "VmRSS"))
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(5)
         if self._hwm_reset:
-            self.peak = max(self.peak, vm_kib(self.pid, "VmHWM"))
+            self.peak = max(self.peak, status_kib(self.pid, "VmHWM"))
 
 
 def _upload(port: int, host: str, size: int) -> dict[str, Any]:
@@ -222,20 +215,21 @@ def test_200mb_upload_and_download_through_a_preview_keep_rss_flat(tmp_path: Pat
         assert reply.status == 201, reply
         preview = reply.json()["version"]["id"]
         host = "dl.big.example.com"
-        wait_for(
-            "the preview to serve",
-            lambda: (r := server.get(host)).status == 200 and r.json()["version"] == preview,
-            15,
-        )
+
+        def serving() -> bool:
+            reply = server.get(host)
+            return reply.status == 200 and reply.json()["version"] == preview
+
+        eventually_sync(serving, 15, "the preview to serve")
         # Warm-up: one transfer each way, so first-use allocations are not counted.
         assert _upload(server.proxy_port, host, 4 * MB)["body_length"] == 4 * MB
         assert _download(server.proxy_port, host, 4 * MB) == 4 * MB
 
-        baseline = vm_kib(server.pid, "VmRSS")
+        baseline = status_kib(server.pid, "VmRSS")
         with RssSampler(server.pid) as up:
             info = _upload(server.proxy_port, host, BIG)
         assert info["body_length"] == BIG and info["version"] == preview
-        baseline_down = vm_kib(server.pid, "VmRSS")
+        baseline_down = status_kib(server.pid, "VmRSS")
         with RssSampler(server.pid) as down:
             assert _download(server.proxy_port, host, BIG) == BIG
         growth_up = (up.peak - baseline) / 1024
@@ -290,7 +284,7 @@ async def test_51_stalled_upstream_is_504_and_a_route_timeout_extends_it(tmp_pat
     async with running_edge(tmp_path, ingress={"request_timeout": "1s"}) as edge:
         await setup_app(edge, "slow", "slow.example.com")
         await edge.route("patient.slow.test", "slow", request_timeout=timedelta(seconds=20))
-        await edge.answers("patient.slow.test", 200)
+        await edge.wait_status("patient.slow.test", 200, timeout=10.0)
         started = time.monotonic()
         reply = await get(edge.port, "slow.example.com", "/slow?ms=6000")
         assert reply.status == 504, reply
@@ -313,12 +307,12 @@ def reset_on(path: str) -> Answer:
     return answer
 
 
-async def serve_recording(edge: RunningEdge, upstream: RecordingUpstream) -> None:
+async def serve_recording(edge: InProcessEdge, upstream: RecordingUpstream) -> None:
     """App `rec` at rec.example.com on the recording upstream, routed, its lease and pool warm."""
     await edge.app("rec")
     await edge.route("rec.example.com", "rec")
     await edge.deploy("rec", upstream_spec(upstream.url))
-    await edge.answers("rec.example.com", 200, "/warm")
+    await edge.wait_status("rec.example.com", 200, path="/warm", timeout=10.0)
 
 
 async def test_upstream_reset_is_502_and_not_retried(tmp_path: Path) -> None:
@@ -344,14 +338,12 @@ async def test_sandbox_dying_mid_request_is_502(tmp_path: Path) -> None:
         reply = await get(edge.port, "crashy.example.com", "/crash", method="POST", body=b"x")
         assert reply.status == 502, reply
         assert sandbox.pid is not None
-        await until("the crashed sandbox to be gone", lambda: _gone(sandbox.pid or 0))
+        await eventually(
+            lambda: not pid_alive(sandbox.pid or 0), 10.0, "the crashed sandbox to be gone"
+        )
 
 
-async def _gone(pid: int) -> bool:
-    return not process_alive(pid)
-
-
-async def _kill_and_request(edge: RunningEdge, host: str, box: dict[str, Any]) -> Response:
+async def _kill_and_request(edge: InProcessEdge, host: str, box: dict[str, Any]) -> Response:
     """SIGKILL the sandbox, then at once a request on a warm keep-alive connection (the cached
     lease and a parked upstream connection still point at the dead sandbox)."""
     conn = await Conn.open(edge.port)
@@ -420,7 +412,7 @@ async def test_refused_cached_lease_is_dropped_and_retried_once(
             w.close()
             return False
 
-        await until("the sandbox's port to refuse connections", refused)
+        await eventually(refused, 10.0, "the sandbox's port to refuse connections")
         before = await edge.metrics()
         reply = await get(edge.port, "r.example.com", "/retried")
         assert reply.status == 200, reply
@@ -432,7 +424,11 @@ async def test_refused_cached_lease_is_dropped_and_retried_once(
         )
         assert metric(after, name, reason="connect") == metric(before, name, reason="connect")
         # The refused sandbox was taken out of service and its process group stopped.
-        await until("the refused sandbox's wrapper to be stopped", lambda: _gone(sandbox.pid or 0))
+        await eventually(
+            lambda: not pid_alive(sandbox.pid or 0),
+            10.0,
+            "the refused sandbox's wrapper to be stopped",
+        )
 
 
 # A sandbox that dies the way a killed process can look from outside: once armed, it resets the
@@ -558,11 +554,11 @@ async def test_forwarded_headers_appended_and_hop_by_hop_never_cross(tmp_path: P
             assert seen.header("x-end-to-end") == ["kept"]
             assert not HOP_NAMES & {n for n, _ in seen.headers}, seen.headers
             # ... and the other way.
-            names = {n for n, _ in reply.headers}
+            names = {n for n, _ in reply.fields}
             assert reply.header("x-end-to-end") == "kept"
             leaked = {"x-resp-hop", "keep-alive", "proxy-authenticate", "proxy-connection"}
-            assert not leaked & names, reply.headers
-            assert not {"trailer", "upgrade"} & names, reply.headers
+            assert not leaked & names, reply.fields
+            assert not {"trailer", "upgrade"} & names, reply.fields
             assert all(v.lower() in ("close", "keep-alive") for v in reply.all("connection"))
             assert reply.header("x-robots-tag") is None  # the active version: indexable
     finally:
@@ -710,9 +706,14 @@ async def test_smuggling_shapes_get_400_and_never_reach_the_upstream(tmp_path: P
             received, conns = upstream.received_bytes, upstream.connections
             failures = []
             for name, data in SMUGGLING.items():
-                answer = await raw_exchange(edge.port, data)
-                if not answer.startswith(b"HTTP/1.1 400 ") or answer.count(b"HTTP/1.1 ") != 1:
-                    failures.append(f"{name}: {answer[:120]!r}")
+                result = await raw_exchange(edge.port, data)
+                answer = result.data
+                if (
+                    not result.closed
+                    or not answer.startswith(b"HTTP/1.1 400 ")
+                    or answer.count(b"HTTP/1.1 ") != 1
+                ):
+                    failures.append(f"{name}: {result!r}")
             assert not failures, failures
             assert upstream.received_bytes == received, "smuggled bytes reached the upstream"
             assert upstream.connections == conns
@@ -720,9 +721,11 @@ async def test_smuggling_shapes_get_400_and_never_reach_the_upstream(tmp_path: P
 
             # A valid request and a CL.TE smuggle in one segment: the valid one is answered (as
             # nginx does), then one 400; nothing of the smuggle is forwarded.
-            answer = await raw_exchange(
+            result = await raw_exchange(
                 edge.port, b"GET /first HTTP/1.1\r\n" + H + b"\r\n" + SMUGGLING["cl-and-te"]
             )
+            assert result.closed, result
+            answer = result.data
             assert answer.startswith(b"HTTP/1.1 200 ") and answer.count(b"HTTP/1.1 ") == 2, answer
             assert b"HTTP/1.1 400 " in answer
             assert upstream.paths().count("/first") == 1 and "/s" not in upstream.paths()
@@ -734,7 +737,7 @@ async def test_smuggling_shapes_get_400_and_never_reach_the_upstream(tmp_path: P
                 answer = await conn.read_to_eof()
             assert answer.startswith(b"HTTP/1.1 400 ") and answer.count(b"HTTP/1.1 ") == 1, answer
             assert upstream.paths().count("/first") == 2
-            assert "/s" not in upstream.paths() and upstream.parse_errors == 0
+            assert "/s" not in upstream.paths() and upstream.parse_errors == []
     finally:
         await upstream.close()
 
@@ -775,7 +778,7 @@ async def test_metrics_move_as_requests_pass(tmp_path: Path) -> None:
             async def in_flight() -> bool:
                 return metric(await edge.metrics(), "miren_ingress_in_flight_requests") >= 1
 
-            await until("a request in flight", in_flight)
+            await eventually(in_flight, 10.0, "a request in flight")
         finally:
             assert (await slow).status == 200
         after = await edge.metrics()

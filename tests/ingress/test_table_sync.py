@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import pytest
@@ -12,14 +11,9 @@ from miren_ingress.routing.routes import NOT_LOADED, Resolved, RouteTable
 from miren_ingress.routing.table_sync import TableSync
 from miren_store.entities import App, AppVersion, HttpRoute, Runtime, VersionSpec
 from miren_store.memory import MemoryStore
+from tests.support.poll import eventually
 
 SPEC = VersionSpec(runtime=Runtime.UPSTREAM, urls=("http://127.0.0.1:9",))
-
-
-async def until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not cond():
-            await asyncio.sleep(0.005)
 
 
 def serves(t: RouteTable, host: str) -> str | None:
@@ -51,7 +45,7 @@ async def test_loads_then_follows_changes(
     store, table, sync = synced
     assert serves(table, "a.example.com") == "a-1"
     await store.create(HttpRoute(host="b.example.com", app="a"))
-    await until(lambda: serves(table, "b.example.com") == "a-1")
+    await eventually(lambda: serves(table, "b.example.com") == "a-1", 5.0)
     assert sync.watch_ok
 
 
@@ -59,14 +53,16 @@ async def test_relists_when_history_was_compacted(
     synced: tuple[MemoryStore, RouteTable, TableSync],
 ) -> None:
     store, table, sync = synced
-    await until(lambda: sync.watch_ok)
+    await eventually(lambda: sync.watch_ok, 5.0)
     await sync.stop()  # fall behind: changes happen while nobody watches
     for i in range(60):
         await store.create(HttpRoute(host=f"h{i}.example.com", app="a"))
     store.compact(store.revision)
     relists = sync.relists
     sync.start()
-    await until(lambda: sync.relists > relists and serves(table, "h59.example.com") == "a-1")
+    await eventually(
+        lambda: sync.relists > relists and serves(table, "h59.example.com") == "a-1", 5.0
+    )
     assert len(table.routes) == 61
 
 
@@ -77,8 +73,8 @@ async def test_outage_keeps_serving_and_reports(
     await sync.stop()
     store.unavailable = True
     sync.start()
-    await until(lambda: not sync.watch_ok and sync.last_error != "")
+    await eventually(lambda: not sync.watch_ok and sync.last_error != "", 5.0)
     assert serves(table, "a.example.com") == "a-1"
     store.unavailable = False
     await store.create(HttpRoute(host="c.example.com", app="a"))
-    await until(lambda: sync.watch_ok and serves(table, "c.example.com") == "a-1")
+    await eventually(lambda: sync.watch_ok and serves(table, "c.example.com") == "a-1", 5.0)

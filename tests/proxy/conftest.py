@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
@@ -231,15 +230,6 @@ async def proxy(
     yield make
     for server in servers:
         await server.close(1.0)
-
-
-async def eventually(cond: Callable[[], bool], timeout: float = 5.0, what: str = "") -> None:
-    """Poll `cond` until true or fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s: {what}")
-        await asyncio.sleep(0.01)
 
 
 async def raw_exchange(port: int, data: bytes, *, timeout: float = 5.0) -> bytes:

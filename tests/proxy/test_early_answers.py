@@ -12,7 +12,9 @@ import struct
 
 import pytest
 
-from .conftest import RawUpstream, eventually, parse_responses
+from tests.support.poll import eventually
+
+from .conftest import RawUpstream, parse_responses
 
 HEAD = b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 10000000\r\n\r\n"
 ANSWER = b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 9\r\n\r\ntoo large"

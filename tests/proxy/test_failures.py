@@ -22,10 +22,10 @@ from miren_ingress.proxy import (
     StaticLease,
     Target,
 )
+from tests.support.poll import eventually
 
 from .conftest import (
     RawUpstream,
-    eventually,
     parse_responses,
     raw_exchange,
     read_request,

@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 
 from miren_ingress.proxy.pool import UpstreamPool
+from tests.support.poll import eventually
 
-from .conftest import RawUpstream, eventually, parse_responses, raw_exchange, read_request
+from .conftest import RawUpstream, parse_responses, raw_exchange, read_request
 
 Respond = Callable[[asyncio.StreamWriter], Awaitable[None]]
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 
-from .conftest import RawUpstream, eventually, parse_responses
+from tests.support.poll import eventually
+
+from .conftest import RawUpstream, parse_responses
 from .test_failures import ScriptedRouter, lease_for
 from .test_metrics_and_units import sample
 

@@ -6,7 +6,9 @@ import asyncio
 
 import pytest
 
-from .conftest import RawUpstream, eventually, parse_responses, raw_exchange, read_request
+from tests.support.poll import eventually
+
+from .conftest import RawUpstream, parse_responses, raw_exchange, read_request
 
 H = b"Host: a.test\r\n"
 CASES = {

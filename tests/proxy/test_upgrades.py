@@ -15,8 +15,9 @@ import asyncio
 import pytest
 
 from tests.support.apps import StartApp, echo_argv
+from tests.support.poll import eventually
 
-from .conftest import eventually, parse_responses, raw_exchange, read_request
+from .conftest import parse_responses, raw_exchange, read_request
 
 UPGRADE = (
     b"GET /up HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"

@@ -20,25 +20,14 @@ answered 200 by another sandbox (a cold start: another pid), never by the dead o
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
 
-from tests.e2e.harness import MirenServer
-from tests.reliability.figures import Figures
-from tests.reliability.tools import (
-    Load,
-    Sample,
-    admin,
-    percentile,
-    poll,
-    sandbox_note,
-    sandbox_record,
-    tally,
-)
+from tests.reliability.figures import Figures, percentile
+from tests.reliability.load import Load, Sample, sandbox_note, tally
+from tests.support.edge import MirenServer
+from tests.support.poll import eventually
 
 CONCURRENCY = 8
 PATH = "/slow?ms=20"  # keeps requests in flight at any instant
@@ -106,7 +95,7 @@ class KillRun:
 
 
 async def sandbox_age(edge: MirenServer, app: str, sandbox_id: str) -> float:
-    box = await sandbox_record(edge, app, sandbox_id)
+    box = await edge.client.sandbox_record(app, sandbox_id)
     started = datetime.fromisoformat(box["started_at"].replace("Z", "+00:00"))
     return time.time() - started.timestamp()
 
@@ -147,9 +136,7 @@ async def kill_under_load(
             age = await sandbox_age(edge, app, victim)
             if age < min_age:
                 await asyncio.sleep(min_age - age)  # waiting out its age (a duration)
-            pid = int((await sandbox_record(edge, app, victim))["pid"])
-            t_kill = time.time()
-            os.kill(pid, signal.SIGKILL)
+            t_kill = await edge.client.kill_sandbox(app, victim)
 
             def successor(t_kill: float = t_kill, victim: str = victim) -> Sample | None:
                 for s in run.samples:
@@ -158,7 +145,9 @@ async def kill_under_load(
                 return None
 
             try:
-                first: Any = await poll("an answer from a new sandbox", successor, recovery_timeout)
+                first = await eventually(
+                    successor, recovery_timeout, "an answer from a new sandbox"
+                )
             except AssertionError:  # judged by `problems()`, with what the clients saw
                 run.kills.append(Kill(victim, t_kill, "", float("inf")))
                 break
@@ -172,7 +161,7 @@ async def kill_under_load(
 
 async def dead_reported(edge: MirenServer, app: str, run: KillRun) -> bool:
     """The admin API reports every killed sandbox dead and only the last successor running."""
-    boxes = (await admin(edge, "GET", f"/v1/apps/{app}/sandboxes")).json()
+    boxes = await edge.client.sandbox_records(app)
     status = {str(b["id"]): b["status"] for b in boxes}
     running_ = [str(b["id"]) for b in boxes if b["status"] == "running"]
     return all(status.get(k.victim, "dead") == "dead" for k in run.kills) and running_ == [

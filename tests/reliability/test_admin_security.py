@@ -23,20 +23,17 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.harness import REPO, MirenServer, Reply, base_env, free_port, http_call, serve_argv
 from tests.reliability.figures import Figures
-from tests.reliability.tools import (
-    admin,
-    create_app,
-    deploy,
-    echo_spec,
+from tests.support.clients import Response, free_port, http_call
+from tests.support.edge import (
+    REPO,
+    MirenServer,
+    base_env,
+    echo_spec_data,
     log_errors,
-    log_text,
-    running,
-    sandbox_record,
-    wait_status,
+    serve_argv,
 )
-from tests.support.apps import host_pid
+from tests.support.procs import host_pid
 
 pytestmark = pytest.mark.reliability
 
@@ -84,7 +81,7 @@ def bodies() -> dict[tuple[str, str], Any]:
     return {
         ("POST", "/v1/apps"): {"name": "intruder"},
         ("PUT", "/v1/routes/{host}"): {"app": APP},
-        ("POST", "/v1/apps/{app}/deploys"): {"spec": echo_spec()},
+        ("POST", "/v1/apps/{app}/deploys"): {"spec": echo_spec_data()},
         ("PATCH", "/v1/apps/{app}/ephemeral/{label}"): {"ttl": "5m"},
     }
 
@@ -95,7 +92,7 @@ def fill(template: str, values: dict[str, str]) -> str:
     return template
 
 
-def unauthorized(reply: Reply) -> bool:
+def unauthorized(reply: Response) -> bool:
     if reply.status != 401 or "bearer" not in reply.headers.get("www-authenticate", "").lower():
         return False
     body = reply.json()
@@ -103,29 +100,29 @@ def unauthorized(reply: Reply) -> bool:
 
 
 async def state(edge: MirenServer) -> dict[str, Any]:
-    apps = (await admin(edge, "GET", "/v1/apps")).json()
-    routes = (await admin(edge, "GET", "/v1/routes")).json()
-    versions = (await admin(edge, "GET", f"/v1/apps/{APP}/versions")).json()
+    apps = (await edge.client.admin("GET", "/v1/apps")).json()
+    routes = (await edge.client.admin("GET", "/v1/routes")).json()
+    versions = (await edge.client.admin("GET", f"/v1/apps/{APP}/versions")).json()
     return {"apps": apps, "routes": routes, "versions": versions}
 
 
 async def test_admin_security(tmp_path: Path, figures: Figures) -> None:
     server = MirenServer(tmp_path, store="memory", token=TOKEN, settings={"log_level": "debug"})
-    async with running(server) as edge:
-        await create_app(edge, APP, HOST)
-        await deploy(edge, APP, echo_spec())
-        preview = await deploy(edge, APP, echo_spec(), label=LABEL, ttl="1h")
+    async with server as edge:
+        await edge.client.create_app(APP, HOST)
+        await edge.client.post_deploy(APP, echo_spec_data())
+        preview = await edge.client.post_deploy(APP, echo_spec_data(), label=LABEL, ttl="1h")
         version_id = preview["version"]["id"]
-        app_pid = await _app_pid(edge, (await wait_status(edge, HOST, 200)).json()["sandbox"])
+        app_pid = await _app_pid(edge, (await edge.client.wait_status(HOST, 200)).json()["sandbox"])
         preview_pid = await _app_pid(
-            edge, (await wait_status(edge, PREVIEW, 200)).json()["sandbox"]
+            edge, (await edge.client.wait_status(PREVIEW, 200)).json()["sandbox"]
         )
-        boxes = (await admin(edge, "GET", f"/v1/apps/{APP}/sandboxes")).json()
+        boxes = (await edge.client.admin("GET", f"/v1/apps/{APP}/sandboxes")).json()
         values = {"app": APP, "host": HOST, "label": LABEL, "id": version_id}
         before = await state(edge)
 
         # -- the endpoint list: the served OpenAPI document against the README
-        doc = (await admin(edge, "GET", "/openapi.json", token="")).json()
+        doc = (await edge.client.admin("GET", "/openapi.json", token="")).json()
         endpoints = {
             (method.upper(), path)
             for path, ops in doc["paths"].items()
@@ -144,15 +141,15 @@ async def test_admin_security(tmp_path: Path, figures: Figures) -> None:
             if template == "/v1/sandboxes/{id}/logs":
                 path = fill(template, {"id": boxes[0]["id"]})
             for name, headers in WRONG.items():
-                reply = await admin(
-                    edge, method, path, valid.get((method, template)), token="", headers=headers
+                reply = await edge.client.admin(
+                    method, path, valid.get((method, template)), token="", headers=headers
                 )
                 calls += 1
                 if not unauthorized(reply):
                     not_401.append(f"{method} {path} [{name}]: {reply!r}")
             # With the good token a read answers (so the 401s above were about the token).
             if method == "GET":
-                assert (await admin(edge, method, path)).status == 200, path
+                assert (await edge.client.admin(method, path)).status == 200, path
         after = await state(edge)
 
         # -- spellings of a /v1 path, without a token: never data
@@ -174,7 +171,7 @@ async def test_admin_security(tmp_path: Path, figures: Figures) -> None:
             "/v1/apps/../apps",
         ):
             for method in ("GET", "HEAD", "OPTIONS"):
-                reply = await admin(edge, method, path, token="")
+                reply = await edge.client.admin(method, path, token="")
                 calls += 1
                 if reply.status < 400 or APP.encode() in reply.body:
                     leaks.append(f"{method} {path}: {reply!r}")
@@ -185,7 +182,7 @@ async def test_admin_security(tmp_path: Path, figures: Figures) -> None:
             reply = await _admin_as_host(edge, PREVIEW, path)
             via_admin.append(reply)
         # -- the admin API is not reachable through the proxy listener
-        via_proxy: list[tuple[str, str, Reply]] = []
+        via_proxy: list[tuple[str, str, Response]] = []
         for host in (f"127.0.0.1:{edge.admin_port}", "localhost", "admin.invalid", HOST, PREVIEW):
             for path in ("/v1/apps", "/healthz", "/metrics", "/openapi.json"):
                 headers = {"Host": host, "Authorization": f"Bearer {TOKEN}"}
@@ -193,13 +190,13 @@ async def test_admin_security(tmp_path: Path, figures: Figures) -> None:
                 via_proxy.append((host, path, reply))
 
         # -- where the token must not appear
-        metrics = (await admin(edge, "GET", "/metrics")).body.decode()
+        metrics = (await edge.client.admin("GET", "/metrics")).body.decode()
         cli = edge.cli("app", "list", token="wrong-token", check=False)
         environ = {pid: _environ(pid) for pid in (app_pid, preview_pid)}
         sandbox_logs = "".join(
             p.read_text(errors="replace") for p in edge.data_dir.glob("**/*.log") if p.is_file()
         )
-        text = log_text(edge)
+        text = edge.log_text()
 
     figures.add("unauthorized calls", calls)
     figures.add("/v1 endpoints", len(endpoints))
@@ -234,18 +231,14 @@ async def test_admin_security(tmp_path: Path, figures: Figures) -> None:
     assert not log_errors(text), log_errors(text)[:20]
 
 
-async def _admin_as_host(edge: MirenServer, host: str, path: str) -> Reply:
-    return await admin(edge, "GET", path, token="", headers={"Host": host})
+async def _admin_as_host(edge: MirenServer, host: str, path: str) -> Response:
+    return await edge.client.admin("GET", path, token="", headers={"Host": host})
 
 
 async def _app_pid(edge: MirenServer, sandbox_id: str) -> int:
     """The echo server's host pid (bubblewrap's pid namespace gives it another inside)."""
-    box = await sandbox_record(edge, APP, sandbox_id)
+    box = await edge.client.sandbox_record(APP, sandbox_id)
     return host_pid(int(box["pid"]), "echo_server.py")
-
-
-def _environ(pid: int) -> str:
-    return Path(f"/proc/{pid}/environ").read_bytes().replace(b"\0", b"\n").decode(errors="replace")
 
 
 def test_serve_refuses_a_public_admin_listener_without_a_token(tmp_path: Path) -> None:
@@ -266,3 +259,7 @@ def test_serve_refuses_a_public_admin_listener_without_a_token(tmp_path: Path) -
     )
     assert done.returncode != 0
     assert "admin_listen" in done.stderr and "token" in done.stderr, done.stderr
+
+
+def _environ(pid: int) -> str:
+    return Path(f"/proc/{pid}/environ").read_bytes().replace(b"\0", b"\n").decode(errors="replace")

@@ -49,21 +49,11 @@ from miren_store.deploy.ttl import MAX_TTL, describe_ttl, parse_ttl
 from miren_store.durations import format_duration
 from miren_store.entities import App, AppVersion, HttpRoute, Runtime, VersionSpec
 from miren_store.memory import MemoryStore
-from tests.e2e.harness import MirenServer
 from tests.reliability.budget import BUDGET
 from tests.reliability.figures import Figures
-from tests.reliability.tools import (
-    RawResult,
-    RecordingUpstream,
-    create_app,
-    deploy,
-    get,
-    log_errors,
-    log_text,
-    raw_exchange,
-    running,
-    wait_status,
-)
+from tests.support.clients import RawResult, raw_exchange
+from tests.support.edge import MirenServer, log_errors
+from tests.support.upstream import RecordingUpstream
 
 pytestmark = pytest.mark.reliability
 
@@ -367,10 +357,10 @@ async def test_malformed_requests_get_4xx_and_never_reach_the_upstream(
 ) -> None:
     results: dict[str, RawResult] = {}
     async with RecordingUpstream() as upstream:
-        async with running(MirenServer(tmp_path, store="memory")) as edge:
-            await create_app(edge, "bad", HOST)
-            await deploy(edge, "bad", upstream_spec(upstream))
-            await wait_status(edge, HOST, 200)
+        async with MirenServer(tmp_path, store="memory") as edge:
+            await edge.client.create_app("bad", HOST)
+            await edge.client.post_deploy("bad", upstream_spec(upstream))
+            await edge.client.wait_status(HOST, 200)
             for name, payload in CASES.items():
                 try:
                     results[name] = await raw_exchange(edge.proxy_port, payload, timeout=10.0)
@@ -378,10 +368,10 @@ async def test_malformed_requests_get_4xx_and_never_reach_the_upstream(
                     results[name] = RawResult(b"", False, False, f"connect: {exc!r}")
                 assert edge.proc is not None and edge.proc.poll() is None, f"crashed on {name}"
             # The server still serves, and anything forwarded earlier arrived before this.
-            assert (await get(edge, HOST, "/sentinel")).status == 200
+            assert (await edge.client.get(HOST, "/sentinel")).status == 200
             assert upstream.complete[-1] == "/sentinel"
-            health = (await get(edge, HOST, "/.well-known/miren/health")).status
-            text = log_text(edge)
+            health = (await edge.client.get(HOST, "/.well-known/miren/health")).status
+            text = edge.log_text()
 
     bad = {
         name: r
@@ -396,18 +386,19 @@ async def test_malformed_requests_get_4xx_and_never_reach_the_upstream(
     assert not bad, bad
     assert probes(upstream) == [], probes(upstream)
     assert upstream.parse_errors == [], upstream.parse_errors
+    assert upstream.upgrades == [], upstream.upgrades
     assert health == 200
     assert not log_errors(text), log_errors(text)[:20]
 
 
 async def test_truncated_chunked_body_then_fin_gets_4xx(tmp_path: Path) -> None:
     async with RecordingUpstream() as upstream:
-        async with running(MirenServer(tmp_path, store="memory")) as edge:
-            await create_app(edge, "bad", HOST)
-            await deploy(edge, "bad", upstream_spec(upstream))
-            await wait_status(edge, HOST, 200)
+        async with MirenServer(tmp_path, store="memory") as edge:
+            await edge.client.create_app("bad", HOST)
+            await edge.client.post_deploy("bad", upstream_spec(upstream))
+            await edge.client.wait_status(HOST, 200)
             result = await raw_exchange(edge.proxy_port, TRUNCATED, half_close=True)
-            assert (await get(edge, HOST, "/sentinel")).status == 200
+            assert (await edge.client.get(HOST, "/sentinel")).status == 200
     assert PROBE not in upstream.complete, "a truncated request reached the upstream whole"
     assert result.closed, result
     assert result.status == 400, result
@@ -425,10 +416,10 @@ async def test_stalled_chunked_body_gets_4xx(tmp_path: Path, figures: Figures) -
                 "ingress.request_timeout": "3s",
             },
         )
-        async with running(server) as edge:
-            await create_app(edge, "bad", HOST)
-            await deploy(edge, "bad", upstream_spec(upstream))
-            await wait_status(edge, HOST, 200)
+        async with server as edge:
+            await edge.client.create_app("bad", HOST)
+            await edge.client.post_deploy("bad", upstream_spec(upstream))
+            await edge.client.wait_status(HOST, 200)
             loop = asyncio.get_running_loop()
             t0 = loop.time()
             result = await raw_exchange(edge.proxy_port, TRUNCATED, timeout=request_timeout * 3)

@@ -24,21 +24,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import MirenServer
 from tests.reliability.budget import BUDGET
-from tests.reliability.figures import Figures
-from tests.reliability.tools import (
-    ProcSampler,
-    admin,
-    create_app,
-    deploy,
-    echo_spec,
-    log_errors,
-    log_text,
-    poll,
-    raw_exchange,
-    running,
-)
+from tests.reliability.figures import Figures, ProcSampler
+from tests.support.clients import raw_exchange
+from tests.support.edge import MirenServer, echo_spec_data, log_errors
+from tests.support.poll import eventually
 
 pytestmark = pytest.mark.reliability
 
@@ -97,14 +87,14 @@ async def test_waiters_beyond_the_bound_get_503_and_memory_stays_bounded(
     tmp_path: Path, figures: Figures, fd_limit: int
 ) -> None:
     bound = BUDGET.max_waiters
-    spec = echo_spec(env={"BOOT_DELAY_MS": str(BUDGET.boot_delay_ms)})
+    spec = echo_spec_data(env={"BOOT_DELAY_MS": str(BUDGET.boot_delay_ms)})
     server = MirenServer(tmp_path, store="memory", settings={"ingress.max_waiters": str(bound)})
-    async with running(server) as edge:
-        await create_app(edge, APP, HOST)
-        await deploy(edge, APP, spec)
+    async with server as edge:
+        await edge.client.create_app(APP, HOST)
+        await edge.client.post_deploy(APP, spec)
         n_big = BUDGET.overload_big_bursts
         for i in range(n_big):
-            await deploy(edge, APP, spec, label=f"big{i}", ttl="1h")
+            await edge.client.post_deploy(APP, spec, label=f"big{i}", ttl="1h")
         # All versions are in the route table (no request: their sandboxes must stay cold).
         await _versions_loaded(edge, 1 + n_big)
         sampler = ProcSampler(edge.pid, interval=0.05)
@@ -122,7 +112,7 @@ async def test_waiters_beyond_the_bound_get_503_and_memory_stays_bounded(
                 rss_bigs.append(sampler.sample()[1])
         finally:
             await sampler.stop()
-        text = log_text(edge)
+        text = edge.log_text()
 
     rss0 = sampler.samples[0][1]
     peak = max(s[1] for s in sampler.samples)
@@ -170,7 +160,7 @@ def _first(outcomes: list[Outcome], status: int) -> str:
 
 async def _versions_loaded(edge: MirenServer, n: int) -> None:
     async def loaded() -> bool:
-        report = (await admin(edge, "GET", "/healthz")).json()
+        report = (await edge.client.admin("GET", "/healthz")).json()
         return bool(report["routes"]["versions"] >= n)
 
-    await poll(f"{n} versions in the route table", loaded, timeout=10.0)
+    await eventually(loaded, 10.0, f"{n} versions in the route table")

@@ -25,26 +25,14 @@ from miren_store.deploy.deploys import DeployRequest, delete_label
 from miren_store.deploy.deploys import deploy as store_deploy
 from miren_store.entities import HttpRoute
 from miren_store.etcd import EtcdStore
-from tests.e2e.harness import MirenServer, Reply
 from tests.etcd_fixtures import EtcdFactory
 from tests.reliability.budget import BUDGET
-from tests.reliability.figures import Figures
-from tests.reliability.tools import (
-    Load,
-    admin,
-    create_app,
-    deploy,
-    echo_spec,
-    get,
-    log_errors,
-    log_text,
-    percentile,
-    poll,
-    running,
-    sandbox_record,
-    tally,
-    wait_status,
-)
+from tests.reliability.figures import Figures, percentile
+from tests.reliability.load import Load, tally
+from tests.support.clients import Response
+from tests.support.edge import MirenServer, echo_spec_data, log_errors
+from tests.support.poll import eventually
+from tests.support.procs import pid_alive
 
 pytestmark = [pytest.mark.reliability, pytest.mark.etcd]
 
@@ -60,9 +48,9 @@ def etcd_edge(tmp_path: Path, url: str) -> MirenServer:
 
 async def stored_state(edge: MirenServer, app: str) -> dict[str, set[str]]:
     """What the admin API reports: app names, route hosts, version ids of `app`."""
-    apps = (await admin(edge, "GET", "/v1/apps")).json()
-    routes = (await admin(edge, "GET", "/v1/routes")).json()
-    versions = (await admin(edge, "GET", f"/v1/apps/{app}/versions?limit=100")).json()
+    apps = (await edge.client.admin("GET", "/v1/apps")).json()
+    routes = (await edge.client.admin("GET", "/v1/routes")).json()
+    versions = (await edge.client.admin("GET", f"/v1/apps/{app}/versions?limit=100")).json()
     return {
         "apps": {a["name"] for a in apps},
         "routes": {r["host"] for r in routes},
@@ -70,12 +58,12 @@ async def stored_state(edge: MirenServer, app: str) -> dict[str, set[str]]:
     }
 
 
-def unavailable(reply: Reply) -> bool:
+def unavailable(reply: Response) -> bool:
     return reply.status == 503 and reply.json()["error"]["code"] == "store_unavailable"
 
 
-async def healthz(edge: MirenServer) -> Reply:
-    return await admin(edge, "GET", "/healthz", timeout=5.0)
+async def healthz(edge: MirenServer) -> Response:
+    return await edge.client.admin("GET", "/healthz", timeout=5.0)
 
 
 @pytest.mark.timeout(BUDGET.outage_seconds + 120)
@@ -86,12 +74,12 @@ async def test_outage_under_load(
     await etcd.start()
     app, host = "out", "out.test"
     preview = f"warm.{host}"
-    async with running(etcd_edge(tmp_path, etcd.url)) as edge:
-        await create_app(edge, app, host)
-        await deploy(edge, app, echo_spec())
-        await deploy(edge, app, echo_spec(), label="warm", ttl="1h")
-        await wait_status(edge, host, 200)
-        await wait_status(edge, preview, 200)
+    async with etcd_edge(tmp_path, etcd.url) as edge:
+        await edge.client.create_app(app, host)
+        await edge.client.post_deploy(app, echo_spec_data())
+        await edge.client.post_deploy(app, echo_spec_data(), label="warm", ttl="1h")
+        await edge.client.wait_status(host, 200)
+        await edge.client.wait_status(preview, 200)
         before = await stored_state(edge, app)
 
         hosts = [host, preview]
@@ -105,13 +93,13 @@ async def test_outage_under_load(
         stop = asyncio.Event()
         loader = asyncio.create_task(load.run(stop=stop))
         try:
-            await poll("the load to get going", lambda: len(load.samples) > 50, 10.0)
+            await eventually(lambda: len(load.samples) > 50, 10.0, "the load to get going")
 
             # -- etcd goes away
             await etcd.stop()
             t_down = time.monotonic()
             wall_down = time.time()
-            admin_answers: list[tuple[str, Reply, float]] = []
+            admin_answers: list[tuple[str, Response, float]] = []
             for method, path, body in (
                 ("POST", "/v1/apps", {"name": "during"}),
                 ("GET", "/v1/apps", None),
@@ -119,22 +107,22 @@ async def test_outage_under_load(
                 (
                     "POST",
                     f"/v1/apps/{app}/deploys",
-                    {"spec": echo_spec(), "ephemeral": {"label": "x"}},
+                    {"spec": echo_spec_data(), "ephemeral": {"label": "x"}},
                 ),
                 ("PUT", "/v1/routes/during.test", {"app": app}),
             ):
                 t0 = time.monotonic()
-                reply = await admin(edge, method, path, body)
+                reply = await edge.client.admin(method, path, body)
                 admin_answers.append((f"{method} {path}", reply, time.monotonic() - t0))
-            degraded = await poll(
-                "/healthz to report the outage",
+            degraded = await eventually(
                 lambda: _degraded(edge),
-                timeout=BUDGET.outage_seconds + 5.0,
+                BUDGET.outage_seconds + 5.0,
+                "/healthz to report the outage",
             )
             t_reported = time.monotonic() - t_down
             # Waiting out the outage (a duration): the load runs meanwhile.
             await asyncio.sleep(max(0.0, BUDGET.outage_seconds - (time.monotonic() - t_down)))
-            still = await admin(edge, "GET", "/v1/apps")
+            still = await edge.client.admin("GET", "/v1/apps")
 
             # -- etcd comes back: a deploy right after must route within a second
             wall_up = time.time()
@@ -146,13 +134,13 @@ async def test_outage_under_load(
             new_host = f"after.{host}"
             first = await _first_routed(edge, new_host, timeout=10.0)
             routable_after = first - t_answer
-            await poll("/healthz ok again", lambda: _healthy(edge), timeout=15.0)
+            await eventually(lambda: _healthy(edge), 15.0, "/healthz ok again")
             t_healthy = time.monotonic() - t_up
         finally:
             stop.set()
             await loader
         after = await stored_state(edge, app)
-        text = log_text(edge)
+        text = edge.log_text()
 
     samples = load.samples
     counts = tally(samples)
@@ -210,31 +198,37 @@ async def _healthy(edge: MirenServer) -> bool:
 async def _deploy_when_back(edge: MirenServer, app: str) -> tuple[dict[str, Any], int]:
     """Deploy preview `after`, retrying while the store still answers 503 (its client
     reconnects); returns the answer and the number of attempts."""
-    body = {"spec": echo_spec(), "ephemeral": {"label": "after", "ttl": "1h"}}
-    deadline = time.monotonic() + 10.0
+    body = {"spec": echo_spec_data(), "ephemeral": {"label": "after", "ttl": "1h"}}
     tries = 0
-    while True:
+
+    async def attempt() -> dict[str, Any] | None:
+        nonlocal tries
         tries += 1
-        reply = await admin(edge, "POST", f"/v1/apps/{app}/deploys", body)
+        reply = await edge.client.admin("POST", f"/v1/apps/{app}/deploys", body)
         if reply.status == 201:
             answer: dict[str, Any] = reply.json()
-            return answer, tries
+            return answer
         assert unavailable(reply), reply
-        assert time.monotonic() < deadline, "the deploy kept failing after etcd returned"
-        await asyncio.sleep(0.05)
+        return None
+
+    answer = await eventually(
+        attempt, 10.0, "the deploy to succeed after etcd returned", interval=0.05
+    )
+    return answer, tries
 
 
 async def _first_routed(edge: MirenServer, host: str, timeout: float) -> float:
     """The wall-clock send time of the first request the proxy routed (not 404) for `host`."""
-    deadline = time.monotonic() + timeout
-    while True:
+
+    async def routed() -> float | None:
         sent = time.time()
-        reply = await get(edge, host)
+        reply = await edge.client.get(host)
         if reply.status != 404:
             assert reply.status == 200, reply
             return sent
-        assert time.monotonic() < deadline, f"{host} never routed"
-        await asyncio.sleep(0.01)
+        return None
+
+    return await eventually(routed, timeout, f"{host} to be routed")
 
 
 @pytest.mark.timeout(120)
@@ -244,14 +238,14 @@ async def test_restart_with_compaction_relists(
     etcd = etcd_factory()
     await etcd.start()
     app, host = "cmp", "cmp.test"
-    async with running(etcd_edge(tmp_path, etcd.url)) as edge:
-        await create_app(edge, app, host, "gone.test")
-        await deploy(edge, app, echo_spec())
-        old = await deploy(edge, app, echo_spec(), label="old", ttl="1h")
-        await wait_status(edge, host, 200)
-        await wait_status(edge, "gone.test", 200)
-        old_sandbox = (await wait_status(edge, f"old.{host}", 200)).json()["sandbox"]
-        old_pid = int((await sandbox_record(edge, app, old_sandbox))["pid"])
+    async with etcd_edge(tmp_path, etcd.url) as edge:
+        await edge.client.create_app(app, host, "gone.test")
+        await edge.client.post_deploy(app, echo_spec_data())
+        old = await edge.client.post_deploy(app, echo_spec_data(), label="old", ttl="1h")
+        await edge.client.wait_status(host, 200)
+        await edge.client.wait_status("gone.test", 200)
+        old_sandbox = (await edge.client.wait_status(f"old.{host}", 200)).json()["sandbox"]
+        old_pid = int((await edge.client.sandbox_record(app, old_sandbox))["pid"])
 
         # -- cut the server off, change the same data behind its back, compact past it
         await etcd.stop()
@@ -263,7 +257,7 @@ async def test_restart_with_compaction_relists(
                 store,
                 app,
                 DeployRequest.from_data(
-                    {"spec": echo_spec(), "ephemeral": {"label": "new", "ttl": "1h"}}
+                    {"spec": echo_spec_data(), "ephemeral": {"label": "new", "ttl": "1h"}}
                 ),
             )
             await delete_label(store, app, "old")
@@ -278,54 +272,48 @@ async def test_restart_with_compaction_relists(
         # -- etcd returns on its own port: the watch must re-list
         t_up = time.monotonic()
         await etcd.start()
-        await poll("the re-list", lambda: "must re-list" in log_text(edge), timeout=15.0)
+        await eventually(lambda: "must re-list" in edge.log_text(), 15.0, "the re-list")
         t_relist = time.monotonic() - t_up
-        await poll("/healthz ok again", lambda: _healthy(edge), timeout=15.0)
-        new_reply = await wait_status(edge, f"new.{host}", 200)
+        await eventually(lambda: _healthy(edge), 15.0, "/healthz ok again")
+        new_reply = await edge.client.wait_status(f"new.{host}", 200)
         assert new_reply.json()["version"] == new.version.id
-        await wait_status(edge, "fresh.test", 200)
+        await edge.client.wait_status("fresh.test", 200)
         for gone in (f"old.{host}", "gone.test"):
-            assert (await get(edge, gone)).status == 404, gone
+            assert (await edge.client.get(gone)).status == 404, gone
         report = (await healthz(edge)).json()
         assert report["routes"]["routes"] == 2, report  # cmp.test and fresh.test
         assert report["watch"]["revision"] >= revision, report
         # The deleted preview's sandbox is stopped (its version left the table on the re-list).
-        await poll(
+        await eventually(
+            lambda: not pid_alive(old_pid),
+            15.0,
             "the deleted preview's sandbox to stop",
-            lambda: not Path(f"/proc/{old_pid}").exists() or _zombie(old_pid),
-            timeout=15.0,
         )
         # ... and its record says so once the activator's write lands: the store writer may
         # still be in its back-off from the outage when the process exits.
         old_running: list[Any] = []
 
-        async def old_still_running() -> bool:
-            boxes = (await admin(edge, "GET", f"/v1/apps/{app}/sandboxes")).json()
+        async def old_recorded_stopped() -> bool:
+            boxes = (await edge.client.admin("GET", f"/v1/apps/{app}/sandboxes")).json()
             old_running[:] = [
                 b
                 for b in boxes
                 if b["version"] == old["version"]["id"] and b["status"] == "running"
             ]
-            return bool(old_running)
+            return not old_running
 
-        deadline = time.monotonic() + 15.0
-        while await old_still_running():
-            assert time.monotonic() < deadline, old_running
-            await asyncio.sleep(0.1)
-        text = log_text(edge)
+        await eventually(
+            old_recorded_stopped,
+            15.0,
+            lambda: f"the deleted preview's sandbox recorded stopped; running: {old_running}",
+            interval=0.1,
+        )
+        text = edge.log_text()
 
     figures.add("compacted at revision", revision)
     figures.add("re-list logged after etcd was started (its start included)", t_relist, "s")
     figures.add("log errors", len(log_errors(text)))
     assert not log_errors(text), log_errors(text)[:20]
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_bytes()
-    except FileNotFoundError:
-        return True
-    return stat[stat.rindex(b")") + 2 :].split()[0] == b"Z"
 
 
 @pytest.mark.timeout(60)
@@ -334,14 +322,12 @@ async def test_healthz_reports_the_watch_down_during_an_outage(
 ) -> None:
     etcd = etcd_factory()
     await etcd.start()
-    async with running(etcd_edge(tmp_path, etcd.url)) as edge:
+    async with etcd_edge(tmp_path, etcd.url) as edge:
         await etcd.stop()
-        degraded = await poll("/healthz to report the outage", lambda: _degraded(edge), 10.0)
+        degraded = await eventually(lambda: _degraded(edge), 10.0, "/healthz to report the outage")
         try:
-            await poll(
-                "/healthz to report the watch down",
-                lambda: _watch_down(edge),
-                timeout=STORE_TIMEOUT * 3,
+            await eventually(
+                lambda: _watch_down(edge), STORE_TIMEOUT * 3, "/healthz to report the watch down"
             )
         finally:
             await etcd.start()

@@ -21,23 +21,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import MirenServer
 from tests.reliability.budget import BUDGET
-from tests.reliability.figures import Figures
-from tests.reliability.tools import (
-    Load,
-    create_app,
-    deploy,
-    echo_spec,
-    fd_count,
-    log_errors,
-    log_text,
-    percentile,
-    poll,
-    request,
-    running,
-    wait_status,
-)
+from tests.reliability.figures import Figures, percentile
+from tests.reliability.load import Load, request
+from tests.support.edge import MirenServer, echo_spec_data, log_errors
+from tests.support.poll import eventually
+from tests.support.procs import fd_count
 
 pytestmark = pytest.mark.reliability
 
@@ -156,10 +145,10 @@ async def test_idle_and_slowloris_clients_do_not_stop_a_normal_client(
         },
     )
     slowloris = Slowloris(0)
-    async with running(server) as edge:
-        await create_app(edge, APP, HOST)
-        await deploy(edge, APP, echo_spec())
-        await wait_status(edge, HOST, 200)
+    async with server as edge:
+        await edge.client.create_app(APP, HOST)
+        await edge.client.post_deploy(APP, echo_spec_data())
+        await edge.client.wait_status(HOST, 200)
         alone = await normal_client(edge, BUDGET.slow_measure_seconds)
         fds_before = fd_count(edge.pid)
 
@@ -168,8 +157,8 @@ async def test_idle_and_slowloris_clients_do_not_stop_a_normal_client(
         clients = [asyncio.create_task(slowloris.client(stop)) for _ in range(n_slow)]
         idle: list[Idle] = []
         try:
-            await poll(
-                "the slowloris clients to connect", lambda: slowloris.connections >= n_slow, 10
+            await eventually(
+                lambda: slowloris.connections >= n_slow, 10, "the slowloris clients to connect"
             )
             idle = await open_idle(edge.proxy_port, n_idle)
             # Measure while every idle connection is still within its keep-alive timeout.
@@ -180,10 +169,10 @@ async def test_idle_and_slowloris_clients_do_not_stop_a_normal_client(
             under = await normal_client(edge, window)
             idle_open_at_end = sum(1 for c in idle if not c.reader.at_eof())
             # Slowloris clients have been cut and have reconnected meanwhile.
-            await poll(
-                "every slowloris client to be cut once",
+            await eventually(
                 lambda: len(slowloris.closed_after) >= n_slow,
                 HEADER_TIMEOUT + SLACK,
+                "every slowloris client to be cut once",
             )
             stop.set()
             # The keep-alive timeout closes every idle connection.
@@ -195,13 +184,11 @@ async def test_idle_and_slowloris_clients_do_not_stop_a_normal_client(
             await asyncio.gather(*clients, return_exceptions=True)
             for c in idle:
                 c.writer.close()
-        await poll(
-            "the server's fds to come back",
-            lambda: fd_count(edge.pid) <= fds_before + 10,
-            timeout=10.0,
+        await eventually(
+            lambda: fd_count(edge.pid) <= fds_before + 10, 10.0, "the server's fds to come back"
         )
         fds_after = fd_count(edge.pid)
-        text = log_text(edge)
+        text = edge.log_text()
 
     idle_closes = [c.closed_after for c in idle if c.closed_after is not None]
     figures.add("idle keep-alive connections", n_idle)
@@ -272,12 +259,12 @@ async def test_slow_request_bodies_do_not_stop_a_normal_client(
             "ingress.body_timeout": f"{BODY_TIMEOUT:g}s",
         },
     )
-    async with running(server) as edge:
-        await create_app(edge, APP, HOST)
-        await deploy(edge, APP, echo_spec())
-        await deploy(edge, APP, echo_spec(), label="pr", ttl="1h")
+    async with server as edge:
+        await edge.client.create_app(APP, HOST)
+        await edge.client.post_deploy(APP, echo_spec_data())
+        await edge.client.post_deploy(APP, echo_spec_data(), label="pr", ttl="1h")
         preview = f"pr.{HOST}"
-        await wait_status(edge, preview, 200)
+        await edge.client.wait_status(preview, 200)
         stalled = await stall_bodies(edge.proxy_port, preview, sent)
         try:
             t0 = time.monotonic()
@@ -289,7 +276,7 @@ async def test_slow_request_bodies_do_not_stop_a_normal_client(
         finally:
             for _, writer in stalled:
                 writer.close()
-        text = log_text(edge)
+        text = edge.log_text()
     figures.add("normal client answered after", waited, "s")
     assert answer.status == 200, answer
     if not streamed:

@@ -34,26 +34,14 @@ from datetime import datetime
 
 import pytest
 
-from tests.e2e.harness import MirenServer, cmdline, descendants, process_table
 from tests.reliability.budget import BUDGET
-from tests.reliability.figures import Figures
+from tests.reliability.figures import Figures, ProcSampler, median_of, percentile
 from tests.reliability.killing import dead_reported, kill_under_load
-from tests.reliability.tools import (
-    Load,
-    ProcSampler,
-    Sample,
-    deploy,
-    echo_spec,
-    expect,
-    log_errors,
-    log_text,
-    log_warnings,
-    median_of,
-    percentile,
-    poll,
-    tally,
-    wait_status,
-)
+from tests.reliability.load import Load, Sample, tally
+from tests.support.clients import Response
+from tests.support.edge import MirenServer, echo_spec_data, log_errors, log_warnings
+from tests.support.poll import eventually
+from tests.support.procs import cmdline, descendants, process_table
 
 pytestmark = pytest.mark.reliability
 
@@ -90,6 +78,11 @@ class Previews:
         return self.recent
 
 
+def expect(reply: Response, *statuses: int) -> Response:
+    assert reply.status in statuses, f"expected {statuses}, got {reply!r}"
+    return reply
+
+
 def judge_preview(s: Sample, p: Preview) -> str:
     """'ok', 'expected_5xx' or a description of what is wrong with this answer."""
     if s.status == 200:
@@ -105,29 +98,30 @@ def sandbox_processes(edge: MirenServer) -> list[int]:
     """The echo servers alive under the edge (not their launchers: bubblewrap's command line
     names the app's command too)."""
     table = process_table()
-    return [
-        pid
-        for pid in descendants(edge.pid, table)
-        if "echo_server.py" in cmdline(pid)
-        and "bwrap" not in cmdline(pid).split()[0]
-        and table[pid].state != "Z"
-    ]
+    found = []
+    for pid in descendants(edge.pid, table):
+        line = cmdline(pid)  # read once: the process may end between two reads ("" then)
+        if "echo_server.py" in line and "bwrap" not in line.split()[0] and table[pid].state != "Z":
+            found.append(pid)
+    return found
 
 
 async def churn(edge: MirenServer, previews: Previews, stop: asyncio.Event) -> int:
     """Deploy a new preview every `preview_every` seconds until `stop`; each joins the load
     once the proxy routes it (its first request also boots its sandbox)."""
-    spec = echo_spec()
+    spec = echo_spec_data()
     n = 0
     loop = asyncio.get_running_loop()
     next_at = loop.time()
     while not stop.is_set():
         n += 1
         label = f"p{n}"
-        answer = await deploy(edge, APP, spec, label=label, ttl=f"{BUDGET.preview_ttl:g}s")
+        answer = await edge.client.post_deploy(
+            APP, spec, label=label, ttl=f"{BUDGET.preview_ttl:g}s"
+        )
         expires = datetime.fromisoformat(answer["expires_at"].replace("Z", "+00:00"))
         host = f"{label}.{HOST}"
-        await wait_status(edge, host, 200, timeout=BUDGET.preview_ttl)
+        await edge.client.wait_status(host, 200, timeout=BUDGET.preview_ttl)
         previews.add(Preview(label, host, time.time(), expires.timestamp()))
         next_at += BUDGET.preview_every
         # Waiting out the deploy cadence (a duration, not a condition).
@@ -144,7 +138,7 @@ def soak_edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MirenServer]
     with MirenServer(tmp_path_factory.mktemp("soak"), store="embedded") as edge:
         expect(edge.admin("POST", "/v1/apps", {"name": APP}), 201)
         expect(edge.admin("PUT", f"/v1/routes/{HOST}", {"app": APP}), 200, 201)
-        expect(edge.admin("POST", f"/v1/apps/{APP}/deploys", {"spec": echo_spec()}), 201)
+        expect(edge.admin("POST", f"/v1/apps/{APP}/deploys", {"spec": echo_spec_data()}), 201)
         expect(edge.get_routed(HOST), 200)
         yield edge
 
@@ -185,12 +179,12 @@ async def test_soak_mixed_hosts_with_expiring_previews(
 
     # Every preview expires and is collected: only the active sandbox is left.
     last = max((p.expires for p in previews.by_host.values()), default=time.time())
-    await poll(
-        "only the active version's sandbox to be left",
+    await eventually(
         lambda: len(sandbox_processes(edge)) == 1,
-        timeout=max(0.0, last - time.time()) + 20.0,
+        max(0.0, last - time.time()) + 20.0,
+        "only the active version's sandbox to be left",
     )
-    text = log_text(edge)
+    text = edge.log_text()
 
     # -- the answers
     problems: list[str] = []
@@ -279,6 +273,8 @@ async def test_sandbox_killed_under_load(soak_edge: MirenServer, figures: Figure
     run.record(figures)
     problems = run.problems()
     assert not problems, f"{len(problems)} problems, first: {problems[:5]}"
-    await poll("the admin API to report the kills", lambda: dead_reported(edge, APP, run), 10.0)
-    text = log_text(edge)
+    await eventually(
+        lambda: dead_reported(edge, APP, run), 10.0, "the admin API to report the kills"
+    )
+    text = edge.log_text()
     assert not log_errors(text), log_errors(text)[:20]

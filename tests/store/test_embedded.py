@@ -39,6 +39,7 @@ from miren_store.embedded import (
 )
 from miren_store.entities import App
 from miren_store.errors import StoreError
+from tests.support.poll import eventually
 
 if TYPE_CHECKING:
     # Type only: importing the plugin module at runtime before pytest loads it would stop pytest
@@ -77,16 +78,6 @@ def cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
     except OSError:
         return ""
-
-
-async def wait_until(
-    condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.01
-) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for: {what}")
-        await asyncio.sleep(interval)
 
 
 def write_script(path: Path, text: str) -> Path:
@@ -269,13 +260,13 @@ async def test_freeze_thaw_kill_and_crash_durability(etcd_server: EmbeddedEtcd) 
     assert await put_get(etcd_server, b"/t/acked", b"1") == b"1"
 
     etcd_server.freeze()
-    await wait_until(lambda: proc_state(pid) == "T", 5, "etcd stopped by SIGSTOP")
+    await eventually(lambda: proc_state(pid) == "T", 5, "etcd stopped by SIGSTOP")
     etcd_server.thaw()
-    await wait_until(lambda: proc_state(pid) != "T", 5, "etcd continued by SIGCONT")
+    await eventually(lambda: proc_state(pid) != "T", 5, "etcd continued by SIGCONT")
     assert await put_get(etcd_server, b"/t/acked") == b"1"
 
     etcd_server.kill()
-    await wait_until(lambda: not pid_alive(pid), 5, "etcd killed by SIGKILL")
+    await eventually(lambda: not pid_alive(pid), 5, "etcd killed by SIGKILL")
     await etcd_server.stop()  # reaps
     assert etcd_server.returncode == -signal.SIGKILL
     assert proc_state(pid) is None
@@ -485,7 +476,7 @@ async def test_cancelled_start_leaves_no_process(tmp_path: Path) -> None:
     )
     server = EmbeddedEtcd(tmp_path / "etcd", binary=fake, start_timeout=30)
     task = asyncio.create_task(server.start())
-    await wait_until(pid_file.exists, 5, "fake etcd wrote its pid")
+    await eventually(pid_file.exists, 5, "fake etcd wrote its pid")
     pid = int(pid_file.read_text())
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -845,7 +836,7 @@ async def test_parent_killed_with_sigkill_takes_etcd_with_it(
         parent.kill()
         await parent.wait()
 
-        await wait_until(
+        await eventually(
             lambda: not pid_alive(etcd_pid), 5.0, f"etcd {etcd_pid} to die with its parent"
         )
     finally:

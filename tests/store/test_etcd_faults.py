@@ -45,6 +45,7 @@ from miren_store.etcd import (
 from miren_store.memory import MemoryStore
 from miren_store.store import Change, Check, Create, Delete, StoreStats, Update
 from tests.etcd_fixtures import EtcdFactory, etcd_factory, etcd_server  # noqa: F401
+from tests.support.poll import eventually
 
 SPEC = VersionSpec(runtime=Runtime.UPSTREAM, urls=("http://127.0.0.1:9",))
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -56,15 +57,6 @@ def version(id: str, app: str = "a", label: str = "", expires: datetime | None =
     return AppVersion(
         id=id, app=app, spec=SPEC, ephemeral_label=label, ephemeral_expires_at=expires
     )
-
-
-async def eventually(probe: Callable[[], Awaitable[bool]], within: float = 10.0) -> None:
-    """Poll `probe` until it returns True, failing after `within` seconds."""
-    deadline = time.monotonic() + within
-    while not await probe():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {within} s")
-        await asyncio.sleep(0.02)
 
 
 async def freeze(server: EmbeddedEtcd) -> None:
@@ -82,7 +74,7 @@ async def freeze(server: EmbeddedEtcd) -> None:
                 states.append((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
         return all(s == "T" for s in states)
 
-    await eventually(stopped, 5)
+    await eventually(stopped, 5, interval=0.02)
 
 
 def raw_client(server: EmbeddedEtcd) -> Any:
@@ -131,7 +123,7 @@ class Collector:
                 raise self.error
             return len(self.changes) >= n
 
-        await eventually(enough)
+        await eventually(enough, 10.0, interval=0.02)
 
     async def stop(self) -> None:
         self.task.cancel()
@@ -396,19 +388,18 @@ async def test_watch_survives_an_etcd_restart_without_losing_or_repeating(
         await watch.wait_for(3)
 
         await etcd_server.stop()
-        await eventually(_async(lambda: not store.healthy or watch.error is not None), 5)
+        await eventually(lambda: not store.healthy or watch.error is not None, 5, interval=0.02)
         await etcd_server.start()  # same data dir, same port
 
         # Writes after the restart, some of them before the watch is back.
         async def write(op: Callable[[], Awaitable[int]]) -> int:
-            deadline = time.monotonic() + 10
-            while True:
-                try:
-                    return await op()
-                except StoreUnavailable:
-                    if time.monotonic() > deadline:
-                        raise
-                    await asyncio.sleep(0.02)
+            async def attempt() -> tuple[int]:
+                return (await op(),)  # (a tuple: truthy whatever the revision)
+
+            (rev,) = await eventually(
+                attempt, 10, "the write to succeed", interval=0.02, ignore=(StoreUnavailable,)
+            )
+            return rev
 
         rev = await write(lambda: _rev(store.update(attrs.evolve(a, active_version="v2"))))
         expected.append(("a", rev, False))
@@ -427,13 +418,6 @@ async def test_watch_survives_an_etcd_restart_without_losing_or_repeating(
         assert store.healthy
     finally:
         await watch.stop()
-
-
-def _async(fn: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
-    async def probe() -> bool:
-        return fn()
-
-    return probe
 
 
 async def _rev(made: Awaitable[Any]) -> int:
@@ -516,7 +500,7 @@ async def test_every_operation_on_a_frozen_etcd_fails_within_the_timeout(
             return False
         return True
 
-    await eventually(works)
+    await eventually(works, 10.0, interval=0.02)
     assert store.healthy
     b = await store.create(App(name="after-thaw"))
     assert (await store.get(App, "after-thaw")).revision == b.revision
@@ -550,7 +534,7 @@ async def test_store_made_while_etcd_is_down_works_once_it_is_up(
                 return False
             return True
 
-        await eventually(created)
+        await eventually(created, 10.0, interval=0.02)
         assert store.healthy
         assert (await store.get(App, "a")).name == "a"
         await watch.wait_for(1)
@@ -694,7 +678,7 @@ async def test_list_and_commit_respect_the_txn_op_limit(etcd_server: EmbeddedEtc
 @pytest.mark.etcd
 async def test_close_ends_a_running_watch(store: EtcdStore) -> None:
     watch = Collector(store, 0)
-    await eventually(_async(lambda: len(store._streams) == 1))
+    await eventually(lambda: len(store._streams) == 1, 10.0, interval=0.02)
     await store.close()
     async with asyncio.timeout(5):
         await asyncio.wait({watch.task})

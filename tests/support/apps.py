@@ -12,13 +12,14 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import sys
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 
 import pytest
+
+from tests.support.clients import free_port
+from tests.support.poll import eventually
 
 REPO = Path(__file__).resolve().parents[2]
 APPS = REPO / "tests" / "apps"
@@ -28,13 +29,6 @@ ECHO = APPS / "echo_server.py"
 # /root (pyenv) is invisible there, the system one is not. Apps run by it use the standard library
 # only, or Debian's packages (python3-uvicorn, python3-starlette, gunicorn, python3-flask).
 SANDBOX_PYTHON = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class AppProcess:
@@ -83,22 +77,20 @@ class AppProcess:
             raise
         return app
 
+    async def _listening(self) -> bool:
+        if self.proc.returncode is not None:
+            raise RuntimeError(f"{self!r} exited with {self.proc.returncode} before listening")
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        except OSError:
+            return False
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return True
+
     async def _wait_listening(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.returncode is not None:
-                raise RuntimeError(f"{self!r} exited with {self.proc.returncode} before listening")
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", self.port)
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{self!r} not listening within {timeout}s") from None
-                await asyncio.sleep(0.02)
-                continue
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-            return
+        await eventually(self._listening, timeout, f"{self!r} to listen", interval=0.02)
 
     async def stop(self, grace: float = 5.0) -> None:
         if self.proc.returncode is None:
@@ -109,46 +101,6 @@ class AppProcess:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
         await self.proc.wait()
-
-
-def _children(pid: int) -> list[int]:
-    out: list[int] = []
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
-    for tid in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                out += [int(c) for c in f.read().split()]
-        except OSError:
-            continue
-    return out
-
-
-def host_pid(root: int, needle: str, timeout: float = 10.0) -> int:
-    """The host pid of the app under `root` (a sandbox's recorded pid: its launcher, or
-    bubblewrap, whose pid namespace gives the app another pid inside): the deepest process of
-    the tree whose command line contains `needle` (bubblewrap's and a shell wrapper's name the
-    app's command too). Polls until it exists."""
-    deadline = time.monotonic() + timeout
-    while True:
-        best, best_depth = 0, -1
-        todo = [(root, 0)]
-        while todo:
-            pid, depth = todo.pop()
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    if needle.encode() in f.read() and depth > best_depth:
-                        best, best_depth = pid, depth
-            except OSError:
-                pass
-            todo += [(child, depth + 1) for child in _children(pid)]
-        if best and (best_depth > 0 or time.monotonic() > deadline):
-            return best
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no process matching {needle!r} under pid {root}")
-        time.sleep(0.01)
 
 
 def echo_argv() -> list[str]:
