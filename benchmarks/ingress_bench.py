@@ -359,12 +359,9 @@ class Serve:
         self.proxy, self.admin = f"127.0.0.1:{self.proxy_port}", f"127.0.0.1:{self.admin_port}"
         data_dir = work / f"miren-data-{name}"
         data_dir.mkdir(parents=True, exist_ok=True)
-        # The `miren` command of whichever tree runs (a baseline may predate the shell package).
-        code = (
-            "import gc, sys\n"
-            "try:\n    from miren_ingress.shell.cli import main\n"
-            "except ImportError:\n    from miren_ingress.cli import main\n"
-        )
+        # The `miren` command of the tree that runs (a baseline may predate the shell package).
+        cli = "shell.cli" if (tree / "miren_ingress" / "shell" / "cli.py").exists() else "cli"
+        code = f"import gc, sys\nfrom miren_ingress.{cli} import main\n"
         if gc_threshold:
             # To measure a gen0 threshold for `miren serve` (set once start-up is frozen).
             code += (

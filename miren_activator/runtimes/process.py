@@ -205,7 +205,7 @@ class ProcessHandle:
 
     async def wait_exit(self) -> int:
         rc = await self._proc.wait()
-        self._signal_group(signal.SIGKILL)  # stragglers the leader left behind
+        self._proc.signal_group(signal.SIGKILL)  # stragglers the leader left behind
         await self._remove_scratch()
         return rc
 
@@ -217,14 +217,14 @@ class ProcessHandle:
                     await asyncio.wait_for(asyncio.shield(self._proc.wait()), max(0.0, grace))
         finally:
             # Also on cancellation: whatever is left of the group dies now, and is reaped.
-            self._signal_group(signal.SIGKILL)
+            self._proc.signal_group(signal.SIGKILL)
         if self._proc.returncode is None:
             await self._proc.wait()
         await self._remove_scratch()
 
     def kill(self) -> None:
         """SIGKILL the whole group now (no wait)."""
-        self._signal_group(signal.SIGKILL)
+        self._proc.signal_group(signal.SIGKILL)
 
     async def _terminate(self) -> None:
         members: list[int] = []
@@ -235,13 +235,8 @@ class ProcessHandle:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(pid, signal.SIGTERM)
         else:  # not bubblewrap, or its sandbox is not up yet: the leader goes, and all with it
-            self._signal_group(signal.SIGTERM)
-        self._signal_group(signal.SIGCONT)  # a stopped process acts on TERM only if run
-
-    def _signal_group(self, sig: signal.Signals) -> None:
-        # The child is its own group leader (start_new_session), so its pid is the group id.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self._proc.pid, sig)
+            self._proc.signal_group(signal.SIGTERM)
+        self._proc.signal_group(signal.SIGCONT)  # a stopped process acts on TERM only if run
 
     async def _remove_scratch(self) -> None:
         scratch, self._scratch = self._scratch, None
