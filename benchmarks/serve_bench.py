@@ -24,8 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.e2e import harness
-from tests.e2e.harness import DEAD_UPSTREAM, MirenServer
+from tests.support import edge as harness
+from tests.support.edge import DEAD_UPSTREAM, MirenServer
 
 harness.POLL_INTERVAL = 0.005  # finer readiness polling than the tests need
 

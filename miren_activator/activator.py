@@ -88,6 +88,7 @@ from miren_activator.metrics import ActivatorMetrics
 from miren_activator.persist import Recorder, crash_from_entity, new_pool_entity
 from miren_activator.policy import WEB, IdleCandidate, idle_victims, sandboxes_to_start
 from miren_activator.pools import (
+    BootReport,
     Held,
     Lease,
     PoolRecord,
@@ -107,11 +108,12 @@ from miren_store.errors import NotFound
 from miren_store.logfiles import tail_lines
 from miren_store.store import Store
 
-__all__ = ["Activator", "Held", "Lease", "PoolSnapshot", "SandboxInfo", "VersionRef"]
+__all__ = ["Activator", "BootReport", "Held", "Lease", "PoolSnapshot", "SandboxInfo", "VersionRef"]
 
 log = logging.getLogger("miren.activator")
 
 RUNNING: Final = SandboxStatus.RUNNING
+BOOT_CHECK_SLACK = 10.0  # seconds boot_check waits past boot_timeout: the spawn, a busy store
 
 
 class Activator:
@@ -300,9 +302,12 @@ class Activator:
 
     # -- the miss path ---------------------------------------------------------------------------
 
-    async def acquire(self, version: AppVersion, service: str = WEB) -> Lease:
+    async def acquire(
+        self, version: AppVersion, service: str = WEB, *, timeout: float | None = None
+    ) -> Lease:
         """A lease on a sandbox of (version, service), creating the pool and booting a sandbox if
-        needed. Raises an `ActivatorError` (see `errors.py` for how each maps to HTTP)."""
+        needed, within `timeout` (default `acquire_timeout`). Raises an `ActivatorError` (see
+        `errors.py` for how each maps to HTTP)."""
         lease = self.try_acquire(version.id, service)
         if lease is not None:
             return lease
@@ -313,7 +318,20 @@ class Activator:
         pool = self._pools.get((version.id, service))
         if pool is None:
             pool = await self._pool_for(version, service)
-        return await self._wait(pool)
+        return await self._wait(pool, timeout)
+
+    async def boot_check(self, version: AppVersion, service: str = WEB) -> BootReport:
+        """Have one sandbox of `version` healthy (booting it if none runs) and report it: what
+        `deploy --wait` answers. Waits up to the version's `boot_timeout` (and a little more for
+        the spawn); raises the boot's `ActivatorError`, whose `sandbox_id` names the sandbox
+        whose log explains it. The sandbox stays up, warm for the first visitor."""
+        t0 = self._mono()
+        limit = version.spec.boot_timeout.total_seconds() + BOOT_CHECK_SLACK
+        lease = await self.acquire(version, service, timeout=limit)
+        try:
+            return BootReport(sandbox_id=lease.sandbox_id, seconds=self._mono() - t0)
+        finally:
+            self.release(lease)
 
     async def _pool_for(self, version: AppVersion, service: str) -> PoolRecord:
         key = (version.id, service)
@@ -390,7 +408,7 @@ class Activator:
             log.info("created pool %s", stored.id)
         return PoolRecord(version, service, stored, crash_from_entity(stored, self._clock))
 
-    async def _wait(self, pool: PoolRecord) -> Lease:
+    async def _wait(self, pool: PoolRecord, timeout: float | None = None) -> Lease:
         if pool.removed:
             raise VersionRemoved(f"version {pool.version.id} was removed")
         if self._closed:
@@ -409,7 +427,8 @@ class Activator:
         self.metrics.waiters.inc()
         try:
             self._reconcile(pool)
-            async with asyncio.timeout(self._config.acquire_timeout):
+            limit = self._config.acquire_timeout if timeout is None else timeout
+            async with asyncio.timeout(limit):
                 return await fut
         except BaseException as exc:
             # Cancelled (client gone) or timed out just after a lease was handed to us: give
@@ -419,7 +438,7 @@ class Activator:
             if isinstance(exc, TimeoutError):
                 raise ActivationTimeout(
                     f"no sandbox of {pool.version.id}/{pool.service} was available within "
-                    f"{self._config.acquire_timeout:g}s"
+                    f"{limit:g}s"
                 ) from None
             raise
         finally:

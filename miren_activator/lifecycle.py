@@ -13,6 +13,7 @@ is a bug and raises `IllegalTransition` naming both.
 from __future__ import annotations
 
 import enum
+import signal
 
 from miren_activator.errors import IllegalTransition
 from miren_store.entities import SandboxStatus
@@ -67,3 +68,23 @@ def transition(state: SandboxStatus, event: SandboxEvent) -> SandboxStatus:
         return TRANSITIONS[(state, event)]
     except KeyError:
         raise IllegalTransition(state, event) from None
+
+
+def exit_reason(status: int | None) -> str:
+    """How a sandbox's process ended, in words: `exited with status 3`, `killed by signal
+    SIGKILL` (a negative status), and for a status above 128 (what a shell or bubblewrap reports
+    for a child a signal ended) the signal it most likely stands for."""
+    if status is None:
+        return "ended"
+    if status < 0:
+        return f"killed by signal {_signal_name(-status)}"
+    if 128 < status < 128 + 65:
+        return f"exited with status {status} ({_signal_name(status - 128)})"
+    return f"exited with status {status}"
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"

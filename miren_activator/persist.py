@@ -316,6 +316,7 @@ class Recorder:
             pid=sb.pid,
             started_at=sb.started_at,
             last_activity=wall_of(self._clock, sb.last_used),
+            reason=sb.error,
         )
 
     async def forget_stale(self, known: Callable[[str], bool]) -> None:

@@ -384,3 +384,11 @@ class PoolSnapshot:
     @property
     def in_use(self) -> int:
         return sum(s.in_use for s in self.sandboxes)
+
+
+@attrs.frozen
+class BootReport:
+    """A sandbox that passed its health check for `Activator.boot_check` (deploy --wait)."""
+
+    sandbox_id: str
+    seconds: float  # from the check's start until the sandbox was healthy (0 when one ran)

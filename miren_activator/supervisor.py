@@ -43,7 +43,7 @@ from typing import Any, Final
 from miren_activator.clock import Clock
 from miren_activator.config import ActivatorConfig
 from miren_activator.errors import ActivationTimeout, ActivatorError, BootFailed, Unreachable
-from miren_activator.lifecycle import FINAL, SandboxEvent, transition
+from miren_activator.lifecycle import FINAL, SandboxEvent, exit_reason, transition
 from miren_activator.logs import over_cap, rotate, rotated_path
 from miren_activator.metrics import ActivatorMetrics
 from miren_activator.persist import Recorder
@@ -208,11 +208,13 @@ class Supervisor:
             async with asyncio.timeout_at(t0 + pool.params.boot_timeout):
                 await handle.wait_ready()
         except TimeoutError:
+            last = getattr(handle, "last_probe", "")
             self._boot_failed(
                 sb,
                 ActivationTimeout(
                     f"sandbox {sb.id} of {pool.version.id} was not healthy within "
-                    f"{pool.params.boot_timeout:g}s",
+                    f"{pool.params.boot_timeout:g}s"
+                    + (f" (last health check: {last})" if last else ""),
                     sandbox_id=sb.id,
                 ),
             )
@@ -285,6 +287,7 @@ class Supervisor:
             if await check():
                 if sb.state is DOWN:
                     log.info("%r answers again", sb)
+                    sb.error = ""
                     self._set_state(sb, SandboxEvent.BOOTED)
                     sb.last_used = self._mono()
                     self._reconcile(sb.pool)
@@ -302,12 +305,12 @@ class Supervisor:
         prev = sb.state
         if prev in FINAL:
             return  # we stopped it, or its boot had already failed
-        sb.error = f"exited with status {rc}"
+        sb.error = exit_reason(rc)
         self._set_state(sb, SandboxEvent.EXITED)
         err = None
         if prev is PENDING:
             err = BootFailed(
-                f"sandbox {sb.id} of {sb.pool.version.id} exited with status {rc} while booting",
+                f"sandbox {sb.id} of {sb.pool.version.id} {sb.error} while booting",
                 sandbox_id=sb.id,
             )
         self._died(sb, err)

@@ -31,6 +31,12 @@ def format_time(value: datetime) -> str:
     return text.replace("+00:00", "Z")
 
 
+def format_public_time(value: datetime) -> str:
+    """A time as the API and the CLI show it: RFC 3339, UTC, whole seconds (`...:05Z`). The
+    store keeps the microseconds (`format_time`): ordering by creation time needs them."""
+    return format_time(value.replace(microsecond=0))
+
+
 def parse_time(value: Any, _: Any = None) -> datetime:
     if isinstance(value, datetime):
         parsed = value

@@ -244,6 +244,7 @@ class Sandbox:
     pid: int | None = None
     started_at: datetime = attrs.field(factory=utcnow)
     last_activity: datetime | None = None
+    reason: str = ""  # why it ended or is out of service (`exited with status 3`); "" otherwise
     revision: int = attrs.field(default=0, eq=False)
 
 

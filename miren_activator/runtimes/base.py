@@ -81,12 +81,19 @@ class PollSchedule:
 
 async def probe(host: str, port: int, path: str | None, timeout: float) -> bool:
     """One health check: True iff the sandbox accepts (TCP) or answers `path` below 500."""
+    return await check_health(host, port, path, timeout) is None
+
+
+async def check_health(host: str, port: int, path: str | None, timeout: float) -> str | None:
+    """One health check: None when it passes, else what was seen, in words (`connection
+    refused`, `GET /health answered 503`, ...) for the error a failed boot reports."""
+    what = f"GET {path}" if path is not None else "a TCP connection"
     try:
         async with asyncio.timeout(timeout):
             reader, writer = await asyncio.open_connection(host, port)
             try:
                 if path is None:
-                    return True
+                    return None
                 writer.write(
                     f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
                     "User-Agent: miren-health\r\nConnection: close\r\n\r\n".encode()
@@ -96,12 +103,19 @@ async def probe(host: str, port: int, path: str | None, timeout: float) -> bool:
                 writer.close()
                 with contextlib.suppress(OSError):
                     await writer.wait_closed()
-    except (OSError, TimeoutError):
-        return False
+    except TimeoutError:
+        return f"{what} to port {port} timed out after {timeout:g}s"
+    except ConnectionRefusedError:
+        return f"connection refused on port {port} (nothing listens on $PORT)"
+    except OSError as exc:
+        return f"{what} to port {port} failed: {exc.strerror or exc}"
     parts = status_line.split()
     if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
-        return False
-    return 100 <= int(parts[1]) < 500
+        return f"{what} got no HTTP answer"
+    status = int(parts[1])
+    if 100 <= status < 500:
+        return None
+    return f"{what} answered {status}"
 
 
 async def wait_healthy(
@@ -112,15 +126,20 @@ async def wait_healthy(
     schedule: PollSchedule = PollSchedule(),
     probe_timeout: float = 1.0,
     alive: Callable[[], None] | None = None,
+    seen: Callable[[str], None] | None = None,
 ) -> None:
-    """Poll `probe` until it passes. Never returns otherwise: the caller bounds it.
+    """Poll `check_health` until it passes. Never returns otherwise: the caller bounds it.
 
-    `alive`, called before each probe, raises to abandon the wait (the process ended)."""
+    `alive`, called before each probe, raises to abandon the wait (the process ended); `seen`
+    is told each failed probe's outcome (the last one explains a boot timeout)."""
     interval = schedule.initial
     while True:
         if alive is not None:
             alive()
-        if await probe(host, port, path, probe_timeout):
+        failure = await check_health(host, port, path, probe_timeout)
+        if failure is None:
             return
+        if seen is not None:
+            seen(failure)
         await asyncio.sleep(interval)
         interval = schedule.next(interval)

@@ -166,6 +166,7 @@ class ProcessHandle:
         self._probe_timeout = probe_timeout
         self._spare_leader = spare_leader
         self._scratch = scratch
+        self.last_probe = ""  # the last failed health check, in words (for a boot timeout)
 
     def __repr__(self) -> str:
         return (
@@ -197,7 +198,11 @@ class ProcessHandle:
             schedule=self._schedule,
             probe_timeout=self._probe_timeout,
             alive=self._check_alive,
+            seen=self._saw,
         )
+
+    def _saw(self, failure: str) -> None:
+        self.last_probe = failure
 
     def _check_alive(self) -> None:
         if self._proc.returncode is not None:

@@ -33,6 +33,7 @@ class UpstreamHandle:
         self._schedule = schedule
         self._probe_timeout = probe_timeout
         self._stopped = asyncio.Event()
+        self.last_probe = ""  # the last failed health check, in words (for a boot timeout)
 
     def __repr__(self) -> str:
         state = "stopped" if self._stopped.is_set() else "up"
@@ -61,7 +62,11 @@ class UpstreamHandle:
             self._health_path,
             schedule=self._schedule,
             probe_timeout=self._probe_timeout,
+            seen=self._saw,
         )
+
+    def _saw(self, failure: str) -> None:
+        self.last_probe = failure
 
     async def check(self) -> bool:
         """One health check (a re-probe of a DOWN instance)."""

@@ -31,6 +31,7 @@ from aiohttp.web_request import BaseRequest
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from miren_ingress.admin import openapi
+from miren_ingress.admin.deploy_wait import deploy_and_wait
 from miren_ingress.admin.errors import (
     ApiError,
     BadRequest,
@@ -42,7 +43,7 @@ from miren_ingress.admin.errors import (
 )
 from miren_ingress.routing.hosts import BadHost, validate_route_host
 from miren_ingress.shell.config import Config
-from miren_store.codec import format_time, to_data
+from miren_store.codec import format_public_time, to_data
 from miren_store.deploy import apps, deploys
 from miren_store.deploy.deploys import DeployRequest
 from miren_store.deploy.errors import (
@@ -83,8 +84,11 @@ CTX = web.AppKey("miren_admin_ctx", AdminContext)
 # -- plumbing -----------------------------------------------------------------------------------
 
 
-def error_body(code: str, message: str) -> dict[str, Any]:
-    return {"error": {"code": code, "message": message}}
+def error_body(code: str, message: str, details: dict[str, Any] | None = None) -> dict[str, Any]:
+    error: dict[str, Any] = {"code": code, "message": message}
+    if details:
+        error["details"] = details
+    return {"error": error}
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:
@@ -96,7 +100,7 @@ def json_response(data: Any, status: int = 200) -> web.Response:
 
 
 def api_error_response(exc: ApiError) -> web.Response:
-    resp = json_response(error_body(exc.code, exc.message), exc.status)
+    resp = json_response(error_body(exc.code, exc.message, exc.details), exc.status)
     if exc.status == 401:
         resp.headers["WWW-Authenticate"] = 'Bearer realm="miren"'
     return resp
@@ -263,7 +267,7 @@ def app_json(app: App) -> dict[str, Any]:
     return {
         "name": app.name,
         "active_version": app.active_version,
-        "created_at": format_time(app.created_at),
+        "created_at": format_public_time(app.created_at),
     }
 
 
@@ -334,9 +338,10 @@ async def put_route(request: web.Request) -> web.Response:
     except BadHost as exc:
         raise Unprocessable(str(exc), code="invalid_host") from None
     data = await read_json(request)
-    only_keys(data, {"app", "default", "service", "request_timeout"})
+    only_keys(data, {"app", "default", "service", "request_timeout", "force"})
     app_name = take(data, "app", str, required=True)
     default = take(data, "default", bool) or False
+    force = take(data, "force", bool) or False
     service = take(data, "service", str) or "web"
     timeout_text = take(data, "request_timeout", str)
     timeout = None
@@ -369,11 +374,21 @@ async def put_route(request: web.Request) -> web.Response:
             except Conflict:
                 continue
             return json_response(route_json(saved), 201)
+        if current.app != app_name and not force:
+            raise ConflictError(
+                f"host {host!r} is routed to app {current.app!r}; taking it makes that app's "
+                "site answer 404 there: repeat with force (CLI: --force) to take it",
+                code="route_taken",
+            )
         try:
             saved = await ctx.store.update(attrs.evolve(route, revision=current.revision))
         except (Conflict, NotFound):
             continue
-        return json_response(route_json(saved), 200)
+        answer = route_json(saved)
+        if current.app != app_name:
+            answer["taken_from"] = current.app
+            log.warning("route %s moved from app %s to app %s", host, current.app, app_name)
+        return json_response(answer, 200)
     raise ConflictError(f"route {host!r} is being changed concurrently; retry")
 
 
@@ -404,12 +419,25 @@ def _notify_gc(ctx: AdminContext, version: Any) -> None:
 async def create_deploy(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
     data = await read_json(request)
+    wait = data.pop("wait", False)
+    if not isinstance(wait, bool):
+        raise BadRequest("invalid deploy request: wait: must be true or false")
     req = DeployRequest.from_data(data)
-    result = await deploys.deploy(
-        ctx.store, request.match_info["app"], req, config=ctx.config.ephemeral, now=ctx.now
+    app = request.match_info["app"]
+    activator = ctx.extra.get("activator")
+    if not wait:
+        result = await deploys.deploy(ctx.store, app, req, config=ctx.config.ephemeral, now=ctx.now)
+        _notify_gc(ctx, result.version)
+        return json_response(result.to_data(), 201)
+    if activator is None:
+        raise ApiError("this server runs no activator: wait is not available", code="no_activator")
+    result, report = await deploy_and_wait(
+        ctx.store, activator, app, req, config=ctx.config.ephemeral, now=ctx.now
     )
     _notify_gc(ctx, result.version)
-    return json_response(result.to_data(), 201)
+    answer = result.to_data()
+    answer["ready"] = {"sandbox": report.sandbox_id, "seconds": round(report.seconds, 3)}
+    return json_response(answer, 201)
 
 
 def _query_bool(request: web.Request, name: str) -> bool:
@@ -431,13 +459,20 @@ def _query_int(request: web.Request, name: str, default: int) -> int:
         raise BadRequest(f"query parameter {name}: expected an integer, got {raw!r}") from None
 
 
+def _limit(request: web.Request) -> int:
+    limit = _query_int(request, "limit", 20)
+    if limit < 0:
+        raise BadRequest(f"query parameter limit: must be 0 (all) or more, got {limit}")
+    return limit
+
+
 async def list_versions(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
     views = await deploys.list_versions(
         ctx.store,
         request.match_info["app"],
         ephemeral_only=_query_bool(request, "ephemeral"),
-        limit=_query_int(request, "limit", 20),
+        limit=_limit(request),
         now=ctx.now,
     )
     return json_response([v.to_data() for v in views])
@@ -506,8 +541,9 @@ def sandbox_json(sb: Sandbox) -> dict[str, Any]:
         "status": str(sb.status),
         "url": sb.url or None,
         "pid": sb.pid,
-        "started_at": format_time(sb.started_at),
-        "last_activity": format_time(sb.last_activity) if sb.last_activity else None,
+        "started_at": format_public_time(sb.started_at),
+        "last_activity": format_public_time(sb.last_activity) if sb.last_activity else None,
+        "reason": sb.reason or None,
     }
 
 

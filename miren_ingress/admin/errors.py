@@ -7,14 +7,26 @@ store's and the deploy domain's typed errors) into `{"error": {"code", "message"
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class ApiError(Exception):
+    """`details`: what more the error knows, answered as `error.details` (never a secret)."""
+
     status = 400
     code = "bad_request"
 
-    def __init__(self, message: str, *, code: str | None = None, status: int | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        status: int | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
+        self.details = details
         if code is not None:
             self.code = code
         if status is not None:

@@ -45,7 +45,15 @@ SCHEMAS: dict[str, Any] = {
             "error": {
                 "type": "object",
                 "required": ["code", "message"],
-                "properties": {"code": _STR, "message": _STR},
+                "properties": {
+                    "code": _STR,
+                    "message": _STR,
+                    "details": {
+                        "type": "object",
+                        "description": "what more the error knows: a failed deploy --wait "
+                        "names its version, its sandbox and the last lines of its log",
+                    },
+                },
             }
         },
     },
@@ -82,6 +90,10 @@ SCHEMAS: dict[str, Any] = {
             "default": {"type": "boolean"},
             "service": _STR,
             "request_timeout": {"type": "string", "description": "Go duration, e.g. 60s"},
+            "force": {
+                "type": "boolean",
+                "description": "take the host from the app that has it (else 409 route_taken)",
+            },
         },
     },
     "Concurrency": {
@@ -152,6 +164,12 @@ SCHEMAS: dict[str, Any] = {
                 },
             },
             "source": _ref("Source"),
+            "wait": {
+                "type": "boolean",
+                "description": "boot one sandbox and answer once it is healthy (422 boot_failed "
+                "with the reason and its log otherwise; a normal deploy then leaves the previous "
+                "version active)",
+            },
         },
     },
     "Deploy": {
@@ -162,6 +180,20 @@ SCHEMAS: dict[str, Any] = {
             "status": {"type": "string", "enum": ["active", "ephemeral"]},
             "urls": {"type": "array", "items": _STR},
             "expires_at": _TIME,
+            "evicted": {
+                "type": "array",
+                "description": "previews this deploy deleted to stay within max_per_app",
+                "items": {
+                    "type": "object",
+                    "required": ["id", "label"],
+                    "properties": {"id": _STR, "label": _STR},
+                },
+            },
+            "ready": {
+                "type": "object",
+                "description": "with wait: the sandbox that passed its health check",
+                "properties": {"sandbox": _STR, "seconds": {"type": "number"}},
+            },
         },
     },
     "Sandbox": {
@@ -170,11 +202,16 @@ SCHEMAS: dict[str, Any] = {
         "properties": {
             "id": _STR,
             "version": _STR,
-            "status": {"type": "string", "enum": ["pending", "running", "stopped", "dead"]},
+            "status": {"type": "string", "enum": ["pending", "running", "down", "stopped", "dead"]},
             "url": _NSTR,
             "pid": {"type": "integer", "nullable": True},
             "started_at": {"type": "string", "format": "date-time", "nullable": True},
             "last_activity": {"type": "string", "format": "date-time", "nullable": True},
+            "reason": {
+                "type": "string",
+                "nullable": True,
+                "description": "why it ended or is down (exit status or signal, boot timeout)",
+            },
         },
     },
     "Logs": {
@@ -281,7 +318,7 @@ def document() -> dict[str, Any]:
                 "summary": "versions, newest first",
                 "parameters": [
                     {"name": "ephemeral", "in": "query", "schema": {"type": "boolean"}},
-                    {"name": "limit", "in": "query", "schema": {"type": "integer"}},
+                    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 0}},
                 ],
                 "responses": {
                     "200": _json({"type": "array", "items": _ref("Version")}, "versions"),

@@ -1,7 +1,7 @@
 """The one place where errors become HTTP responses.
 
-The body follows `Accept`: JSON `{"error": "<snake_case status>", "message": "..."}`, a small HTML
-page, or text/plain (the default, also for a missing or unsupported Accept). Every error response
+The body follows `Accept`: JSON `{"error": {"code": "<snake_case status>", "message": "..."}}`
+(the admin API's shape), a small HTML page, or text/plain (the default, also for a missing or unsupported Accept). Every error response
 carries `Cache-Control: no-store` and `Vary: Accept`; messages are public texts only.
 """
 
@@ -72,7 +72,7 @@ def render_body(status: int, message: str, accept: bytes) -> tuple[bytes, bytes]
     phrase = status_name(status)
     if kind == _JSON:
         code = phrase.lower().replace(" ", "_").replace("-", "_").replace("'", "")
-        body = json.dumps({"error": code, "message": message}).encode()
+        body = json.dumps({"error": {"code": code, "message": message}}).encode()
     elif kind == _HTML:
         title = html.escape(f"{status} {phrase}")
         body = (

@@ -21,7 +21,11 @@ DEFAULT_SERVER = "http://127.0.0.1:8081"
 
 
 class CliError(Exception):
-    """A failure to report on stderr (exit status 1)."""
+    """A failure to report on stderr (exit status 1); `details` are printed below it."""
+
+    def __init__(self, message: str, details: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.details = details or []
 
 
 # -- HTTP client ----------------------------------------------------------------------------------
@@ -47,22 +51,50 @@ class Client:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                 raw = resp.read()
         except urllib.error.HTTPError as exc:
-            raise CliError(_server_message(exc)) from None
+            raise _server_error(exc) from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
-            raise CliError(f"cannot reach the miren server at {self.server}: {reason}") from None
+            raise CliError(
+                f"cannot reach the miren server at {self.server} (set by --server or "
+                f"MIREN_SERVER): {reason}"
+            ) from None
         if not raw:
             return None
         return json.loads(raw)
 
 
-def _server_message(exc: urllib.error.HTTPError) -> str:
+def _server_error(exc: urllib.error.HTTPError) -> CliError:
+    """The admin API's `{"error": {"code", "message", "details"?}}` as a CliError."""
     try:
-        body = json.loads(exc.read())
-        err = body["error"]
-        return f"{err['message']} ({err['code']}, HTTP {exc.code})"
+        err = json.loads(exc.read())["error"]
+        message = f"{err['message']} ({err['code']}, HTTP {exc.code})"
+        details = err.get("details") or {}
     except Exception:
-        return f"server answered HTTP {exc.code} {exc.reason}"
+        return CliError(f"server answered HTTP {exc.code} {exc.reason}")
+    lines: list[str] = []
+    if err.get("code") == "boot_failed":
+        message = f"deploy failed: {message}"
+        sandbox = details.get("sandbox")
+        log = details.get("log") or []
+        if sandbox:
+            lines.append(
+                f"Last {len(log)} lines of its log (all of it: miren sandbox logs {sandbox}):"
+                if log
+                else f"Its log is empty (miren sandbox logs {sandbox})."
+            )
+            lines += [f"  {printable(line)}" for line in log]
+    return CliError(message, lines)
+
+
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x00, 0x09), *range(0x0A, 0x20), 0x7F)}
+_CONTROL.update({c: f"\\x{c:02x}" for c in range(0x80, 0xA0)})
+
+
+def printable(line: str) -> str:
+    """A sandbox's log line made safe for a terminal: a preview's code writes it, so control
+    characters (escape sequences that could retitle, recolour or rewrite the screen) are shown
+    escaped (`\\x1b`), tabs kept."""
+    return line.translate(_CONTROL)
 
 
 def q(text: str) -> str:
@@ -76,16 +108,30 @@ def parse_time(text: str) -> datetime:
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
+_UNITS = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
+
+
 def human_delta(seconds: float) -> str:
-    """Floored: <1 min `Ns`, <1 h `Nm`, <24 h `Nh`, else `Nd`."""
-    s = int(seconds)
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m"
-    if s < 86400:
-        return f"{s // 3600}h"
-    return f"{s // 86400}d"
+    """The two largest units, floored, a zero second unit left out: `45s`, `1m 5s`, `23h 59m`,
+    `1d 23h` (47h59m), `1d` (24h00m)."""
+    s = max(0, int(seconds))
+    if s == 0:
+        return "0s"
+    parts: list[str] = []
+    for unit, size in _UNITS:
+        if s >= size or parts:
+            n, s = divmod(s, size)
+            parts.append(f"{n}{unit}")
+            if len(parts) == 2:
+                break
+    if len(parts) == 2 and parts[1].startswith("0"):
+        parts.pop()
+    return " ".join(parts)
+
+
+def show_time(text: str) -> str:
+    """A time from the API as the CLI prints it: RFC 3339, UTC, whole seconds."""
+    return parse_time(text).astimezone(UTC).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def ago(text: str, now: datetime) -> str:
@@ -122,8 +168,8 @@ def print_versions(versions: list[dict[str, Any]], ephemeral_only: bool, fmt: st
         rows = [["VERSION", "LABEL", "CREATED", "EXPIRES"]]
         for v in versions:
             exp = v.get("expires_at")
-            local = parse_time(exp).astimezone().strftime("%Y-%m-%d %H:%M:%S") if exp else "-"
-            rows.append([v["id"], v.get("ephemeral_label", ""), ago(v["created_at"], now), local])
+            shown = show_time(exp) if exp else "-"
+            rows.append([v["id"], v.get("ephemeral_label", ""), ago(v["created_at"], now), shown])
     else:
         rows = [["VERSION", "STATUS", "CREATED", "LABEL"]]
         for v in versions:
@@ -141,11 +187,16 @@ def print_deploy(answer: dict[str, Any], fmt: str) -> None:
         print(f"  Label: {version.get('ephemeral_label', '')}")
         print(f"  TTL:   {version.get('ephemeral_ttl', '')}")
         if answer.get("expires_at"):
-            print(f"  Expires: {answer['expires_at']}")
+            print(f"  Expires: {show_time(answer['expires_at'])}")
     else:
         print(f"Deployed version {version['id']} (active).")
+    ready = answer.get("ready")
+    if ready:
+        print(f"  Ready: sandbox {ready['sandbox']} healthy after {ready['seconds']:.2f}s")
     for url in answer.get("urls", []):
         print(f"  URL:   {url}")
+    for gone in answer.get("evicted", []):
+        print(f"  Evicted: {gone['id']} ({gone['label']}): over the app's preview limit")
 
 
 # -- commands -----------------------------------------------------------------------------------
@@ -184,8 +235,11 @@ def cmd_route(args: argparse.Namespace, c: Client) -> None:
         body: dict[str, Any] = {"app": args.app, "default": args.default, "service": args.service}
         if args.timeout:
             body["request_timeout"] = args.timeout
+        if args.force:
+            body["force"] = True
         route = c.call("PUT", f"/v1/routes/{q(args.host)}", body)
-        _out(args, route, f"Route {route['host']} -> app {route['app']}.")
+        taken = f" (taken from app {route['taken_from']})" if route.get("taken_from") else ""
+        _out(args, route, f"Route {route['host']} -> app {route['app']}{taken}.")
     elif args.action == "list":
         routes = c.call("GET", "/v1/routes")
         if args.format == "json":
@@ -217,6 +271,8 @@ def cmd_deploy(args: argparse.Namespace, c: Client) -> None:
         if not sep or not key:
             raise CliError(f"--env {item!r}: expected KEY=VALUE")
         env[key] = value
+    if args.version and args.boot_timeout is not None:
+        raise CliError("--boot-timeout cannot be combined with --version (its spec is reused)")
     if args.version:
         if env:
             raise CliError("--env cannot be combined with --version (the version's spec is reused)")
@@ -232,6 +288,8 @@ def cmd_deploy(args: argparse.Namespace, c: Client) -> None:
             spec.update(runtime="upstream", urls=args.upstream)
         if args.health_path is not None:
             spec["health_path"] = None if args.health_path == "" else args.health_path
+        if args.boot_timeout is not None:
+            spec["boot_timeout"] = args.boot_timeout
         body["spec"] = spec
     if args.ephemeral is not None:
         try:
@@ -239,6 +297,8 @@ def cmd_deploy(args: argparse.Namespace, c: Client) -> None:
         except InvalidLabel as exc:
             raise CliError(str(exc)) from None
         body["ephemeral"] = {"label": label, "ttl": args.ttl}
+    if args.wait:
+        body["wait"] = True
     answer = c.call("POST", f"/v1/apps/{q(args.app)}/deploys", body)
     print_deploy(answer, args.format)
 
@@ -261,9 +321,16 @@ def cmd_sandbox(args: argparse.Namespace, c: Client) -> None:
         elif not boxes:
             print("No sandboxes found.")
         else:
-            rows = [["SANDBOX", "VERSION", "STATUS", "URL", "PID"]]
+            rows = [["SANDBOX", "VERSION", "STATUS", "REASON", "URL", "PID"]]
             rows += [
-                [b["id"], b["version"], b["status"], b.get("url") or "-", str(b.get("pid") or "-")]
+                [
+                    b["id"],
+                    b["version"],
+                    b["status"],
+                    b.get("reason") or "-",
+                    b.get("url") or "-",
+                    str(b.get("pid") or "-"),
+                ]
                 for b in boxes
             ]
             print(table(rows))
@@ -273,7 +340,7 @@ def cmd_sandbox(args: argparse.Namespace, c: Client) -> None:
             print(json.dumps(logs, indent=2))
         else:
             for line in logs.get("lines", []):
-                print(line)
+                print(printable(line))
 
 
 def _out(args: argparse.Namespace, data: Any, text: str) -> None:
@@ -313,38 +380,80 @@ def cmd_config(args: argparse.Namespace) -> int:
 # -- parser -------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="miren", description="Miren edge: previews at the edge.")
-    p.add_argument(
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("miren-edge")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _client_flags(*, suppress: bool) -> argparse.ArgumentParser:
+    """--server, --token-file and --format, accepted before and after the subcommand: the
+    top-level parser holds the defaults, each subcommand's copy (`suppress`) sets only what is
+    given there."""
+    flags = argparse.ArgumentParser(add_help=False)
+    default = argparse.SUPPRESS
+    flags.add_argument(
         "--server",
-        default=os.environ.get("MIREN_SERVER", DEFAULT_SERVER),
-        help="admin API address (env MIREN_SERVER; default %(default)s)",
+        metavar="URL",
+        default=default if suppress else os.environ.get("MIREN_SERVER", DEFAULT_SERVER),
+        help=f"admin API address (env MIREN_SERVER; default {DEFAULT_SERVER})",
     )
-    p.add_argument(
+    flags.add_argument(
         "--token-file",
         dest="token_file",
+        metavar="FILE",
+        default=default if suppress else None,
         help="file holding the admin token (default: $MIREN_ADMIN_TOKEN, else "
         "./.miren/admin-token, which `miren serve` writes on its first start)",
     )
-    sub = p.add_subparsers(dest="command_name", required=True)
+    flags.add_argument(
+        "--format",
+        choices=["text", "json"],
+        default=default if suppress else "text",
+        help="text tables, or JSON only on stdout (`[]` when empty) for scripts",
+    )
+    return flags
 
-    fmt = argparse.ArgumentParser(add_help=False)
-    fmt.add_argument("--format", choices=["text", "json"], default="text")
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="miren",
+        description="Miren edge: previews at the edge. `miren serve` runs it; every other "
+        "command calls its admin API.",
+        parents=[_client_flags(suppress=False)],
+    )
+    p.add_argument("--version", action="version", version=f"miren {_version()}")
+    sub = p.add_subparsers(dest="command_name", required=True, metavar="COMMAND")
+    client = [_client_flags(suppress=True)]
+
+    def command(
+        parent: Any, name: str, text: str, *, flags: bool = True
+    ) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = parent.add_parser(
+            name, help=text, description=text, parents=client if flags else []
+        )
+        return parser
 
     # The keys' defaults and help are written once, with the config classes: `miren config`
     # prints them (importing them here would slow every other command down).
     s = sub.add_parser(
         "serve",
         help="run the edge proxy and the admin API",
+        description="Run the edge proxy and the admin API until SIGTERM or Ctrl-C.",
         epilog="Every key, its default, its MIREN_* variable and its meaning: `miren config`.",
     )
-    s.add_argument("--config", help="TOML config file")
+    s.add_argument("--config", metavar="FILE", help="TOML config file")
     s.add_argument("--listen", metavar="HOST:PORT", help="proxy listener (key listen)")
     s.add_argument(
-        "--admin-listen", dest="admin_listen", metavar="HOST:PORT", help="(key admin_listen)"
+        "--admin-listen", dest="admin_listen", metavar="HOST:PORT", help="admin API listener"
     )
     s.add_argument("--store", help="memory | embedded | etcd://h1:2379,h2:2379 (key store)")
-    s.add_argument("--data-dir", dest="data_dir", metavar="DIR", help="(key data_dir)")
+    s.add_argument(
+        "--data-dir", dest="data_dir", metavar="DIR", help="state, token and logs (key data_dir)"
+    )
     s.add_argument(
         "--set",
         action="append",
@@ -365,62 +474,125 @@ def build_parser() -> argparse.ArgumentParser:
         help="markdown: the README's table",
     )
 
-    a = sub.add_parser("app", help="apps and their versions")
-    asub = a.add_subparsers(dest="action", required=True)
-    x = asub.add_parser("create", parents=[fmt])
-    x.add_argument("name")
-    asub.add_parser("list", parents=[fmt])
-    x = asub.add_parser("delete", parents=[fmt])
-    x.add_argument("name")
-    x = asub.add_parser("versions", parents=[fmt])
-    x.add_argument("--app", "-a", required=True)
+    a = command(sub, "app", "apps and their versions", flags=False)
+    asub = a.add_subparsers(dest="action", required=True, metavar="ACTION")
+    x = command(asub, "create", "create an app")
+    x.add_argument("name", help="lowercase letters, digits and dashes")
+    command(asub, "list", "list the apps and their active versions")
+    x = command(asub, "delete", "delete an app with its routes, versions and sandboxes")
+    x.add_argument("name", help="the app")
+    x = command(asub, "versions", "list an app's versions, newest first")
+    x.add_argument("--app", "-a", required=True, help="the app")
     x.add_argument("--ephemeral", action="store_true", help="only preview versions")
-    x.add_argument("--limit", "-n", type=int, default=20)
+    x.add_argument(
+        "--limit", "-n", type=int, default=20, help="at most this many (default 20; 0: all)"
+    )
 
-    r = sub.add_parser("route", help="host routes")
-    rsub = r.add_subparsers(dest="action", required=True)
-    x = rsub.add_parser("set", parents=[fmt])
-    x.add_argument("host")
-    x.add_argument("--app", "-a", required=True)
-    x.add_argument("--default", action="store_true")
-    x.add_argument("--service", default="web")
+    r = command(sub, "route", "host routes", flags=False)
+    rsub = r.add_subparsers(dest="action", required=True, metavar="ACTION")
+    x = command(rsub, "set", "route a host (exact, or *.base) to an app")
+    x.add_argument("host", help="app.example.com or *.example.com")
+    x.add_argument("--app", "-a", required=True, help="the app that serves it")
+    x.add_argument("--default", action="store_true", help="also serve hosts nothing else routes")
+    x.add_argument("--service", default="web", help="the app's service (default web)")
     x.add_argument("--timeout", help="request timeout, e.g. 60s")
-    rsub.add_parser("list", parents=[fmt])
-    x = rsub.add_parser("rm", parents=[fmt])
-    x.add_argument("host")
+    x.add_argument(
+        "--force", action="store_true", help="take the host from the app that has it now"
+    )
+    command(rsub, "list", "list the routes")
+    x = command(rsub, "rm", "remove a host's route")
+    x.add_argument("host", help="the route's host")
 
-    d = sub.add_parser("deploy", parents=[fmt], help="deploy a version (active or preview)")
-    d.add_argument("--app", "-a", required=True)
+    d = command(sub, "deploy", "deploy a version (active) or a preview (--ephemeral)")
+    d.add_argument("--app", "-a", required=True, help="the app")
     d.add_argument("--ephemeral", metavar="LABEL_OR_BRANCH", help="deploy as a preview")
-    d.add_argument("--ttl", default="24h", help="preview lifetime (default 24h)")
-    d.add_argument("--env", "-e", action="append", default=[], metavar="K=V")
+    d.add_argument("--ttl", help="preview lifetime, e.g. 2h or 7d (default: the server's, 24h)")
+    d.add_argument(
+        "--wait",
+        action="store_true",
+        help="boot one sandbox and wait until it is healthy; on failure print why and its "
+        "log, exit 1, and keep the previous version active",
+    )
+    d.add_argument(
+        "--boot-timeout",
+        dest="boot_timeout",
+        metavar="DURATION",
+        help="how long a sandbox may take to pass its health check (default 60s)",
+    )
+    d.add_argument(
+        "--env", "-e", action="append", default=[], metavar="K=V", help="environment variable"
+    )
     d.add_argument("--upstream", action="append", metavar="URL", help="serve from running URL(s)")
     d.add_argument("--version", "-V", help="redeploy (or preview) an existing version")
-    d.add_argument("--health-path", dest="health_path", help="'' for a TCP check")
+    d.add_argument(
+        "--health-path", dest="health_path", help="health check path (default /; '' for TCP)"
+    )
     d.add_argument(
         "--cwd",
         help="directory the command runs in, on the server (default: this one, absolute)",
     )
     d.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND... to run")
 
-    e = sub.add_parser("ephemeral", help="manage previews")
-    esub = e.add_subparsers(dest="action", required=True)
-    x = esub.add_parser("extend", parents=[fmt])
-    x.add_argument("label")
-    x.add_argument("--app", "-a", required=True)
-    x.add_argument("--ttl", required=True)
-    x = esub.add_parser("rm", parents=[fmt])
-    x.add_argument("label")
-    x.add_argument("--app", "-a", required=True)
+    e = command(sub, "ephemeral", "manage previews", flags=False)
+    esub = e.add_subparsers(dest="action", required=True, metavar="ACTION")
+    x = command(esub, "extend", "give a preview a new lifetime, from now")
+    x.add_argument("label", help="the preview's label")
+    x.add_argument("--app", "-a", required=True, help="the app")
+    x.add_argument("--ttl", required=True, help="the new lifetime from now, e.g. 48h")
+    x = command(esub, "rm", "delete a preview now")
+    x.add_argument("label", help="the preview's label")
+    x.add_argument("--app", "-a", required=True, help="the app")
 
-    b = sub.add_parser("sandbox", help="running sandboxes")
-    bsub = b.add_subparsers(dest="action", required=True)
-    x = bsub.add_parser("list", parents=[fmt])
-    x.add_argument("--app", "-a", required=True)
-    x = bsub.add_parser("logs", parents=[fmt])
-    x.add_argument("id")
-    x.add_argument("--tail", type=int, default=200)
+    b = command(sub, "sandbox", "running and recently ended sandboxes", flags=False)
+    bsub = b.add_subparsers(dest="action", required=True, metavar="ACTION")
+    x = command(bsub, "list", "an app's sandboxes, with why each ended")
+    x.add_argument("--app", "-a", required=True, help="the app")
+    x = command(bsub, "logs", "the end of a sandbox's log")
+    x.add_argument("id", help="the sandbox (sb-...)")
+    x.add_argument("--tail", type=int, default=200, help="lines (default 200)")
     return p
+
+
+def value_options(parser: argparse.ArgumentParser) -> tuple[set[str], set[str]]:
+    """(the option strings that take a value, every option string) of a parser and its
+    subcommands."""
+    takes: set[str] = set()
+    every: set[str] = set()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                t, e = value_options(child)
+                takes |= t
+                every |= e
+            continue
+        every.update(action.option_strings)
+        if action.option_strings and action.nargs is None and action.const is None:
+            takes.update(action.option_strings)
+    return takes, every
+
+
+def attach_dashed_values(argv: Sequence[str], takes: set[str], every: set[str]) -> list[str]:
+    """`--ttl -1h` as `--ttl=-1h`: argparse would read a value that starts with a dash as a
+    missing one, so a negative value never reached the server's validation. Stops at `--`."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            out += argv[i:]
+            break
+        nxt = argv[i + 1] if i + 1 < len(argv) else None
+        if arg in takes and nxt is not None and nxt.startswith("-") and nxt not in every:
+            if nxt == "--":
+                out.append(arg)
+            else:
+                out.append(f"{arg}={nxt}")
+                i += 2
+                continue
+        else:
+            out.append(arg)
+        i += 1
+    return out
 
 
 COMMANDS = {
@@ -433,11 +605,26 @@ COMMANDS = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        status = _main(sys.argv[1:] if argv is None else argv)
+        sys.stdout.flush()  # here, so a reader that went away is seen now
+    except BrokenPipeError:
+        # `miren ... | head -1`: the reader has what it wanted. End quietly, as a C tool does
+        # (128 + SIGPIPE), with stdout pointed elsewhere so the interpreter's last flush is too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    return status
+
+
+def _main(argv: Sequence[str]) -> int:
+    parser = build_parser()
+    args = parser.parse_args(attach_dashed_values(argv, *value_options(parser)))
     if args.command_name == "serve":
         return cmd_serve(args)
     if args.command_name == "config":
         return cmd_config(args)
+    if args.command_name == "deploy" and args.ttl is not None and args.ephemeral is None:
+        parser.error("--ttl applies to previews only: give --ephemeral LABEL too")
     from miren_ingress.admin.token import cli_token
 
     try:
@@ -450,6 +637,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         COMMANDS[args.command_name](args, client)
     except CliError as exc:
         print(f"miren: {exc}", file=sys.stderr)
+        for line in exc.details:
+            print(line, file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -74,7 +74,9 @@ class Config:
     )
     data_dir: str = attrs.field(
         default="./.miren",
-        metadata=setting("state: the embedded etcd's data, the admin token, sandbox logs"),
+        metadata=setting(
+            "state: the embedded etcd's data, the admin token, sandbox logs; one miren serve at a time (locked)"
+        ),
     )
     admin_token: str = attrs.field(
         default="",

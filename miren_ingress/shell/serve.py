@@ -52,7 +52,9 @@ from miren_ingress.proxy.server import ProxyServer
 from miren_ingress.routing.router import EdgeRouter
 from miren_ingress.routing.routes import RouteTable
 from miren_ingress.routing.table_sync import TableSync
+from miren_ingress.shell import datadir
 from miren_ingress.shell.config import Config, split_hostport
+from miren_ingress.shell.datadir import DataDirInUse
 from miren_store.backends import open_backend
 from miren_store.deploy.gc import ExpiryGC
 from miren_store.entities import AppVersion, Runtime
@@ -173,12 +175,13 @@ class Edge:
         that had started is stopped again."""
         cfg = self.config
         await asyncio.to_thread(admin_token.ensure_private_dir, cfg.data_dir)
-        if not cfg.admin_token:
-            token = await asyncio.to_thread(admin_token.load_or_create, cfg.data_dir)
-            cfg = self.config = attrs.evolve(cfg, admin_token=token)
-            log.info("admin API token: %s", admin_token.token_path(cfg.data_dir))
         try:
             async with contextlib.AsyncExitStack() as stack:
+                stack.enter_context(datadir.hold(cfg.data_dir))  # first: one serve per dir
+                if not cfg.admin_token:
+                    token = await asyncio.to_thread(admin_token.load_or_create, cfg.data_dir)
+                    cfg = self.config = attrs.evolve(cfg, admin_token=token)
+                    log.info("admin API token: %s", admin_token.token_path(cfg.data_dir))
                 backend = await self._start(
                     stack,
                     "store",
@@ -310,9 +313,12 @@ class Edge:
     async def _admin_listener(
         self, store: Store, gc: ExpiryGC, activator: Activator
     ) -> AsyncIterator[tuple[str, int]]:
+        assert self.proxy_address is not None  # (the proxy listener starts first)
+        cfg = self.config
+        served = attrs.evolve(cfg, ephemeral=cfg.ephemeral.as_served(self.proxy_address[1]))
         ctx = AdminContext(
             store=store,
-            config=self.config,
+            config=served,
             registry=self.registry,
             health=self.health,
             now=lambda: datetime.now(UTC),
@@ -390,7 +396,7 @@ def run(config: Config, *, config_path: str | None = None) -> int:
 
     try:
         uvloop.run(main())
-    except (ListenError, StoreError, OSError) as exc:
+    except (ListenError, StoreError, DataDirInUse, OSError) as exc:
         # Start-up failures (a port taken, etcd not starting, ...): the message says it all.
         log.error("miren serve: %s", exc)
         return 1

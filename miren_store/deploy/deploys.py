@@ -60,7 +60,13 @@ from typing import Any
 import attrs
 import cattrs
 
-from miren_store.codec import describe_error, format_time, from_data, is_shape_error, to_data
+from miren_store.codec import (
+    describe_error,
+    format_public_time,
+    from_data,
+    is_shape_error,
+    to_data,
+)
 from miren_store.deploy.access import access_urls
 from miren_store.deploy.cascade import Deleted, delete_version, plan_pool_ops, pools_of
 from miren_store.deploy.errors import (
@@ -76,7 +82,7 @@ from miren_store.deploy.errors import (
     VersionNotFound,
 )
 from miren_store.deploy.labels import label_from, validate_label
-from miren_store.deploy.ttl import DEFAULT_TTL, MAX_TTL, resolve_ttl
+from miren_store.deploy.ttl import DEFAULT_TTL, MAX_TTL, expiry, resolve_ttl
 from miren_store.entities import App, AppVersion, HttpRoute, Source, VersionSpec, new_id, utcnow
 from miren_store.errors import Conflict, NotFound, StoreUnavailable
 from miren_store.settings import setting
@@ -112,18 +118,37 @@ class EphemeralConfig:
         default=None,
         metadata=setting("URL for previews of apps without routes: <label>.<cluster_hostname>"),
     )
-    url_scheme: str = attrs.field(
-        default="https",
-        metadata=setting("the scheme of the URLs deploy answers print", choices=("http", "https")),
+    url_scheme: str | None = attrs.field(
+        default=None,
+        metadata=setting(
+            "the scheme of the URLs deploy answers print (none: what the proxy listener "
+            "serves, http; set https behind a TLS terminator)",
+            choices=("http", "https"),
+        ),
     )
     url_port: int | None = attrs.field(
         default=None,
         metadata=setting(
-            "the port of the URLs deploy answers print (none: the scheme's)",
+            "the port of the URLs deploy answers print (none: the proxy listener's when "
+            "url_scheme is none, else the scheme's)",
             minimum=1,
             maximum=65535,
         ),
     )
+
+    def as_served(self, proxy_port: int) -> EphemeralConfig:
+        """These settings with the URLs resolved against the proxy listener `miren serve`
+        bound: with no `url_scheme`, `http` on its port (none written for 80)."""
+        if self.url_scheme is not None:
+            return self
+        port = self.url_port if self.url_port is not None else proxy_port
+        return attrs.evolve(self, url_scheme="http", url_port=None if port == 80 else port)
+
+    @property
+    def scheme(self) -> str:
+        """The URL scheme in force (a library caller that set none gets the reference's https)."""
+        return self.url_scheme or "https"
+
     commit_attempts: int = attrs.field(
         default=50,
         metadata=setting(
@@ -194,7 +219,7 @@ class DeployResult:
     expires_at: datetime | None = None
     cloned_from: str | None = None
     replaced: tuple[str, ...] = ()  # ids of the versions that carried the label before
-    evicted: tuple[str, ...] = ()  # ids evicted over the per-app limit
+    evicted: tuple[AppVersion, ...] = ()  # previews deleted to stay within max_per_app
 
     def to_data(self) -> dict[str, Any]:
         """The deploy answer's JSON (SPEC §8)."""
@@ -204,7 +229,9 @@ class DeployResult:
             "urls": list(self.urls),
         }
         if self.expires_at is not None:
-            out["expires_at"] = format_time(self.expires_at)
+            out["expires_at"] = format_public_time(self.expires_at)
+        if self.evicted:
+            out["evicted"] = [{"id": v.id, "label": v.ephemeral_label} for v in self.evicted]
         return out
 
 
@@ -292,7 +319,7 @@ def version_data(version: AppVersion, status: VersionStatus) -> dict[str, Any]:
     out: dict[str, Any] = {
         "id": version.id,
         "app": version.app,
-        "created_at": format_time(version.created_at),
+        "created_at": format_public_time(version.created_at),
         "status": str(status),
         "spec": spec_data(version),
     }
@@ -302,7 +329,7 @@ def version_data(version: AppVersion, status: VersionStatus) -> dict[str, Any]:
         out["ephemeral_label"] = version.ephemeral_label
         out["ephemeral_ttl"] = version.ephemeral_ttl
         if version.ephemeral_expires_at is not None:
-            out["expires_at"] = format_time(version.ephemeral_expires_at)
+            out["expires_at"] = format_public_time(version.ephemeral_expires_at)
     return out
 
 
@@ -377,8 +404,14 @@ async def deploy(
     *,
     config: EphemeralConfig = DEFAULT_CONFIG,
     now: Clock = utcnow,
+    activate: bool = True,
 ) -> DeployResult:
     """Deploy to `app`: ephemeral (`request.ephemeral`), normal (`spec`) or rollback.
+
+    `activate=False` stages a normal deploy or a rollback: the version is created (a promoted
+    preview: cloned) but the app keeps its active version; activate it later with a rollback to
+    it (`from_version`), as `deploy --wait` does once a sandbox of it is healthy. (A preview is
+    never activated: the flag changes nothing for it.)
 
     Raises InvalidInput / Missing subclasses before any write, StoreFailure naming the step,
     TooManyConflicts when concurrent writers kept winning.
@@ -395,10 +428,25 @@ async def deploy(
             found = await get_app(store, app)
             routes = await store.list(HttpRoute, app=app)
         return await _create_active(
-            store, found, request.spec, request.source, routes, config=config, now=now
+            store,
+            found,
+            request.spec,
+            request.source,
+            routes,
+            config=config,
+            now=now,
+            activate=activate,
         )
     assert request.from_version is not None
-    return await _rollback(store, app, request.from_version, request.source, config=config, now=now)
+    return await _rollback(
+        store,
+        app,
+        request.from_version,
+        request.source,
+        config=config,
+        now=now,
+        activate=activate,
+    )
 
 
 async def _deploy_ephemeral(
@@ -428,7 +476,7 @@ async def _deploy_ephemeral(
             routes,
             label,
             cluster_hostname=config.cluster_hostname,
-            scheme=config.url_scheme,
+            scheme=config.scheme,
             port=config.url_port,
         )
     )
@@ -448,7 +496,7 @@ async def _deploy_ephemeral(
             source=source,
             ephemeral_label=label,
             ephemeral_ttl=ttl_text,
-            ephemeral_expires_at=t + ttl,
+            ephemeral_expires_at=expiry(t, ttl),
         )
         with _step("deploy", "replace", f"listing the versions labelled {label!r}"):
             same = await store.list(AppVersion, app=app_name, ephemeral_label=label)
@@ -485,7 +533,7 @@ async def _deploy_ephemeral(
             expires_at=stored.ephemeral_expires_at,
             cloned_from=src.id if src is not None else None,
             replaced=tuple(v.id for v in replaced),
-            evicted=tuple(v.id for v in evicted),
+            evicted=tuple(evicted),
         )
     raise TooManyConflicts(
         f"deploy of {label!r} to app {app_name!r} lost {config.commit_attempts} races with "
@@ -503,9 +551,11 @@ async def _create_active(
     config: EphemeralConfig,
     now: Clock,
     cloned_from: str | None = None,
+    activate: bool = True,
 ) -> DeployResult:
-    """Create a normal version and make it the app's active version, in one commit."""
-    urls = tuple(access_urls(routes, None, scheme=config.url_scheme, port=config.url_port))
+    """Create a normal version and make it the app's active version, in one commit (with
+    `activate=False`: only create it)."""
+    urls = tuple(access_urls(routes, None, scheme=config.scheme, port=config.url_port))
     for attempt in range(config.commit_attempts):
         if attempt:
             await _backoff(attempt)
@@ -514,10 +564,11 @@ async def _create_active(
         version = AppVersion(
             id=new_id(app.name), app=app.name, created_at=now(), spec=spec, source=source
         )
+        ops: list[Op] = [Create(version)]
+        if activate:
+            ops.append(Update(attrs.evolve(app, active_version=version.id)))
         try:
-            rev = await store.commit(
-                [Create(version), Update(attrs.evolve(app, active_version=version.id))]
-            )
+            rev = await store.commit(ops)
         except (Conflict, NotFound):
             continue
         except StoreUnavailable as exc:
@@ -525,7 +576,10 @@ async def _create_active(
         else:
             stored = attrs.evolve(version, revision=rev)
         return DeployResult(
-            version=stored, status=VersionStatus.ACTIVE, urls=urls, cloned_from=cloned_from
+            version=stored,
+            status=VersionStatus.ACTIVE if activate else VersionStatus.REPLACED,
+            urls=urls,
+            cloned_from=cloned_from,
         )
     raise TooManyConflicts(f"deploy to app {app.name!r} lost {config.commit_attempts} races; retry")
 
@@ -538,6 +592,7 @@ async def _rollback(
     *,
     config: EphemeralConfig,
     now: Clock,
+    activate: bool = True,
 ) -> DeployResult:
     with _step("rollback", "read", f"reading app {app_name!r} and version {version_id!r}"):
         app = await get_app(store, app_name)
@@ -554,8 +609,13 @@ async def _rollback(
             config=config,
             now=now,
             cloned_from=target.id,
+            activate=activate,
         )
-    urls = tuple(access_urls(routes, None, scheme=config.url_scheme, port=config.url_port))
+    urls = tuple(access_urls(routes, None, scheme=config.scheme, port=config.url_port))
+    if not activate:
+        return DeployResult(
+            version=target, status=version_status(target, app.active_version, now()), urls=urls
+        )
     for attempt in range(config.commit_attempts):
         if attempt:
             await _backoff(attempt)
@@ -619,7 +679,7 @@ async def extend_label(
             raise LabelNotFound(f"ephemeral label {label!r} not found in app {app!r}")
         t = now()
         updated = attrs.evolve(
-            found.version, ephemeral_ttl=ttl_text, ephemeral_expires_at=t + value
+            found.version, ephemeral_ttl=ttl_text, ephemeral_expires_at=expiry(t, value)
         )
         try:
             return await store.update(updated)

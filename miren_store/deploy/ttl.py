@@ -40,10 +40,6 @@ def resolve_ttl(
     return parse_ttl(text, maximum=maximum), text.strip()
 
 
-def expiry(now: datetime, ttl: timedelta) -> datetime:
-    return now + ttl
-
-
 def describe_ttl(value: timedelta) -> str:
     """A duration as its user would write it: 2 days or more in whole days as `30d`, else Go
     style (`24h`, `1h30m`)."""
@@ -58,3 +54,12 @@ def _reason(exc: DurationError) -> str:
     text = str(exc)
     _, sep, reason = text.partition('": ')
     return reason if sep else "not a duration (use e.g. 90s, 1h30m or 7d)"
+
+
+def expiry(start: datetime, ttl: timedelta) -> datetime:
+    """When a preview made at `start` with `ttl` expires: rounded up to a whole second, so the
+    time the API and the CLI show (whole seconds) is the instant it expires, never after it."""
+    end = start + ttl
+    if end.microsecond:
+        end = end.replace(microsecond=0) + timedelta(seconds=1)
+    return end

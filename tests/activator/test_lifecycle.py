@@ -7,7 +7,7 @@ import itertools
 import pytest
 
 from miren_activator.errors import IllegalTransition
-from miren_activator.lifecycle import TRANSITIONS, SandboxEvent, transition
+from miren_activator.lifecycle import TRANSITIONS, SandboxEvent, exit_reason, transition
 from miren_store.entities import SandboxStatus as S
 
 E = SandboxEvent
@@ -54,3 +54,19 @@ def test_only_pending_and_down_boot_and_end_states_are_absorbing() -> None:
     assert [s for s in S if (s, E.BOOTED) in TRANSITIONS] == [S.PENDING, S.DOWN]
     for end in (S.STOPPED, S.DEAD):
         assert {TRANSITIONS[(end, e)] for e in E if (end, e) in TRANSITIONS} == {end}
+
+
+@pytest.mark.parametrize(
+    ("status", "words"),
+    [
+        (0, "exited with status 0"),
+        (3, "exited with status 3"),
+        (-9, "killed by signal SIGKILL"),
+        (-15, "killed by signal SIGTERM"),
+        (137, "exited with status 137 (SIGKILL)"),  # a shell's or bubblewrap's way to say it
+        (255, "exited with status 255"),
+        (None, "ended"),
+    ],
+)
+def test_exit_reason_in_words(status: int | None, words: str) -> None:
+    assert exit_reason(status) == words

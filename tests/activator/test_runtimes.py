@@ -13,11 +13,12 @@ import aiohttp
 import pytest
 
 from miren_activator.errors import BootFailed
-from miren_activator.runtimes.base import SandboxSpec, probe
+from miren_activator.runtimes.base import SandboxSpec, check_health, probe
 from miren_activator.runtimes.process import ProcessHandle, ProcessRuntime, expand_port
 from miren_activator.runtimes.upstream import UpstreamRuntime
 from miren_store.entities import Runtime, VersionSpec
 from tests.activator.conftest import ECHO, ECHO_CMD, pid_gone, wait_until
+from tests.support.clients import free_port
 
 StartFn = Callable[..., "asyncio.Future[ProcessHandle]"]
 
@@ -144,6 +145,32 @@ async def test_probe_accepts_any_answer_below_500(
     assert await probe("127.0.0.1", handle.port, "/status/404", 1.0)
     assert await probe("127.0.0.1", handle.port, "/status/302", 1.0)
     assert not await probe("127.0.0.1", handle.port, "/status/500", 1.0)
+
+
+async def test_a_failed_health_check_says_what_it_saw(
+    tmp_path: Path, handles: list[ProcessHandle]
+) -> None:
+    """The words a boot timeout quotes (deploy --wait): refused, a 5xx, no HTTP at all."""
+    handle = await start(ProcessRuntime(), sandbox_spec(tmp_path), handles)
+    await asyncio.wait_for(handle.wait_ready(), 10)
+    assert await check_health("127.0.0.1", handle.port, "/status/404", 1.0) is None
+    assert await check_health("127.0.0.1", handle.port, "/status/503", 1.0) == (
+        "GET /status/503 answered 503"
+    )
+    closed = free_port()
+    refused = await check_health("127.0.0.1", closed, "/", 1.0)
+    assert refused == f"connection refused on port {closed} (nothing listens on $PORT)"
+
+    async def not_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"SSH-2.0-OpenSSH\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(not_http, "127.0.0.1", 0)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        assert await check_health("127.0.0.1", port, "/", 1.0) == "GET / got no HTTP answer"
+        assert await check_health("127.0.0.1", port, None, 1.0) is None  # TCP: it accepts
 
 
 async def test_exit_is_seen_at_once_and_fails_wait_ready(

@@ -20,7 +20,8 @@ def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MirenServer]:
         tmp_path_factory.mktemp("edge"),
         store="memory",
         token=TOKEN,
-        settings={"ephemeral.cluster_hostname": CLUSTER_HOSTNAME},
+        # The reference's URL cases (§11.G) print https URLs: as behind a TLS terminator.
+        settings={"ephemeral.cluster_hostname": CLUSTER_HOSTNAME, "ephemeral.url_scheme": "https"},
     ) as server:
         yield server
 

@@ -5,10 +5,12 @@ data dir that must keep every app, route and version and serve them again."""
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from tests.support.apps import SANDBOX_PYTHON
 from tests.support.edge import ECHO_CMD, REPO, MirenServer, deployed_id, table_rows, url_lines
 from tests.support.poll import eventually_sync, transitions_sync
 
@@ -42,7 +44,9 @@ def test_readme_walkthrough_and_restart(tmp_path: Path) -> None:
         assert edge.cli("app", "create", "web").stdout.strip() == "App web created."
         out = edge.cli("route", "set", HOST, "--app", "web").stdout
         assert out.strip() == f"Route {HOST} -> app web."
-        active_id = deployed_id(edge.cli("deploy", "--app", "web", "--", *ECHO_CMD).stdout)
+        out = edge.cli("deploy", "--app", "web", "--wait", "--", *ECHO_CMD).stdout
+        active_id = deployed_id(out)
+        assert "  Ready: sandbox sb-" in out, out
 
         out = edge.cli(
             "deploy", "--app", "web", "--ephemeral", "Feature/Login", "--ttl", "1h", "--", *ECHO_CMD
@@ -52,8 +56,26 @@ def test_readme_walkthrough_and_restart(tmp_path: Path) -> None:
         lines = out.splitlines()
         assert "  Label: feature-login" in lines, out
         assert "  TTL:   1h" in lines, out
-        # dev.toml prints preview URLs as http://…:8080 (url_scheme, url_port)
-        assert url_lines(out) == [f"http://feature-login.{HOST}:8080"], out
+        # URLs with the scheme and port the proxy serves (this test's free port, not 8080)
+        assert url_lines(out) == [f"http://feature-login.{HOST}:{edge.proxy_port}"], out
+
+        # -- a misspelt file: --wait fails the deploy, says why, and the app keeps its version
+        broken = edge.cli(
+            "deploy", "--app", "web", "--wait", "--", SANDBOX_PYTHON, "-S",
+            "tests/apps/echo_servr.py", check=False,
+        )  # fmt: skip
+        assert broken.returncode == 1, broken
+        first = broken.stderr.splitlines()[0]
+        assert first.startswith("miren: deploy failed: sandbox sb-"), broken.stderr
+        assert "exited with status 2 while booting" in first and "was not activated" in first
+        failed_id = first.split("; version ", 1)[1].split(" ", 1)[0]
+        assert "echo_servr.py': [Errno 2] No such file or directory" in broken.stderr
+        assert edge.admin("GET", "/v1/apps/web").json()["active_version"] == active_id
+        dead = [
+            row for row in table_rows(edge.cli("sandbox", "list", "--app", "web").stdout)[1:]
+            if row[2] == "dead"
+        ]  # fmt: skip
+        assert [row[3] for row in dead] == ["exited with status 2"], dead
 
         # -- both hosts answer from their own version; an unknown preview is 404
         main = served_version(edge, HOST)
@@ -68,11 +90,13 @@ def test_readme_walkthrough_and_restart(tmp_path: Path) -> None:
         by_id = {row[0]: row for row in rows[1:]}
         assert by_id[active_id][1] == "active"
         assert by_id[preview_id][1] == "ephemeral"
-        assert by_id[preview_id][3] == "feature-login (expires in 59m)"
+        # (1h, rounded up to a whole second: "1h" a moment after the deploy, else "59m Ns")
+        assert re.fullmatch(r"feature-login \(expires in (59m \d+s|1h)\)", by_id[preview_id][3])
         listed = versions(edge)
         assert {k: v["status"] for k, v in listed.items()} == {
             active_id: "active",
             preview_id: "ephemeral",
+            failed_id: "replaced",  # kept, inactive, for its sandbox's log
         }
 
         # -- a short-lived preview: 200, then 410 from its expiry instant, then 404 once collected

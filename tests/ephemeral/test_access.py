@@ -80,3 +80,16 @@ def test_active_version_lists_plain_hosts_only() -> None:
     assert access_urls(routes, None, cluster_hostname="c.miren.systems") == [
         "https://app.example.com"
     ]
+
+
+def test_urls_as_served_follow_the_proxy_listener() -> None:
+    """No url_scheme: what the proxy serves (http) on its port; set: as configured."""
+    from miren_store.deploy.deploys import EphemeralConfig
+
+    assert EphemeralConfig().scheme == "https"  # a library caller's default (the reference's)
+    served = EphemeralConfig().as_served(8080)
+    assert (served.url_scheme, served.url_port) == ("http", 8080)
+    assert EphemeralConfig().as_served(80).url_port is None
+    assert EphemeralConfig(url_port=9000).as_served(8080).url_port == 9000
+    behind_tls = EphemeralConfig(url_scheme="https").as_served(8080)
+    assert (behind_tls.url_scheme, behind_tls.url_port) == ("https", None)

@@ -230,7 +230,7 @@ async def test_case29_eleventh_label_evicts_the_nearest_expiry(
     previews = await ten_previews(store, clock)
     await add_pool(store, "p-l1", previews[0].id)
     result = await deploy(store, "app", eph("l11", ttl="24h"), now=clock)
-    assert result.evicted == (previews[0].id,)
+    assert tuple(v.id for v in result.evicted) == (previews[0].id,)
     left = await ephemeral_versions(store, "app")
     assert len(left) == 10
     assert previews[0].id not in {v.id for v in left}
@@ -256,9 +256,9 @@ async def test_case30_expired_uncollected_previews_are_evicted_first(
         await deploy(store, "app", eph(f"l{i}", ttl="1h"), now=clock)
     clock.advance(minutes=10)  # the two old ones have expired; the GC has not run
     result = await deploy(store, "app", eph("new"), now=clock)
-    assert sorted(result.evicted) == sorted(v.id for v in stale[:1])
+    assert sorted(v.id for v in result.evicted) == sorted(v.id for v in stale[:1])
     result = await deploy(store, "app", eph("new2"), now=clock)
-    assert result.evicted == (stale[1].id,)
+    assert tuple(v.id for v in result.evicted) == (stale[1].id,)
     assert len(await ephemeral_versions(store, "app")) == 10
 
 

@@ -205,3 +205,14 @@ def test_config_validation() -> None:
         EphemeralConfig(max_per_app=0)
     with pytest.raises(ValueError, match="default_ttl"):
         EphemeralConfig(default_ttl=timedelta(days=40))
+
+
+def test_an_expiry_is_a_whole_second_never_before_the_ttl() -> None:
+    """The API shows whole seconds: the stored expiry is one, rounded up, so the time shown is
+    the instant the preview stops answering."""
+    from miren_store.deploy.ttl import expiry
+
+    start = datetime(2026, 1, 1, 12, 0, 0, 250_000, tzinfo=UTC)
+    assert expiry(start, timedelta(hours=1)) == datetime(2026, 1, 1, 13, 0, 1, tzinfo=UTC)
+    whole = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
+    assert expiry(whole, timedelta(seconds=90)) == datetime(2026, 1, 1, 12, 1, 30, tzinfo=UTC)

@@ -52,7 +52,7 @@ KEYS_BEFORE = {
     "ephemeral.default_ttl": "24h",
     "ephemeral.max_ttl": "30d",
     "ephemeral.cluster_hostname": "none",
-    "ephemeral.url_scheme": "https",
+    "ephemeral.url_scheme": "none",
     "ephemeral.url_port": "none",
     "ephemeral.commit_attempts": "50",
     "gc.sweep_interval": "60s",

@@ -606,7 +606,8 @@ def check_error_page(reply: Response, status: int, accept: str | None, secrets: 
     body = reply.body.decode()
     if want == "application/json":
         data = json.loads(body)
-        assert set(data) == {"error", "message"} and data["message"], data
+        assert set(data) == {"error"} and set(data["error"]) == {"code", "message"}, data
+        assert data["error"]["message"], data
     elif want == "text/html":
         assert body.startswith("<!doctype html>") and f"<h1>{status} " in body, body
     else:

@@ -157,7 +157,7 @@ async def test_refusal_messages_name_the_reason(world: World) -> None:
     for host, (status, message) in expect.items():
         reply = await get(world.port, host, headers=[("Accept", "application/json")])
         assert reply.status == status, reply
-        assert reply.json()["message"] == message
+        assert reply.json()["error"]["message"] == message
 
 
 # -- Host edge cases --------------------------------------------------------------------------
@@ -368,7 +368,7 @@ async def test_without_a_default_route_unmatched_hosts_are_404(tmp_path: Path) -
         for host in unmatched:
             reply = await get(edge.port, host, headers=[("Accept", "application/json")])
             assert reply.status == 404, (host, reply)
-            assert reply.json()["message"] == "No application is configured for this host."
+            assert reply.json()["error"]["message"] == "No application is configured for this host."
         assert (await get(edge.port, "app.example.com")).status == 200
 
 

@@ -212,8 +212,10 @@ async def test_504_when_upstream_never_answers(proxy, raw_upstream) -> None:
             async with s.get(p.url + "/", headers={"Accept": "application/json"}) as r:
                 assert r.status == 504
                 assert await r.json() == {
-                    "error": "gateway_timeout",
-                    "message": "The application did not answer in time.",
+                    "error": {
+                        "code": "gateway_timeout",
+                        "message": "The application did not answer in time.",
+                    }
                 }
     finally:
         done.set()
@@ -278,8 +280,8 @@ async def test_acquire_errors_become_responses(proxy, error, status, retry_after
     ("accept", "content_type", "check"),
     [
         ("application/json", "application/json",
-         lambda b: json.loads(b) == {"error": "not_found",
-                                     "message": "No application is served at this address."}),
+         lambda b: json.loads(b) == {"error": {
+             "code": "not_found", "message": "No application is served at this address."}}),
         ("text/html,application/xhtml+xml,*/*;q=0.8", "text/html; charset=utf-8",
          lambda b: b.startswith("<!doctype html>") and "404 Not Found" in b),
         ("", "text/plain; charset=utf-8",
