@@ -248,8 +248,42 @@ class Sandbox:
     revision: int = attrs.field(default=0, eq=False)
 
 
+@attrs.frozen(kw_only=True)
+class TlsCertificate:
+    """A certificate the edge obtained on demand (ACME) for one name, with its key: kept in the
+    store so a restart or another node serves it instead of ordering again."""
+
+    KIND: ClassVar[str] = "tls_certificate"
+
+    name: str
+    chain_pem: str = attrs.field(repr=False)
+    key_pem: str = attrs.field(repr=False)
+    not_after: datetime
+    serial: str  # hex
+    issued_at: datetime = attrs.field(factory=utcnow)
+    revision: int = attrs.field(default=0, eq=False)
+
+    @property
+    def id(self) -> str:
+        return self.name
+
+
+@attrs.frozen(kw_only=True)
+class AcmeAccount:
+    """The edge's account at one ACME directory (its key signs every order)."""
+
+    KIND: ClassVar[str] = "acme_account"
+
+    id: str  # a digest of the directory URL
+    directory: str
+    key_pem: str = attrs.field(repr=False)
+    uri: str = ""
+    revision: int = attrs.field(default=0, eq=False)
+
+
 KINDS: dict[str, type[Any]] = {
-    cls.KIND: cls for cls in (App, AppVersion, HttpRoute, SandboxPool, Sandbox)
+    cls.KIND: cls
+    for cls in (App, AppVersion, HttpRoute, SandboxPool, Sandbox, TlsCertificate, AcmeAccount)
 }
 
 

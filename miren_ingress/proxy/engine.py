@@ -110,27 +110,60 @@ def default_health() -> tuple[int, Mapping[str, Any]]:
 BUSY_GAP = 20e-6  # seconds: hit-path writes closer than this are deferred (see "Writes")
 
 
+class HeadTables:
+    """What the proxy adds to a response head, precomputed per kind of client connection (plain
+    or TLS: HSTS) and indexed by `target.ephemeral`:
+
+    - `head_tails[ephemeral][keep_alive]`: the end of a rebuilt head, after the upstream's own
+      header lines;
+    - `head_inserts[ephemeral]`: on the fast path to a keep-alive client, what replaces the CRLF
+      ending the status line (b"" when nothing is inserted);
+    - `close_lines[ephemeral]`: to a client whose connection closes, the lines that replace the
+      upstream's Connection line or follow the status line (each starts with CRLF, the last
+      does not end with it).
+    """
+
+    __slots__ = ("close_lines", "head_inserts", "head_tails")
+
+    def __init__(self, robots: bytes, extra: bytes = b"") -> None:
+        """`robots`: the X-Robots-Tag line previews get (b"": none); `extra`: lines every
+        response gets (HSTS over TLS)."""
+        close = b"Connection: close\r\n"
+        preview = robots + extra
+        self.head_tails = (
+            (extra + close + b"\r\n", extra + b"\r\n"),
+            (preview + close + b"\r\n", preview + b"\r\n"),
+        )
+        self.head_inserts = (
+            b"\r\n" + extra if extra else b"",
+            b"\r\n" + preview if preview else b"",
+        )
+        self.close_lines = (b"\r\n" + extra + close[:-2], b"\r\n" + preview + close[:-2])
+
+
 class Engine:
     """State shared by every connection of one ProxyServer."""
 
     __slots__ = (
         "_drained",
+        "_robots",
+        "acme_answers",
         "busy_gap",
-        "close_lines",
         "closing",
         "config",
         "connections",
         "flush_soon",
-        "head_inserts",
-        "head_tails",
         "health",
         "last_write",
         "later",
         "later_armed",
         "loop",
         "metrics",
+        "plain",
         "pools",
+        "redirect_port",
         "router",
+        "secure",
         "tasks",
         "upstream_open",
     )
@@ -161,23 +194,21 @@ class Engine:
         self.last_write = 0.0  # monotonic: the last hit-path write, or the end of a flush
         self.busy_gap = BUSY_GAP
         self.flush_soon = self._flush_soon  # (bound once: arm_flush schedules it)
-        # The end of a response head, after the upstream's own header lines:
-        # head_tails[ephemeral][keep_alive].
+        # What goes into response heads, per kind of client connection (see HeadTables).
         # (An empty robots_tag: no X-Robots-Tag line at all.)
         tag = config.robots_tag.encode("latin-1")
-        robots = b"X-Robots-Tag: " + tag + b"\r\n" if tag else b""
-        close = b"Connection: close\r\n"
-        self.head_tails = (
-            (close + b"\r\n", b"\r\n"),
-            (robots + close + b"\r\n", robots + b"\r\n"),
-        )
-        # The fast path of a spliced response head (upstream.py): to a keep-alive client, what
-        # replaces the CRLF ending the status line (b"" when nothing is inserted):
-        # head_inserts[ephemeral]; to a client whose connection closes, the lines that replace
-        # the upstream's Connection line or follow the status line (each starts with CRLF, the
-        # last does not end with it): close_lines[ephemeral].
-        self.head_inserts = (b"", b"\r\n" + robots if robots else b"")
-        self.close_lines = (b"\r\n" + close[:-2], b"\r\n" + robots + close[:-2])
+        self._robots = b"X-Robots-Tag: " + tag + b"\r\n" if tag else b""
+        self.plain = self.secure = HeadTables(self._robots)
+        # TLS (see ProxyServer.start_tls): the HTTP-01 answers an ACME issuer publishes
+        # (token -> key authorization; served on every listener), and the HTTPS port plain
+        # requests are redirected to (None: no redirect).
+        self.acme_answers: dict[bytes, bytes] = {}
+        self.redirect_port: int | None = None
+
+    def set_hsts(self, max_age: int) -> None:
+        """HTTPS answers carry `Strict-Transport-Security: max-age=N` (0: none)."""
+        extra = b"Strict-Transport-Security: max-age=%d\r\n" % max_age if max_age > 0 else b""
+        self.secure = HeadTables(self._robots, extra)
 
     def __repr__(self) -> str:
         return (

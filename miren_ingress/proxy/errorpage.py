@@ -128,3 +128,23 @@ def render_json(status: int, payload: object, *, keep_alive: bool, head_only: bo
         )
     )
     return head if head_only else head + body
+
+
+def render_plain(
+    status: int, body: bytes, extra: bytes = b"", *, keep_alive: bool, head_only: bool
+) -> bytes:
+    """A complete text/plain response the proxy answers itself (an ACME challenge, a redirect);
+    `extra`: header lines (each ending in CRLF)."""
+    head = (
+        b"HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
+        b"Cache-Control: no-store\r\n%s%s%s\r\n"
+        % (
+            status,
+            status_name(status).encode(),
+            len(body),
+            extra,
+            date_line(),
+            b"" if keep_alive else b"Connection: close\r\n",
+        )
+    )
+    return head if head_only else head + body

@@ -24,7 +24,7 @@ import logging
 from time import monotonic
 from typing import TYPE_CHECKING
 
-from .errorpage import render_json, render_response
+from .errorpage import render_json, render_plain, render_response
 from .errors import ProxyError, UpstreamConnectError, UpstreamReset
 from .headers import accept_of
 from .interfaces import UNROUTED, Lease, Refusal, Target
@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 WAITING, ROUTING, SENDING, RESPONDING, TUNNEL, DONE = Ex
 RESERVED_PREFIX = b"/.well-known/miren/"
 HEALTH_PATH = b"/.well-known/miren/health"
+ACME_PREFIX = b"/.well-known/acme-challenge/"  # RFC 8555 §8.3: HTTP-01 answers
 # Request properties passed to Exchange() as one int.
 F_KEEP_ALIVE = 1
 F_HTTP10 = 2
@@ -51,10 +52,22 @@ F_RESERVED = 32  # the target is under RESERVED_PREFIX: answered by the proxy
 F_HEALTH = 64  # ... and it is the health endpoint
 F_HEAD = 128  # a HEAD request
 F_REJECT = 256  # not a request: the answer to a malformed one (`error`), then a close
+F_ACME = 512  # an ACME HTTP-01 challenge request: answered from engine.acme_answers
+F_REDIRECT = 1024  # the plain listener redirects to HTTPS (tls.redirect_http)
 
 
 def reserved_flags(url: bytes) -> int:
     return F_RESERVED | (F_HEALTH if url.split(b"?", 1)[0] == HEALTH_PATH else 0)
+
+
+def special_flags(url: bytes, redirect: bool) -> int:
+    """The flags of a request the proxy answers itself (0: none): its reserved paths, an ACME
+    challenge, or, on a redirecting listener, everything else (a redirect to HTTPS)."""
+    if url.startswith(RESERVED_PREFIX):
+        return reserved_flags(url)
+    if url.startswith(ACME_PREFIX):
+        return F_RESERVED | F_ACME
+    return F_RESERVED | F_REDIRECT if redirect else 0
 
 
 class Exchange:
@@ -132,7 +145,7 @@ class Exchange:
         self.upgrade = bool(flags & F_UPGRADE)
         self.has_body = bool(flags & F_BODY)
         self.chunked_in = bool(flags & F_CHUNKED)
-        self.reserved = flags & (F_RESERVED | F_HEALTH)
+        self.reserved = flags & (F_RESERVED | F_HEALTH | F_ACME | F_REDIRECT)
         self.head_only = bool(flags & F_HEAD)
 
     @property
@@ -205,8 +218,42 @@ class Exchange:
             )
             self.state = move(EXCHANGE, self.state, ExEvent.HEAD_SENT)
             self.finished(monotonic())
+        elif self.reserved & F_ACME:
+            token = self.url_path()[len(ACME_PREFIX) :]
+            answer = self.engine.acme_answers.get(token)
+            if answer is None:
+                self.respond_error(404, "No such ACME challenge.")
+            else:
+                self._respond_plain(200, answer)
+        elif self.reserved & F_REDIRECT:
+            self._redirect_to_https()
         else:
             self.respond_error(404, "The page could not be found.")
+
+    def url_path(self) -> bytes:
+        """The request target's path (rare paths only: parsed from the head kept for the
+        upstream)."""
+        target = self.head.split(b" ", 2)[1] if self.head[:1] != b"\r" else b""
+        return target.split(b"?", 1)[0]
+
+    def _respond_plain(self, status: int, body: bytes, extra: bytes = b"") -> None:
+        self.status = status
+        self.keep_alive = self.keep_alive and self.request_complete
+        self.inbound.write(
+            render_plain(status, body, extra, keep_alive=self.keep_alive, head_only=self.head_only)
+        )
+        self.state = move(EXCHANGE, self.state, ExEvent.HEAD_SENT)
+        self.finished(monotonic())
+
+    def _redirect_to_https(self) -> None:
+        """308 to the same URL over HTTPS (RFC 9110 §15.4.9: method and body kept)."""
+        port = self.engine.redirect_port
+        name = self.host.rsplit(b":", 1)[0] if not self.host.endswith(b"]") else self.host
+        authority = name if port in (None, 443) else name + b":%d" % port
+        target = self.head.split(b" ", 2)[1]
+        self._respond_plain(
+            308, b"Moved to HTTPS.\n", b"Location: https://" + authority + target + b"\r\n"
+        )
 
     async def _connect(self) -> None:
         """ROUTING: acquire a lease (cache miss) and/or open a connection, then attach."""

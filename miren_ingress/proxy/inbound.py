@@ -55,9 +55,8 @@ from .exchange import (
     F_HTTP10,
     F_KEEP_ALIVE,
     F_UPGRADE,
-    RESERVED_PREFIX,
     Exchange,
-    reserved_flags,
+    special_flags,
 )
 from .states import INPUT, LIFE, Ex, Input, InputEvent, Life, LifeEvent, move
 from .target import absolute_target
@@ -157,12 +156,21 @@ class InboundConnection(asyncio.Protocol):
         "life",
         "on_url",
         "peer",
+        "redirect",
+        "tables",
         "transport",
         "write_paused",
     )
 
+    secure = False  # a TLS connection (TlsInboundConnection)
+    _proto_line = b"\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: "
+
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        # What goes into response heads (HSTS over TLS), and whether every request but the
+        # reserved ones is redirected to HTTPS (the plain listener under tls.redirect_http).
+        self.tables = engine.secure if self.secure else engine.plain
+        self.redirect = engine.redirect_port is not None and not self.secure
         self.peer = b""
         self._fwd = b""  # X-Forwarded-For/-Proto lines and the X-Forwarded-Host name, rendered
         # The request target's parts, as llhttp delivers them: `on_url` is this list's append
@@ -237,9 +245,7 @@ class InboundConnection(asyncio.Protocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         peer = transport.get_extra_info("peername")
         self.peer = str(peer[0]).encode() if peer else b"unknown"
-        self._fwd = (
-            b"X-Forwarded-For: " + self.peer + b"\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: "
-        )
+        self._fwd = b"X-Forwarded-For: " + self.peer + self._proto_line
         engine = self.engine
         config = engine.config
         transport.set_write_buffer_limits(config.write_high_water, config.write_low_water)
@@ -566,8 +572,8 @@ class InboundConnection(asyncio.Protocol):
             lines[2] = url
             lines += (self._fwd, host, b"\r\n\r\n")
             ex = Exchange(self, method, host, b"".join(lines), True, method == b"HEAD")
-            if url[1:2] == b"." and url.startswith(RESERVED_PREFIX):  # (a cheap test first)
-                ex.reserved = reserved_flags(url)
+            if url[1:2] == b"." or self.redirect:  # (a cheap test first)
+                ex.reserved = special_flags(url, self.redirect)
         else:
             ex = self._parsing = self._general_head(method, url, host, lines)
             if ex.has_body:
@@ -666,10 +672,7 @@ class InboundConnection(asyncio.Protocol):
         if upgrade and protocols is not None:
             lines.append(b"Connection: Upgrade\r\nUpgrade: " + protocols + b"\r\n")
         xff = self.peer if self._xff is None else self._xff + b", " + self.peer
-        lines.append(
-            b"X-Forwarded-For: " + xff + b"\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: "
-            + host + b"\r\n\r\n"
-        )  # fmt: skip
+        lines.append(b"X-Forwarded-For: " + xff + self._proto_line + host + b"\r\n\r\n")
         flags = (
             (F_KEEP_ALIVE if parser.should_keep_alive() and not http10 else 0)
             | (F_HTTP10 if http10 else 0)
@@ -678,8 +681,8 @@ class InboundConnection(asyncio.Protocol):
             | (F_CHUNKED if chunked else 0)
             | (F_HEAD if method == b"HEAD" else 0)
         )
-        if url.startswith(RESERVED_PREFIX):
-            flags |= reserved_flags(url)
+        if url[1:2] == b"." or self.redirect:
+            flags |= special_flags(url, self.redirect)
         ex = Exchange(self, method, host, b"".join(lines), False, False)
         ex.set_flags(flags)
         if stops:
@@ -920,3 +923,11 @@ class InboundConnection(asyncio.Protocol):
         """The client stopped sending the body of `ex`: 408 (or a close if its response is
         under way); a buffered one that was not started yet holds no lease and no upstream."""
         self._reject(RequestTimeout())
+
+
+class TlsInboundConnection(InboundConnection):
+    """A client connection of the HTTPS listener: `X-Forwarded-Proto: https`, HSTS when set."""
+
+    __slots__ = ()
+    secure = True
+    _proto_line = b"\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Host: "

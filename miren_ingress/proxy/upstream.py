@@ -395,7 +395,7 @@ class UpstreamConnection(asyncio.Protocol):
         status line to a keep-alive client, or in place of the Connection line when the client
         connection closes (see on_headers_complete); a Date line when `dated` is false."""
         if ex.keep_alive and ex.request_complete:
-            insert = self.engine.head_inserts[ex.target.ephemeral]
+            insert = ex.inbound.tables.head_inserts[ex.target.ephemeral]
             if not dated:
                 insert = (insert or b"\r\n") + date_line()
             self._spliced = data.replace(b"\r\n", insert, 1) if insert else data
@@ -406,7 +406,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def _splice_closing(self, ex: Exchange, data: bytes, dated: bool) -> None:
         """The fast path's output when the client connection closes after this response."""
-        add = self.engine.close_lines[ex.target.ephemeral]
+        add = ex.inbound.tables.close_lines[ex.target.ephemeral]
         if not dated:
             add += b"\r\n" + date_line()[:-2]
         if self._conn_cut:
@@ -497,7 +497,7 @@ class UpstreamConnection(asyncio.Protocol):
             lines.append(date_line()[:-2])
         if status != 101 and not ex.request_complete:
             ex.keep_alive = False  # an answer before the whole body came: close after it
-        tails = self.engine.head_tails[ex.target.ephemeral]
+        tails = ex.inbound.tables.head_tails[ex.target.ephemeral]
         tail = tails[True] if status == 101 else tails[ex.keep_alive]
         lines.append(tail)
         self.out.append(b"\r\n".join(lines))

@@ -187,6 +187,29 @@ class RouteTable:
             return self._active(self.default_route)
         return NO_ROUTE
 
+    def certifiable(self, name: str, now: datetime) -> bool:
+        """Whether a TLS certificate may be ordered for `name` now (on-demand ACME): it is an
+        exact route host, or `<label>.<host>` where the route that would serve it has a live
+        preview labelled so. Never a name only a wildcard route or the default route would
+        serve (any label would do: strangers could make the edge order certificates for names
+        of their choosing), an unknown label or an expired preview."""
+        if not self.loaded:
+            return False
+        route = self.routes.get(name)
+        if route is not None:
+            return True
+        parts = split_first_label(name)
+        if parts is None:
+            return False
+        label, base = parts
+        for key in (wildcard_for(name), base, wildcard_for(base)):
+            if key is None:
+                continue
+            route = self.routes.get(key)
+            if route is not None and (key != base or not route.is_wildcard):
+                return self.live_preview(route.app, label, now) is not None
+        return False
+
     def _active(self, route: HttpRoute) -> Resolution:
         app = self.apps.get(route.app)
         if app is None or app.active_version is None:

@@ -44,6 +44,7 @@ import attrs
 from miren_activator.config import ActivatorConfig
 from miren_activator.runtimes.isolation import SandboxConfig
 from miren_ingress.proxy.config import ProxyConfig
+from miren_ingress.tls.config import AcmeConfig, CertFiles, TlsConfig
 from miren_store.backends import StoreOptions, check_store
 from miren_store.deploy.deploys import EphemeralConfig
 from miren_store.deploy.gc import GcConfig
@@ -109,6 +110,8 @@ class Config:
     ingress: ProxyConfig = attrs.field(factory=ProxyConfig)
     activator: ActivatorConfig = attrs.field(factory=ActivatorConfig)
     sandbox: SandboxConfig = attrs.field(factory=SandboxConfig)
+    tls: TlsConfig = attrs.field(factory=TlsConfig)
+    acme: AcmeConfig = attrs.field(factory=AcmeConfig)
 
     @property
     def log_dir(self) -> Path:
@@ -237,6 +240,8 @@ def _as_type(key: Key, value: Any, typ: Any) -> Any:
         if value not in choices:
             raise ConfigError(f"{key.name}: {value!r} is not {one_of(choices)}")
         return typ(value)
+    if typing.get_origin(typ) is tuple:
+        return _cert_files(key, value)
     try:
         if typ is timedelta or (typ is float and key.setting.duration):
             if number:
@@ -272,6 +277,30 @@ def _as_type(key: Key, value: Any, typ: Any) -> Any:
         raise ConfigError(f"{key.name}: invalid value {value!r}: {exc}") from None
     expected = "a duration such as 30s" if key.setting.duration else getattr(typ, "__name__", typ)
     raise ConfigError(f"{key.name}: invalid value {value!r} (expected {expected})")
+
+
+def _cert_files(key: Key, value: Any) -> tuple[CertFiles, ...]:
+    """`[{cert = "...", key = "..."}]` (TOML), or `cert.pem:key.pem,...` (environment, --set)."""
+    if isinstance(value, str):
+        items: list[Any] = []
+        for part in filter(None, (p.strip() for p in value.split(","))):
+            cert, sep, private = part.partition(":")
+            if not sep or not cert or not private:
+                raise ConfigError(f"{key.name}: {part!r} is not cert.pem:key.pem")
+            items.append({"cert": cert, "key": private})
+        value = items
+    if not isinstance(value, list):
+        raise ConfigError(f"{key.name}: expected a list of {{cert = ..., key = ...}} tables")
+    out = []
+    for item in value:
+        if (
+            not isinstance(item, Mapping)
+            or set(item) != {"cert", "key"}
+            or not all(isinstance(v, str) and v for v in item.values())
+        ):
+            raise ConfigError(f'{key.name}: each entry is {{cert = "file", key = "file"}}')
+        out.append(CertFiles(cert=item["cert"], key=item["key"]))
+    return tuple(out)
 
 
 def _flatten(values: Mapping[str, Any], origin: str) -> dict[str, Any]:
@@ -409,3 +438,18 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"store: {exc}") from None
     if cfg.log_level.lower() not in LOG_LEVELS:
         raise ConfigError(f"log_level: {cfg.log_level!r} is not {one_of(LOG_LEVELS)}")
+    if cfg.tls.listen is not None:
+        split_hostport(cfg.tls.listen, "tls.listen")
+
+
+def check_tls(cfg: Config) -> None:
+    """The TLS keys that only make sense together (checked when `serve` starts)."""
+    if cfg.tls.listen is not None:
+        if not cfg.tls.certificates and cfg.acme.directory is None:
+            raise ConfigError(
+                "tls.listen: no certificate to serve: give tls.certificates or acme.directory"
+            )
+    elif cfg.tls.redirect_http:
+        raise ConfigError("tls.redirect_http: needs tls.listen (nothing would answer https://)")
+    elif cfg.acme.directory is not None:
+        raise ConfigError("acme.directory: needs tls.listen (certificates for what listener?)")

@@ -28,6 +28,7 @@ import gc as pygc
 import logging
 import os
 import signal
+import ssl
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -53,8 +54,13 @@ from miren_ingress.routing.router import EdgeRouter
 from miren_ingress.routing.routes import RouteTable
 from miren_ingress.routing.table_sync import TableSync
 from miren_ingress.shell import datadir
-from miren_ingress.shell.config import Config, split_hostport
+from miren_ingress.shell.config import Config, ConfigError, check_tls, split_hostport
 from miren_ingress.shell.datadir import DataDirInUse
+from miren_ingress.tls.certs import Certificate, CertificateError, CertStore
+from miren_ingress.tls.clienthello import Hello, is_ip_literal
+from miren_ingress.tls.listener import TlsListener
+from miren_ingress.tls.metrics import TlsMetrics
+from miren_ingress.tls.ondemand import OnDemand
 from miren_store.backends import open_backend
 from miren_store.deploy.gc import ExpiryGC
 from miren_store.entities import AppVersion, Runtime
@@ -95,6 +101,9 @@ class Edge:
         self.stats = StoreStats(observer=lambda op, result: ops.labels(op, result).inc())
         self.table = RouteTable()
         self.proxy_address: tuple[str, int] | None = None
+        self.tls_address: tuple[str, int] | None = None
+        self.proxy: ProxyServer | None = None
+        self.ondemand: OnDemand | None = None
         self.admin_address: tuple[str, int] | None = None
         self.started_at = time.monotonic()
         self.ready_after: float | None = None
@@ -174,6 +183,7 @@ class Edge:
         Raises what made start-up fail (`ListenError`, `EtcdLaunchError`, ...) once everything
         that had started is stopped again."""
         cfg = self.config
+        check_tls(cfg)
         await asyncio.to_thread(admin_token.ensure_private_dir, cfg.data_dir)
         try:
             async with contextlib.AsyncExitStack() as stack:
@@ -198,6 +208,10 @@ class Edge:
                 self.proxy_address = await self._start(
                     stack, "proxy listener", self._proxy_listener(activator)
                 )
+                if cfg.tls.listen is not None:
+                    self.tls_address = await self._start(
+                        stack, "tls listener", self._tls_listener(store)
+                    )
                 self.admin_address = await self._start(
                     stack, "admin listener", self._admin_listener(store, gc, activator)
                 )
@@ -304,10 +318,64 @@ class Edge:
         )
         host, port = split_hostport(cfg.listen, "listen")
         address = await _listen("listen", host, port, proxy.start(host, port))
+        self.proxy = proxy
         try:
             yield address
         finally:
             await proxy.close(cfg.shutdown_grace)
+
+    @contextlib.asynccontextmanager
+    async def _tls_listener(self, store: Store) -> AsyncIterator[tuple[str, int]]:
+        """HTTPS: file certificates by SNI, on-demand ACME ones when `acme.directory` is set."""
+        cfg = self.config
+        assert self.proxy is not None  # (the proxy listener starts first)
+        engine = self.proxy.engine
+        assert engine is not None
+        metrics = TlsMetrics(self.registry)
+        certs = CertStore()
+        for files in cfg.tls.certificates:
+            cert = Certificate.from_files(files.cert, files.key)
+            certs.add(cert)
+            metrics.observe(cert)
+        if cfg.acme.directory is not None:
+            self.ondemand = OnDemand(
+                cfg.acme,
+                store,
+                certs,
+                lambda name: self.table.certifiable(name, datetime.now(UTC)),
+                engine.acme_answers,
+                metrics,
+            )
+            await self.ondemand.start()
+        ondemand = self.ondemand
+        context_for = ondemand.context_for if ondemand is not None else None
+
+        async def pick(hello: Hello) -> ssl.SSLContext | None:
+            name = hello.server_name
+            if name is None or is_ip_literal(name):
+                return certs.default()
+            if hello.alpn == ("acme-tls/1",):  # a CA's TLS-ALPN-01 check, nothing else
+                return ondemand.challenge_context(name) if ondemand is not None else None
+            ctx = certs.context_for(name)
+            if ctx is None and context_for is not None:
+                ctx = await context_for(name)
+            return ctx
+
+        engine.set_hsts(int(cfg.tls.hsts))
+        listener = TlsListener(
+            self.proxy, pick, metrics, handshake_timeout=cfg.tls.handshake_timeout
+        )
+        host, port = split_hostport(cfg.tls.listen or "", "tls.listen")
+        address = await _listen("tls.listen", host, port, listener.start(host, port))
+        if cfg.tls.redirect_http:
+            engine.redirect_port = address[1]
+        try:
+            yield address
+        finally:
+            engine.redirect_port = None
+            await listener.close()
+            if self.ondemand is not None:
+                await self.ondemand.close()
 
     @contextlib.asynccontextmanager
     async def _admin_listener(
@@ -315,7 +383,10 @@ class Edge:
     ) -> AsyncIterator[tuple[str, int]]:
         assert self.proxy_address is not None  # (the proxy listener starts first)
         cfg = self.config
-        served = attrs.evolve(cfg, ephemeral=cfg.ephemeral.as_served(self.proxy_address[1]))
+        tls_port = self.tls_address[1] if self.tls_address is not None else None
+        served = attrs.evolve(
+            cfg, ephemeral=cfg.ephemeral.as_served(self.proxy_address[1], tls_port)
+        )
         ctx = AdminContext(
             store=store,
             config=served,
@@ -396,7 +467,7 @@ def run(config: Config, *, config_path: str | None = None) -> int:
 
     try:
         uvloop.run(main())
-    except (ListenError, StoreError, DataDirInUse, OSError) as exc:
+    except (ListenError, StoreError, DataDirInUse, CertificateError, ConfigError, OSError) as exc:
         # Start-up failures (a port taken, etcd not starting, ...): the message says it all.
         log.error("miren serve: %s", exc)
         return 1

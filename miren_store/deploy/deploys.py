@@ -121,28 +121,30 @@ class EphemeralConfig:
     url_scheme: str | None = attrs.field(
         default=None,
         metadata=setting(
-            "the scheme of the URLs deploy answers print (none: what the proxy listener "
-            "serves, http; set https behind a TLS terminator)",
+            "the scheme of the URLs deploy answers print (none: what the edge serves, https "
+            "with tls.listen, else http; set https behind a TLS terminator)",
             choices=("http", "https"),
         ),
     )
     url_port: int | None = attrs.field(
         default=None,
         metadata=setting(
-            "the port of the URLs deploy answers print (none: the proxy listener's when "
+            "the port of the URLs deploy answers print (none: the serving listener's when "
             "url_scheme is none, else the scheme's)",
             minimum=1,
             maximum=65535,
         ),
     )
 
-    def as_served(self, proxy_port: int) -> EphemeralConfig:
-        """These settings with the URLs resolved against the proxy listener `miren serve`
-        bound: with no `url_scheme`, `http` on its port (none written for 80)."""
+    def as_served(self, proxy_port: int, tls_port: int | None = None) -> EphemeralConfig:
+        """These settings with the URLs resolved against the listeners `miren serve` bound:
+        with no `url_scheme`, `https` on the TLS listener's port when there is one, else `http`
+        on the proxy's (none written for 443 and 80)."""
         if self.url_scheme is not None:
             return self
-        port = self.url_port if self.url_port is not None else proxy_port
-        return attrs.evolve(self, url_scheme="http", url_port=None if port == 80 else port)
+        scheme, default, port = ("https", 443, tls_port) if tls_port else ("http", 80, proxy_port)
+        port = self.url_port if self.url_port is not None else port
+        return attrs.evolve(self, url_scheme=scheme, url_port=None if port == default else port)
 
     @property
     def scheme(self) -> str:

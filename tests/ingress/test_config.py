@@ -25,10 +25,12 @@ from miren_ingress.shell.config import (
     SECTIONS,
     Config,
     ConfigError,
+    check_tls,
     load_config,
     parse_set,
 )
 from miren_ingress.shell.serve import activator_config
+from miren_ingress.tls.config import AcmeConfig, CertFiles, TlsConfig
 from miren_store.backends import StoreOptions
 from miren_store.deploy.deploys import EphemeralConfig
 from miren_store.deploy.gc import GcConfig
@@ -106,6 +108,8 @@ def test_the_sections_are_the_components_config_classes() -> None:
         "ingress": ProxyConfig,
         "activator": ActivatorConfig,
         "sandbox": SandboxConfig,
+        "tls": TlsConfig,
+        "acme": AcmeConfig,
     }
     cfg = Config()
     # The component defaults are the config defaults: nothing is copied from one to the other.
@@ -207,7 +211,13 @@ def _sample(key: Any) -> tuple[str, Any]:
         return other, other
     if key.name == "log_level":
         return "DEBUG", "DEBUG"
-    if key.name in ("listen", "admin_listen"):
+    if isinstance(default, bool):
+        return "true", True
+    if key.name == "acme.renew_at":
+        return "0.5", 0.5
+    if key.name == "tls.certificates":
+        return "c.pem:k.pem", (CertFiles(cert="c.pem", key="k.pem"),)
+    if key.name in ("listen", "admin_listen", "tls.listen"):
         return "127.0.0.1:9", "127.0.0.1:9"
     if key.name == "store":
         return "memory", "memory"
@@ -334,6 +344,9 @@ def test_shipped_configs_load() -> None:
     assert dev.store == "embedded" and dev.admin_listen.startswith("127.0.0.1")
     prod = load_config(root / "production.toml", env={"MIREN_ADMIN_TOKEN": "t"})
     assert prod.store.count(",") == 2  # a three-endpoint etcd cluster
+    assert prod.tls.listen == "0.0.0.0:443" and prod.tls.redirect_http  # HTTPS on, in production
+    assert prod.acme.directory is not None and prod.ephemeral.url_scheme is None
+    check_tls(prod)  # (the keys that go together do)
     with pytest.raises(ConfigError, match="without a token"):
         load_config(root / "production.toml", env={})
 
