@@ -281,10 +281,45 @@ class AcmeAccount:
     revision: int = attrs.field(default=0, eq=False)
 
 
+@attrs.frozen(kw_only=True)
+class PreviewTemplate:
+    """What a pull request of an app deploys as its preview (GitHub webhooks): the spec (env
+    values may use `{pr}`, `{branch}`, `{sha}`), how the label is made (`branch`: the head
+    branch, normalised; `pr`: `pr-<number>`), the TTL, and the secret GitHub signs with."""
+
+    KIND: ClassVar[str] = "preview_template"
+
+    app: str
+    spec: VersionSpec
+    label: str = "branch"
+    ttl: str | None = None
+    webhook_secret: str = attrs.field(default="", repr=False)
+    revision: int = attrs.field(default=0, eq=False)
+
+    @property
+    def id(self) -> str:
+        return self.app
+
+
+@attrs.frozen(kw_only=True)
+class WebhookDelivery:
+    """A webhook delivery already applied (`X-GitHub-Delivery`): a redelivery changes nothing."""
+
+    KIND: ClassVar[str] = "webhook_delivery"
+
+    id: str
+    app: str = attrs.field(metadata=INDEX)
+    received_at: datetime = attrs.field(factory=utcnow)
+    revision: int = attrs.field(default=0, eq=False)
+
+
 KINDS: dict[str, type[Any]] = {
     cls.KIND: cls
-    for cls in (App, AppVersion, HttpRoute, SandboxPool, Sandbox, TlsCertificate, AcmeAccount)
-}
+    for cls in (
+        App, AppVersion, HttpRoute, SandboxPool, Sandbox, TlsCertificate, AcmeAccount,
+        PreviewTemplate, WebhookDelivery,
+    )
+}  # fmt: skip
 
 
 _INDEXED: dict[type[Any], tuple[str, ...]] = {}

@@ -606,6 +606,9 @@ def make_admin_app(ctx: AdminContext, *, extra_routes: RouteAdder | None = None)
     r.add_delete("/v1/routes/{host}", delete_route)
     r.add_get("/v1/apps/{app}/sandboxes", list_sandboxes)
     r.add_get("/v1/sandboxes/{id}/logs", sandbox_logs)
+    from miren_ingress.admin import webhooks  # (it builds on this module's helpers)
+
+    webhooks.add_routes(r)
     if extra_routes is not None:
         extra_routes(r)
     return app

@@ -214,6 +214,29 @@ SCHEMAS: dict[str, Any] = {
             },
         },
     },
+    "PreviewTemplateBody": {
+        "type": "object",
+        "required": ["spec", "webhook_secret"],
+        "additionalProperties": False,
+        "properties": {
+            "spec": _ref("VersionSpec"),
+            "label": {"type": "string", "enum": ["branch", "pr"]},
+            "ttl": _STR,
+            "webhook_secret": {"type": "string", "minLength": 16},
+        },
+    },
+    "PreviewTemplate": {
+        "type": "object",
+        "required": ["app", "spec", "label", "webhook_secret_set"],
+        "properties": {
+            "app": _STR,
+            "spec": _ref("VersionSpec"),
+            "label": _STR,
+            "ttl": _NSTR,
+            "webhook_secret_set": {"type": "boolean"},
+            "webhook_url": _STR,
+        },
+    },
     "Logs": {
         "type": "object",
         "required": ["sandbox", "lines"],
@@ -390,6 +413,45 @@ def document() -> dict[str, Any]:
                 "summary": "the tail of a sandbox's stdout/stderr log",
                 "parameters": [{"name": "tail", "in": "query", "schema": {"type": "integer"}}],
                 "responses": {"200": _json(_ref("Logs"), "log lines"), **_errors(400, 404)},
+            },
+        },
+        "/v1/apps/{app}/preview-template": {
+            "parameters": [_APP],
+            "put": {
+                "summary": "what a pull request deploys as its preview (GitHub webhooks)",
+                "requestBody": _body("PreviewTemplateBody"),
+                "responses": {
+                    "200": _json(_ref("PreviewTemplate"), "set"),
+                    **_errors(400, 404, 409, 422),
+                },
+            },
+            "get": {
+                "summary": "the app's preview template (its secret never shown)",
+                "responses": {
+                    "200": _json(_ref("PreviewTemplate"), "the template"),
+                    **_errors(404),
+                },
+            },
+            "delete": {
+                "summary": "stop following pull requests",
+                "responses": {"204": {"description": "deleted"}, **_errors(404)},
+            },
+        },
+        "/hooks/github/{app}": {
+            "parameters": [_APP],
+            "post": {
+                "security": [],
+                "summary": "GitHub webhook: pull_request opened/reopened/synchronize deploy the "
+                "preview, closed deletes it; authenticated by X-Hub-Signature-256 only",
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": {"type": "object"}}},
+                },
+                "responses": {
+                    "200": _json({"type": "object"}, "applied (or a duplicate delivery, or ping)"),
+                    "202": _json({"type": "object"}, "another event: ignored"),
+                    **_errors(400, 401, 422),
+                },
             },
         },
     }

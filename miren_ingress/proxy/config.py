@@ -60,6 +60,22 @@ class ProxyConfig:
             minimum=1,
         ),
     )
+    loading_page: str = attrs.field(
+        default="previews",
+        metadata=setting(
+            "a browser navigation that waits past loading_page_after for a cold start gets a "
+            "'starting' page (503, Refresh: 2) while the boot goes on: for previews, all, none",
+            choices=("previews", "all", "none"),
+        ),
+    )
+    loading_page_after: float = attrs.field(
+        default=1.0,
+        metadata=setting(
+            "how long a navigation waits for a cold start before the loading page",
+            duration=True,
+            minimum=0,
+        ),
+    )
     robots_tag: str = attrs.field(
         default="noindex",
         metadata=setting("X-Robots-Tag value on preview responses (empty: none)"),

@@ -130,6 +130,27 @@ def render_json(status: int, payload: object, *, keep_alive: bool, head_only: bo
     return head if head_only else head + body
 
 
+LOADING_PAGE = (
+    b'<!doctype html>\n<html><head><meta charset="utf-8"><meta name="robots" content="noindex">'
+    b"<title>Starting\xe2\x80\xa6</title><style>body{font:16px system-ui,sans-serif;"
+    b"margin:20vh auto;max-width:32em;text-align:center;color:#333}</style></head>\n"
+    b"<body><h1>Starting\xe2\x80\xa6</h1><p>This preview was asleep and is starting now. "
+    b"The page reloads by itself.</p></body></html>\n"
+)
+
+
+def render_loading(*, keep_alive: bool, head_only: bool) -> bytes:
+    """The page a browser gets while a preview boots: 503 with Retry-After and Refresh, never
+    cached or indexed."""
+    head = (
+        b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/html; charset=utf-8\r\n"
+        b"Content-Length: %d\r\nCache-Control: no-store\r\nRetry-After: 2\r\nRefresh: 2\r\n"
+        b"X-Robots-Tag: noindex\r\n%s%s\r\n"
+        % (len(LOADING_PAGE), date_line(), b"" if keep_alive else b"Connection: close\r\n")
+    )
+    return head if head_only else head + LOADING_PAGE
+
+
 def render_plain(
     status: int, body: bytes, extra: bytes = b"", *, keep_alive: bool, head_only: bool
 ) -> bytes:

@@ -121,6 +121,17 @@ class ServiceUnavailable(ProxyError):
         super().__init__(message, retry_after=retry_after)
 
 
+class Starting(ServiceUnavailable):
+    """A browser navigation waited past `loading_page_after` for a cold start: the loading page
+    (the boot goes on)."""
+
+    reason = "starting"
+    default_message = "This preview is starting; the page reloads by itself."
+
+    def __init__(self, message: str | None = None, *, retry_after: int | None = 2) -> None:
+        super().__init__(message, retry_after=retry_after)
+
+
 class Overloaded(ServiceUnavailable):
     """The cold-start queue of the version is full."""
 

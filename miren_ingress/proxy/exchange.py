@@ -20,12 +20,13 @@ deadlines), both `time.monotonic()`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from time import monotonic
 from typing import TYPE_CHECKING
 
-from .errorpage import render_json, render_plain, render_response
-from .errors import ProxyError, UpstreamConnectError, UpstreamReset
+from .errorpage import render_json, render_loading, render_plain, render_response
+from .errors import ProxyError, Starting, UpstreamConnectError, UpstreamReset
 from .headers import accept_of
 from .interfaces import UNROUTED, Lease, Refusal, Target
 from .retry import Next, after_connect_error, after_upstream_lost
@@ -255,6 +256,36 @@ class Exchange:
             308, b"Moved to HTTPS.\n", b"Location: https://" + authority + target + b"\r\n"
         )
 
+    async def _acquire(self, target: Target) -> Lease:
+        """A lease from the router (a cold start may boot); a browser navigation to a booting
+        preview gets the loading page after `loading_page_after` instead (`Starting`) while the
+        boot goes on."""
+        router = self.engine.router
+        config = self.engine.config
+        mode = config.loading_page
+        if mode == "none" or (mode == "previews" and not target.ephemeral):
+            return await router.acquire(target)
+        if not self._is_navigation():
+            return await router.acquire(target)
+        waiting = asyncio.ensure_future(router.acquire(target))
+        done, _ = await asyncio.wait((waiting,), timeout=config.loading_page_after)
+        if done:
+            return waiting.result()
+        waiting.cancel()  # only this wait ends: the activator's boot goes on
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await waiting
+        raise Starting()
+
+    def _is_navigation(self) -> bool:
+        """A browser loading a page: GET with `Sec-Fetch-Mode: navigate`, or asking for HTML
+        without `X-Requested-With` (which scripts send)."""
+        if self.method != b"GET":
+            return False
+        head = self.head.lower()
+        if b"\r\nsec-fetch-mode: navigate" in head:
+            return True
+        return b"text/html" in self.accept.lower() and b"\r\nx-requested-with:" not in head
+
     async def _connect(self) -> None:
         """ROUTING: acquire a lease (cache miss) and/or open a connection, then attach."""
         engine = self.engine
@@ -264,7 +295,7 @@ class Exchange:
                 lease = self.lease
                 if lease is None:
                     engine.metrics.lease_misses += 1
-                    lease = self.lease = await engine.router.acquire(target)
+                    lease = self.lease = await self._acquire(target)
                     self.lease_cached = False
                 pool = engine.pool_for(lease)
                 conn = pool.take()
@@ -398,6 +429,13 @@ class Exchange:
         if conn is not None:
             self.conn = None
             conn.abort()
+        if isinstance(err, Starting):
+            self.status = 503
+            self.keep_alive = self.keep_alive and self.request_complete
+            self.inbound.write(render_loading(keep_alive=self.keep_alive, head_only=self.head_only))
+            self.state = move(EXCHANGE, self.state, ExEvent.HEAD_SENT)
+            self.finished(monotonic())
+            return
         if upstream:
             self.engine.metrics.upstream_error(err.reason)
         if self.state is RESPONDING:

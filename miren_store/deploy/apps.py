@@ -1,5 +1,5 @@
-"""Deleting an app: its routes, its active pointer, its versions (with their pools), then the
-app itself. Each step is idempotent, so a deletion interrupted by a store failure is finished
+"""Deleting an app: its routes, its active pointer, its versions (with their pools), its
+preview template and webhook records, then the app itself. Each step is idempotent, so a deletion interrupted by a store failure is finished
 by the next attempt; nothing is left that points at a deleted entity (routes go first, so the
 proxy stops resolving the app before its versions disappear)."""
 
@@ -13,7 +13,7 @@ import attrs
 
 from miren_store.deploy import deploys
 from miren_store.deploy.errors import VersionNotFound
-from miren_store.entities import App, HttpRoute
+from miren_store.entities import App, HttpRoute, PreviewTemplate, WebhookDelivery
 from miren_store.errors import Conflict, NotFound
 from miren_store.store import Store
 
@@ -34,5 +34,10 @@ async def delete_app(store: Store, name: str, *, now: Callable[[], datetime]) ->
     for view in await deploys.list_versions(store, app.name, now=now):
         with contextlib.suppress(VersionNotFound):
             await deploys.delete_version_by_id(store, app.name, view.version.id)
+    with contextlib.suppress(NotFound):
+        await store.delete(PreviewTemplate, app.name)
+    for delivery in await store.list(WebhookDelivery, app=app.name):
+        with contextlib.suppress(NotFound):
+            await store.delete(WebhookDelivery, delivery.id)
     with contextlib.suppress(NotFound):
         await store.delete(App, app.name)
