@@ -313,11 +313,41 @@ class WebhookDelivery:
     revision: int = attrs.field(default=0, eq=False)
 
 
+@attrs.frozen(kw_only=True)
+class Protection:
+    """Who may open an app's hosts: `mode` none, previews (its previews only) or all; a shared
+    password (a salted scrypt hash, never the password) and a bypass token for CI and bots (its
+    SHA-256). The cookie it grants is signed with the `EdgeSecret` "cookie-key"."""
+
+    KIND: ClassVar[str] = "protection"
+
+    app: str
+    mode: str = "none"
+    password_hash: str = attrs.field(default="", repr=False)
+    bypass_hash: str = attrs.field(default="", repr=False)
+    revision: int = attrs.field(default=0, eq=False)
+
+    @property
+    def id(self) -> str:
+        return self.app
+
+
+@attrs.frozen(kw_only=True)
+class EdgeSecret:
+    """A secret the nodes share through the store (the key protection cookies are signed with)."""
+
+    KIND: ClassVar[str] = "edge_secret"
+
+    id: str
+    value: str = attrs.field(repr=False)
+    revision: int = attrs.field(default=0, eq=False)
+
+
 KINDS: dict[str, type[Any]] = {
     cls.KIND: cls
     for cls in (
         App, AppVersion, HttpRoute, SandboxPool, Sandbox, TlsCertificate, AcmeAccount,
-        PreviewTemplate, WebhookDelivery,
+        PreviewTemplate, WebhookDelivery, Protection, EdgeSecret,
     )
 }  # fmt: skip
 

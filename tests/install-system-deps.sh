@@ -5,9 +5,10 @@
 # - gunicorn, python3-flask, python3-starlette, python3-uvicorn, python3-wsproto: the real
 #   frameworks the sandboxes run. A confined sandbox sees /usr, not a pyenv under /root, so
 #   these are the system python's packages (the test process's own come from pip);
-# - pebble (with pebble-challtestsrv): a real ACME server for the on-demand certificate tests.
+# - pebble (with pebble-challtestsrv): a real ACME server for the on-demand certificate tests;
+# - chromium: a real browser logs in to a protected preview (tests/e2e/test_browser.py).
 set -eu
-packages="bubblewrap curl gunicorn python3-flask python3-starlette python3-uvicorn python3-wsproto pebble"
+packages="bubblewrap curl gunicorn python3-flask python3-starlette python3-uvicorn python3-wsproto pebble chromium"
 missing=""
 for p in $packages; do
     dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"

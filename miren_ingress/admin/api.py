@@ -606,9 +606,10 @@ def make_admin_app(ctx: AdminContext, *, extra_routes: RouteAdder | None = None)
     r.add_delete("/v1/routes/{host}", delete_route)
     r.add_get("/v1/apps/{app}/sandboxes", list_sandboxes)
     r.add_get("/v1/sandboxes/{id}/logs", sandbox_logs)
-    from miren_ingress.admin import webhooks  # (it builds on this module's helpers)
+    from miren_ingress.admin import protection, webhooks  # (they build on this module)
 
     webhooks.add_routes(r)
+    protection.add_routes(r)
     if extra_routes is not None:
         extra_routes(r)
     return app

@@ -214,6 +214,26 @@ SCHEMAS: dict[str, Any] = {
             },
         },
     },
+    "ProtectionBody": {
+        "type": "object",
+        "required": ["mode"],
+        "additionalProperties": False,
+        "properties": {
+            "mode": {"type": "string", "enum": ["none", "previews", "all"]},
+            "password": {"type": "string", "minLength": 8},
+            "bypass_token": {"type": "string", "minLength": 8},
+        },
+    },
+    "Protection": {
+        "type": "object",
+        "required": ["app", "mode", "password_set", "bypass_token_set"],
+        "properties": {
+            "app": _STR,
+            "mode": _STR,
+            "password_set": {"type": "boolean"},
+            "bypass_token_set": {"type": "boolean"},
+        },
+    },
     "PreviewTemplateBody": {
         "type": "object",
         "required": ["spec", "webhook_secret"],
@@ -413,6 +433,22 @@ def document() -> dict[str, Any]:
                 "summary": "the tail of a sandbox's stdout/stderr log",
                 "parameters": [{"name": "tail", "in": "query", "schema": {"type": "integer"}}],
                 "responses": {"200": _json(_ref("Logs"), "log lines"), **_errors(400, 404)},
+            },
+        },
+        "/v1/apps/{app}/protection": {
+            "parameters": [_APP],
+            "put": {
+                "summary": "protect an app's previews (or all its hosts) with a password and a "
+                "bypass token for CI; stored hashed, never answered",
+                "requestBody": _body("ProtectionBody"),
+                "responses": {
+                    "200": _json(_ref("Protection"), "set"),
+                    **_errors(400, 404, 409, 422),
+                },
+            },
+            "get": {
+                "summary": "the app's protection (whether a password and a token are set)",
+                "responses": {"200": _json(_ref("Protection"), "the protection"), **_errors(404)},
             },
         },
         "/v1/apps/{app}/preview-template": {

@@ -90,6 +90,7 @@ from collections.abc import Callable, Coroutine, Mapping
 from time import monotonic
 from typing import TYPE_CHECKING, Any
 
+from . import guard
 from .config import ProxyConfig
 from .interfaces import Lease, Router
 from .metrics import ProxyMetrics
@@ -157,6 +158,7 @@ class Engine:
         "last_write",
         "later",
         "later_armed",
+        "login_attempts",
         "loop",
         "metrics",
         "plain",
@@ -204,6 +206,7 @@ class Engine:
         # requests are redirected to (None: no redirect).
         self.acme_answers: dict[bytes, bytes] = {}
         self.redirect_port: int | None = None
+        self.login_attempts = guard.Attempts()  # protected hosts' password attempts, per client
 
     def set_hsts(self, max_age: int) -> None:
         """HTTPS answers carry `Strict-Transport-Security: max-age=N` (0: none)."""

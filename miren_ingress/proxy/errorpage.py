@@ -151,6 +151,22 @@ def render_loading(*, keep_alive: bool, head_only: bool) -> bytes:
     return head if head_only else head + LOADING_PAGE
 
 
+def render_page(status: int, page: bytes, *, keep_alive: bool, head_only: bool) -> bytes:
+    """An HTML page the proxy answers itself (the login page of a protected host)."""
+    head = (
+        b"HTTP/1.1 %d %s\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: %d\r\n"
+        b"Cache-Control: no-store\r\nX-Robots-Tag: noindex\r\n%s%s\r\n"
+        % (
+            status,
+            status_name(status).encode(),
+            len(page),
+            date_line(),
+            b"" if keep_alive else b"Connection: close\r\n",
+        )
+    )
+    return head if head_only else head + page
+
+
 def render_plain(
     status: int, body: bytes, extra: bytes = b"", *, keep_alive: bool, head_only: bool
 ) -> bytes:

@@ -22,13 +22,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+import urllib.parse
 from time import monotonic
 from typing import TYPE_CHECKING
 
-from .errorpage import render_json, render_loading, render_plain, render_response
+from . import guard
+from .errorpage import render_json, render_loading, render_page, render_plain, render_response
 from .errors import ProxyError, Starting, UpstreamConnectError, UpstreamReset
 from .headers import accept_of
-from .interfaces import UNROUTED, Lease, Refusal, Target
+from .interfaces import UNROUTED, Guard, Lease, Refusal, Target
 from .retry import Next, after_connect_error, after_upstream_lost
 from .states import EXCHANGE, Ex, ExEvent, move
 
@@ -54,11 +57,15 @@ F_HEALTH = 64  # ... and it is the health endpoint
 F_HEAD = 128  # a HEAD request
 F_REJECT = 256  # not a request: the answer to a malformed one (`error`), then a close
 F_ACME = 512  # an ACME HTTP-01 challenge request: answered from engine.acme_answers
+F_LOGIN = 2048  # the login form of a protected host (guard.py)
 F_REDIRECT = 1024  # the plain listener redirects to HTTPS (tls.redirect_http)
 
 
 def reserved_flags(url: bytes) -> int:
-    return F_RESERVED | (F_HEALTH if url.split(b"?", 1)[0] == HEALTH_PATH else 0)
+    path = url.split(b"?", 1)[0]
+    if path == HEALTH_PATH:
+        return F_RESERVED | F_HEALTH
+    return F_RESERVED | (F_LOGIN if path == guard.LOGIN_PATH else 0)
 
 
 def special_flags(url: bytes, redirect: bool) -> int:
@@ -104,6 +111,7 @@ class Exchange:
     error: ProxyError | None = None  # F_REJECT: the answer (None: close without one)
     stops_parser = False  # llhttp stops after this request (`Connection: upgrade` + `Upgrade`)
     body_length = 0  # ... and its Content-Length, which the inbound side then counts itself
+    set_cookie = b""  # a Set-Cookie line the response gets (a protected host's bypass token)
 
     def __init__(  # noqa: PLR0917  (positional: keywords cost per request, measured)
         self,
@@ -146,7 +154,7 @@ class Exchange:
         self.upgrade = bool(flags & F_UPGRADE)
         self.has_body = bool(flags & F_BODY)
         self.chunked_in = bool(flags & F_CHUNKED)
-        self.reserved = flags & (F_RESERVED | F_HEALTH | F_ACME | F_REDIRECT)
+        self.reserved = flags & (F_RESERVED | F_HEALTH | F_ACME | F_REDIRECT | F_LOGIN)
         self.head_only = bool(flags & F_HEAD)
 
     @property
@@ -186,6 +194,8 @@ class Exchange:
             self.respond_error(target.status, target.message, target.retry_after)
             return
         self.target = target
+        if target.guard is not None and not self._admitted(target.guard):
+            return
         self.app = target.app
         self.timeout = target.request_timeout
         lease = router.cached_lease(target)
@@ -228,8 +238,86 @@ class Exchange:
                 self._respond_plain(200, answer)
         elif self.reserved & F_REDIRECT:
             self._redirect_to_https()
+        elif self.reserved & F_LOGIN:
+            self._login()
         else:
             self.respond_error(404, "The page could not be found.")
+
+    # -- protected hosts (guard.py) --------------------------------------------------------------
+
+    def _admitted(self, g: Guard) -> bool:
+        """A request to a protected host: let it through (its credentials stripped) or answer
+        the login page. A connection that proved itself for this host is not checked again."""
+        inbound = self.inbound
+        host = guard.host_key(self.host)
+        now = time.time()
+        cookie, token, stripped = guard.examine(self.head)
+        proven = inbound.admitted
+        ok = proven is not None and proven[0] is g.key and proven[1] == host and proven[2] > now
+        if not ok and cookie is not None and guard.verify(g.key, host, cookie, now):
+            inbound.admitted = (g.key, host, float(cookie.partition(b".")[0]))
+            ok = True
+        if not ok and token is not None and guard.bypass_ok(g.bypass_hash, token) and g.key:
+            self.set_cookie = guard.set_cookie(guard.sign(g.key, host, now), secure=inbound.secure)
+            inbound.admitted = (g.key, host, now + guard.MAX_AGE)
+            ok = True
+        if ok:
+            self.head = stripped
+            return True
+        self.app = g.app
+        self._respond_page(401, guard.login_page(guard.safe_next(self.url_target())))
+        return False
+
+    def _login(self) -> None:
+        """POST /.well-known/miren/login?next=<path>: the password from the form; 303 to `next`
+        with the cookie, or the login page again (401), or 429 past the attempts allowed."""
+        target = self.engine.router.resolve(self.host, monotonic())
+        g = None if isinstance(target, Refusal) else target.guard
+        if g is None or self.method != b"POST":
+            self.respond_error(404, "The page could not be found.")
+            return
+        query = self.url_target().partition(b"?")[2]
+        next_path = guard.safe_next(
+            urllib.parse.parse_qs(query.decode("latin-1")).get("next", ["/"])[0]
+        )
+        if not self.request_complete:
+            self.respond_error(413, "The form is too large.")
+            return
+        if not self.engine.login_attempts.allow(self.inbound.peer):
+            self.respond_error(429, "Too many attempts; wait a minute.", 60)
+            return
+        password = guard.form_password(b"".join(self.pending or ()))
+        self.pending = None
+        self.state = move(EXCHANGE, self.state, ExEvent.ROUTE)
+        self.task = self.engine.spawn(self._check_password(g, password or b"", next_path))
+
+    async def _check_password(self, g: Guard, password: bytes, next_path: str) -> None:
+        ok = (
+            bool(g.password_hash)
+            and bool(g.key)
+            and await asyncio.to_thread(guard.password_ok, g.password_hash, password)
+        )
+        self.task = None
+        if not ok:
+            self._respond_page(401, guard.login_page(next_path, "Wrong password."))
+            return
+        host = guard.host_key(self.host)
+        cookie = guard.set_cookie(guard.sign(g.key, host, time.time()), secure=self.inbound.secure)
+        location = next_path.encode("latin-1", "replace")
+        self._respond_plain(303, b"", b"Location: " + location + b"\r\n" + cookie)
+
+    def _respond_page(self, status: int, page: bytes) -> None:
+        self.status = status
+        self.keep_alive = self.keep_alive and self.request_complete
+        self.inbound.write(
+            render_page(status, page, keep_alive=self.keep_alive, head_only=self.head_only)
+        )
+        self.state = move(EXCHANGE, self.state, ExEvent.HEAD_SENT)
+        self.finished(monotonic())
+
+    def url_target(self) -> bytes:
+        """The request target (path and query) as the client sent it."""
+        return self.head.split(b" ", 2)[1] if self.head[:1] != b"\r" else b"/"
 
     def url_path(self) -> bytes:
         """The request target's path (rare paths only: parsed from the head kept for the

@@ -150,6 +150,7 @@ class InboundConnection(asyncio.Protocol):
         "_upgrade_value",
         "_url_parts",
         "_xff",
+        "admitted",
         "blocked",
         "engine",
         "input",
@@ -171,6 +172,8 @@ class InboundConnection(asyncio.Protocol):
         # reserved ones is redirected to HTTPS (the plain listener under tls.redirect_http).
         self.tables = engine.secure if self.secure else engine.plain
         self.redirect = engine.redirect_port is not None and not self.secure
+        # A protected host this connection proved itself for: (cookie key, host, until).
+        self.admitted: tuple[bytes, bytes, float] | None = None
         self.peer = b""
         self._fwd = b""  # X-Forwarded-For/-Proto lines and the X-Forwarded-Host name, rendered
         # The request target's parts, as llhttp delivers them: `on_url` is this list's append

@@ -25,6 +25,18 @@ class Target:
     service: str = "web"
     ephemeral: bool = False  # responses get `X-Robots-Tag` (value from ProxyConfig.robots_tag)
     request_timeout: float = 60.0  # idle timeout on the upstream connection, seconds
+    guard: Guard | None = None  # protected (see guard.py): None, the common case, costs nothing
+
+
+@attrs.frozen(slots=True)
+class Guard:
+    """What a protected target checks: a cookie signed with `key`, the bypass token's SHA-256,
+    the password's scrypt hash (for the login form)."""
+
+    app: str
+    key: bytes = attrs.field(repr=False)
+    password_hash: str = attrs.field(repr=False)
+    bypass_hash: str = attrs.field(repr=False)
 
 
 UNROUTED = Target(app="unknown", version="")  # an exchange's target before it is routed

@@ -396,6 +396,8 @@ class UpstreamConnection(asyncio.Protocol):
         connection closes (see on_headers_complete); a Date line when `dated` is false."""
         if ex.keep_alive and ex.request_complete:
             insert = ex.inbound.tables.head_inserts[ex.target.ephemeral]
+            if ex.set_cookie:
+                insert = (insert or b"\r\n") + ex.set_cookie
             if not dated:
                 insert = (insert or b"\r\n") + date_line()
             self._spliced = data.replace(b"\r\n", insert, 1) if insert else data
@@ -407,6 +409,8 @@ class UpstreamConnection(asyncio.Protocol):
     def _splice_closing(self, ex: Exchange, data: bytes, dated: bool) -> None:
         """The fast path's output when the client connection closes after this response."""
         add = ex.inbound.tables.close_lines[ex.target.ephemeral]
+        if ex.set_cookie:
+            add += b"\r\n" + ex.set_cookie[:-2]
         if not dated:
             add += b"\r\n" + date_line()[:-2]
         if self._conn_cut:
@@ -499,6 +503,8 @@ class UpstreamConnection(asyncio.Protocol):
             ex.keep_alive = False  # an answer before the whole body came: close after it
         tails = ex.inbound.tables.head_tails[ex.target.ephemeral]
         tail = tails[True] if status == 101 else tails[ex.keep_alive]
+        if ex.set_cookie:
+            tail = ex.set_cookie + tail
         lines.append(tail)
         self.out.append(b"\r\n".join(lines))
         self._head_done = True

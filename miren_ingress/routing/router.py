@@ -28,9 +28,9 @@ from typing import Any
 from miren_activator import errors as act_errors
 from miren_activator.activator import Activator
 from miren_ingress.proxy import errors as proxy_errors
-from miren_ingress.proxy.interfaces import Lease, Refusal, Target
+from miren_ingress.proxy.interfaces import Guard, Lease, Refusal, Target
 from miren_ingress.routing.hosts import BadHost, normalize_host
-from miren_ingress.routing.routes import Refused, Resolved, RouteTable
+from miren_ingress.routing.routes import COOKIE_KEY, Refused, Resolved, RouteTable
 
 BAD_HOST = Refusal(400, "The Host header is missing or invalid.")
 _INF = math.inf
@@ -123,12 +123,22 @@ class EdgeRouter:
             return _refusal(found), math.inf
         return self._target(found), self._valid_until(found)
 
+    def _guard(self, r: Resolved) -> Guard | None:
+        """The protection a resolved host is under (None: open, the common case)."""
+        p = self.table.protections.get(r.app.name)
+        if p is None or p.mode == "none" or (p.mode == "previews" and not r.ephemeral):
+            return None
+        secret = self.table.secrets.get(COOKIE_KEY)
+        key = bytes.fromhex(secret.value) if secret is not None else b""  # none: nobody gets in
+        return Guard(r.app.name, key, p.password_hash, p.bypass_hash)
+
     def _target(self, r: Resolved) -> Target:
         key = (r.version.id, r.route.host, r.ephemeral)
         target = self._targets.get(key)
         if target is None:
             timeout = r.route.request_timeout
             target = self._targets[key] = Target(
+                guard=self._guard(r),
                 app=r.app.name,
                 version=r.version.id,
                 service=r.route.service,

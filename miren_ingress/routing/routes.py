@@ -31,7 +31,7 @@ from typing import Any
 import attrs
 
 from miren_ingress.routing.hosts import split_first_label, wildcard_for
-from miren_store.entities import App, AppVersion, HttpRoute
+from miren_store.entities import App, AppVersion, EdgeSecret, HttpRoute, Protection
 from miren_store.store import Change
 
 
@@ -53,6 +53,8 @@ class Refused:
     message: str
 
 
+COOKIE_KEY = "cookie-key"  # the EdgeSecret protection cookies are signed with
+
 NOT_LOADED = Refused(503, "The routing table is loading; retry shortly.")
 NO_ROUTE = Refused(404, "No application is configured for this host.")
 NO_ACTIVE = Refused(404, "This application has no active version.")
@@ -65,7 +67,7 @@ Resolution = Resolved | Refused
 class RouteTable:
     """Apps, versions and routes in memory, with the resolution rules over them."""
 
-    KINDS: tuple[type[Any], ...] = (App, AppVersion, HttpRoute)
+    KINDS: tuple[type[Any], ...] = (App, AppVersion, HttpRoute, Protection, EdgeSecret)
 
     def __init__(self) -> None:
         self.loaded = False
@@ -77,6 +79,8 @@ class RouteTable:
         # (app, label) -> versions carrying the label, newest first
         self.labels: dict[tuple[str, str], list[AppVersion]] = {}
         self._defaults: dict[str, HttpRoute] = {}
+        self.protections: dict[str, Protection] = {}  # app -> its protection (when set)
+        self.secrets: dict[str, EdgeSecret] = {}
         self.default_route: HttpRoute | None = None
 
     def __repr__(self) -> str:
@@ -94,6 +98,8 @@ class RouteTable:
         self.versions.clear()
         self.labels.clear()
         self._defaults.clear()
+        self.protections.clear()
+        self.secrets.clear()
         for ent in entities:
             self._put(ent)
         self._pick_default()
@@ -122,6 +128,10 @@ class RouteTable:
                 self._defaults[ent.host] = ent
         elif isinstance(ent, App):
             self.apps[ent.name] = ent
+        elif isinstance(ent, Protection):
+            self.protections[ent.app] = ent
+        elif isinstance(ent, EdgeSecret):
+            self.secrets[ent.id] = ent
         elif isinstance(ent, AppVersion):
             self.versions[ent.id] = ent
             if ent.ephemeral_label:
@@ -135,6 +145,10 @@ class RouteTable:
             self._defaults.pop(id, None)
         elif kind is App:
             self.apps.pop(id, None)
+        elif kind is Protection:
+            self.protections.pop(id, None)
+        elif kind is EdgeSecret:
+            self.secrets.pop(id, None)
         elif kind is AppVersion:
             old = self.versions.pop(id, None)
             if old is not None and old.ephemeral_label:

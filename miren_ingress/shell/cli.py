@@ -222,12 +222,34 @@ def cmd_app(args: argparse.Namespace, c: Client) -> None:
     elif args.action == "delete":
         c.call("DELETE", f"/v1/apps/{q(args.name)}")
         _out(args, {"deleted": args.name}, f"App {args.name} deleted.")
+    elif args.action == "protect":
+        body: dict[str, Any] = {"mode": args.mode}
+        for key, source in (("password", args.password_file), ("bypass_token", args.token_file_in)):
+            if source is not None:
+                body[key] = _read_secret(source)
+        p = c.call("PUT", f"/v1/apps/{q(args.name)}/protection", body)
+        _out(args, p, f"App {p['app']}: protection {p['mode']} (password "
+             f"{'set' if p['password_set'] else 'not set'}, bypass token "
+             f"{'set' if p['bypass_token_set'] else 'not set'}).")  # fmt: skip
     elif args.action == "versions":
         query = {"limit": str(args.limit)}
         if args.ephemeral:
             query["ephemeral"] = "true"
         versions = c.call("GET", f"/v1/apps/{q(args.app)}/versions?{urllib.parse.urlencode(query)}")
         print_versions(versions or [], args.ephemeral, args.format)
+
+
+def _read_secret(source: str) -> str:
+    """A secret from a file, or from stdin for `-` (never from the command line: `ps` shows it)."""
+    try:
+        if source == "-":
+            text = sys.stdin.readline()
+        else:
+            with open(source) as f:
+                text = f.readline()
+    except OSError as exc:
+        raise CliError(f"cannot read {source}: {exc.strerror}") from None
+    return text.rstrip("\r\n")
 
 
 def cmd_route(args: argparse.Namespace, c: Client) -> None:
@@ -481,6 +503,19 @@ def build_parser() -> argparse.ArgumentParser:
     command(asub, "list", "list the apps and their active versions")
     x = command(asub, "delete", "delete an app with its routes, versions and sandboxes")
     x.add_argument("name", help="the app")
+    x = command(asub, "protect", "protect an app's previews (or all its hosts) with a password")
+    x.add_argument("name", help="the app")
+    x.add_argument(
+        "--mode", choices=["none", "previews", "all"], required=True, help="what is protected"
+    )
+    x.add_argument(
+        "--password-file", dest="password_file", metavar="FILE",
+        help="the shared password, from FILE ('-': stdin)",
+    )  # fmt: skip
+    x.add_argument(
+        "--bypass-token-file", dest="token_file_in", metavar="FILE",
+        help="a token CI sends as X-Miren-Bypass, from FILE ('-': stdin)",
+    )  # fmt: skip
     x = command(asub, "versions", "list an app's versions, newest first")
     x.add_argument("--app", "-a", required=True, help="the app")
     x.add_argument("--ephemeral", action="store_true", help="only preview versions")

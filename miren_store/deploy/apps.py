@@ -13,7 +13,7 @@ import attrs
 
 from miren_store.deploy import deploys
 from miren_store.deploy.errors import VersionNotFound
-from miren_store.entities import App, HttpRoute, PreviewTemplate, WebhookDelivery
+from miren_store.entities import App, HttpRoute, PreviewTemplate, Protection, WebhookDelivery
 from miren_store.errors import Conflict, NotFound
 from miren_store.store import Store
 
@@ -34,8 +34,9 @@ async def delete_app(store: Store, name: str, *, now: Callable[[], datetime]) ->
     for view in await deploys.list_versions(store, app.name, now=now):
         with contextlib.suppress(VersionNotFound):
             await deploys.delete_version_by_id(store, app.name, view.version.id)
-    with contextlib.suppress(NotFound):
-        await store.delete(PreviewTemplate, app.name)
+    for kind in (PreviewTemplate, Protection):
+        with contextlib.suppress(NotFound):
+            await store.delete(kind, app.name)
     for delivery in await store.list(WebhookDelivery, app=app.name):
         with contextlib.suppress(NotFound):
             await store.delete(WebhookDelivery, delivery.id)
