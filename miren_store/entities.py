@@ -161,6 +161,9 @@ class App:
     name: str
     active_version: str | None = None
     created_at: datetime = attrs.field(factory=utcnow)
+    # Which of its hosts give a browser the loading page during a cold start: previews, all,
+    # none (None: the server's ingress.loading_page).
+    loading_page: str | None = None
     revision: int = attrs.field(default=0, eq=False)
 
     @property

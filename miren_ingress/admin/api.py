@@ -268,6 +268,7 @@ def app_json(app: App) -> dict[str, Any]:
         "name": app.name,
         "active_version": app.active_version,
         "created_at": format_public_time(app.created_at),
+        "loading_page": app.loading_page,
     }
 
 
@@ -321,6 +322,29 @@ async def create_app(request: web.Request) -> web.Response:
 async def list_apps(request: web.Request) -> web.Response:
     apps = await request.app[CTX].store.list(App)
     return json_response([app_json(a) for a in apps])
+
+
+LOADING_MODES = ("previews", "all", "none")
+
+
+async def patch_app(request: web.Request) -> web.Response:
+    """`PATCH /v1/apps/{app} {"loading_page": "previews"|"all"|"none"|null}` (null: the
+    server's `ingress.loading_page`)."""
+    ctx = request.app[CTX]
+    data = await read_json(request)
+    only_keys(data, {"loading_page"})
+    mode = data.get("loading_page")
+    if mode is not None and mode not in LOADING_MODES:
+        raise Unprocessable("loading_page: must be previews, all, none or null",
+                            code="invalid_app")  # fmt: skip
+    for _ in range(5):
+        app = await deploys.get_app(ctx.store, request.match_info["app"])
+        try:
+            saved = await ctx.store.update(attrs.evolve(app, loading_page=mode))
+        except (Conflict, NotFound):
+            continue
+        return json_response(app_json(saved))
+    raise ConflictError("the app is being changed concurrently; retry")
 
 
 async def show_app(request: web.Request) -> web.Response:
@@ -594,6 +618,7 @@ def make_admin_app(ctx: AdminContext, *, extra_routes: RouteAdder | None = None)
     r.add_post("/v1/apps", create_app)
     r.add_get("/v1/apps", list_apps)
     r.add_get("/v1/apps/{app}", show_app)
+    r.add_patch("/v1/apps/{app}", patch_app)
     r.add_delete("/v1/apps/{app}", delete_app)
     r.add_post("/v1/apps/{app}/deploys", create_deploy)
     r.add_get("/v1/apps/{app}/versions", list_versions)

@@ -60,7 +60,23 @@ SCHEMAS: dict[str, Any] = {
     "App": {
         "type": "object",
         "required": ["name", "active_version", "created_at"],
-        "properties": {"name": _STR, "active_version": _NSTR, "created_at": _TIME},
+        "properties": {
+            "name": _STR,
+            "active_version": _NSTR,
+            "created_at": _TIME,
+            "loading_page": {"type": "string", "nullable": True},
+        },
+    },
+    "AppSettings": {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "loading_page": {
+                "type": "string",
+                "nullable": True,
+                "enum": ["previews", "all", "none", None],
+            }
+        },
     },
     "NewApp": {
         "type": "object",
@@ -313,6 +329,11 @@ def document() -> dict[str, Any]:
             "get": {
                 "summary": "one app",
                 "responses": {"200": _json(_ref("App"), "the app"), **_errors(404)},
+            },
+            "patch": {
+                "summary": "an app's settings: which hosts give browsers the loading page",
+                "requestBody": _body("AppSettings"),
+                "responses": {"200": _json(_ref("App"), "the app"), **_errors(400, 404, 409, 422)},
             },
             "delete": {
                 "summary": "delete an app with its routes, versions and pools",

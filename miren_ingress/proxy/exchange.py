@@ -349,12 +349,9 @@ class Exchange:
         preview gets the loading page after `loading_page_after` instead (`Starting`) while the
         boot goes on."""
         router = self.engine.router
+        if not target.loading or not self._is_navigation():
+            return await router.acquire(target)
         config = self.engine.config
-        mode = config.loading_page
-        if mode == "none" or (mode == "previews" and not target.ephemeral):
-            return await router.acquire(target)
-        if not self._is_navigation():
-            return await router.acquire(target)
         waiting = asyncio.ensure_future(router.acquire(target))
         done, _ = await asyncio.wait((waiting,), timeout=config.loading_page_after)
         if done:

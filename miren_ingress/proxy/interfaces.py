@@ -26,6 +26,7 @@ class Target:
     ephemeral: bool = False  # responses get `X-Robots-Tag` (value from ProxyConfig.robots_tag)
     request_timeout: float = 60.0  # idle timeout on the upstream connection, seconds
     guard: Guard | None = None  # protected (see guard.py): None, the common case, costs nothing
+    loading: bool = False  # a browser navigation waiting on a cold start gets the loading page
 
 
 @attrs.frozen(slots=True)

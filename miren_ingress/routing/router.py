@@ -59,8 +59,10 @@ class EdgeRouter:
         *,
         request_timeout: float = 60.0,
         max_cached_hosts: int = 100_000,
+        loading_page: str = "previews",
     ) -> None:
         self.table = table
+        self.loading_page = loading_page  # the server's; an app may set its own
         self.activator = activator
         self.request_timeout = request_timeout
         self.max_cached_hosts = max_cached_hosts
@@ -137,8 +139,10 @@ class EdgeRouter:
         target = self._targets.get(key)
         if target is None:
             timeout = r.route.request_timeout
+            mode = r.app.loading_page or self.loading_page
             target = self._targets[key] = Target(
                 guard=self._guard(r),
+                loading=mode == "all" or (mode == "previews" and r.ephemeral),
                 app=r.app.name,
                 version=r.version.id,
                 service=r.route.service,

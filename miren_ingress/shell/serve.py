@@ -312,7 +312,12 @@ class Edge:
     @contextlib.asynccontextmanager
     async def _proxy_listener(self, activator: Activator) -> AsyncIterator[tuple[str, int]]:
         cfg = self.config
-        router = EdgeRouter(self.table, activator, request_timeout=cfg.request_timeout)
+        router = EdgeRouter(
+            self.table,
+            activator,
+            request_timeout=cfg.request_timeout,
+            loading_page=cfg.ingress.loading_page,
+        )
         proxy = ProxyServer(
             router, config=cfg.ingress, registry=self.registry, health=self.proxy_health
         )

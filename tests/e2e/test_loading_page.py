@@ -90,3 +90,27 @@ def test_an_active_version_is_not_given_the_loading_page(edge: MirenServer) -> N
     reply = edge.admin("POST", "/v1/apps/web/deploys", {"spec": SLOW})
     assert reply.status == 201
     assert routed(edge, "web.example.com", BROWSER).status == 200
+
+
+def test_an_app_chooses_its_own_mode(edge: MirenServer) -> None:
+    """`PATCH /v1/apps/{app} {"loading_page": ...}`: none makes a browser wait on a preview too;
+    all gives the page on the active version; null goes back to the server's default."""
+    edge.cli("app", "create", "own")
+    edge.cli("route", "set", "own.example.com", "--app", "own")
+    bad = edge.admin("PATCH", "/v1/apps/own", {"loading_page": "sometimes"})
+    assert bad.status == 422 and "loading_page" in bad.json()["error"]["message"]
+    assert (
+        edge.admin("PATCH", "/v1/apps/own", {"loading_page": "none"}).json()["loading_page"]
+        == "none"
+    )
+    reply = edge.admin(
+        "POST", "/v1/apps/own/deploys", {"spec": SLOW, "ephemeral": {"label": "quiet"}}
+    )
+    assert reply.status == 201
+    assert routed(edge, "quiet.own.example.com", BROWSER).status == 200  # waited for the app
+    assert edge.admin("PATCH", "/v1/apps/own", {"loading_page": "all"}).status == 200
+    assert edge.admin("POST", "/v1/apps/own/deploys", {"spec": SLOW}).status == 201
+    page = routed(edge, "own.example.com", BROWSER, timeout=10)
+    assert page.status == 503 and page.header("refresh") == "2", page
+    back = edge.admin("PATCH", "/v1/apps/own", {"loading_page": None}).json()
+    assert back["loading_page"] is None
