@@ -30,7 +30,7 @@ from typing import Any
 import attrs
 
 from miren_store.entities import E, indexed_fields, ordered_fields
-from miren_store.errors import InvalidQuery
+from miren_store.errors import Conflict, InvalidQuery, NotFound
 
 
 @attrs.frozen
@@ -186,3 +186,23 @@ def check_query(kind: type[Any], where: dict[str, object]) -> None:
 def check_range(kind: type[Any], field: str) -> None:
     if field not in ordered_fields(kind):
         raise InvalidQuery(f"{kind.KIND}.{field} has no ordered index")
+
+
+async def put(store: Store, entity: E, *, attempts: int = 5) -> E:
+    """Create `entity`, or replace the stored one of the same id, whatever its revision (last
+    writer wins); a race with another writer is retried. Raises Conflict after `attempts`."""
+    kind = type(entity)
+    ident = entity.id
+    for _ in range(attempts):
+        try:
+            current = await store.get(kind, ident)
+        except NotFound:
+            try:
+                return await store.create(entity)
+            except Conflict:
+                continue
+        try:
+            return await store.update(attrs.evolve(entity, revision=current.revision))  # type: ignore[misc]
+        except (Conflict, NotFound):
+            continue
+    raise Conflict(f"{kind.__name__} {ident!r} kept changing under {attempts} attempts")

@@ -22,7 +22,6 @@ import logging
 from datetime import datetime, timedelta
 from typing import Any
 
-import attrs
 from aiohttp import web
 
 from miren_ingress.admin.api import (
@@ -40,7 +39,7 @@ from miren_store.deploy.errors import LabelNotFound
 from miren_store.deploy.ttl import resolve_ttl
 from miren_store.entities import PreviewTemplate, VersionSpec, WebhookDelivery
 from miren_store.errors import Conflict, NotFound
-from miren_store.store import Store
+from miren_store.store import Store, put
 
 log = logging.getLogger("miren.webhooks")
 
@@ -92,24 +91,12 @@ async def put_template(request: web.Request) -> web.Response:
     if problems := spec.problems():
         raise ApiError(f"spec: {'; '.join(problems)}", code="invalid_spec", status=422)
     template = PreviewTemplate(app=app, spec=spec, label=label, ttl=ttl, webhook_secret=secret)
-    saved = await _put(ctx.store, template)
+    try:
+        saved = await put(ctx.store, template)
+    except Conflict:
+        raise ApiError("the template is being changed concurrently; retry", code="conflict",
+                       status=409) from None  # fmt: skip
     return json_response(template_json(saved))
-
-
-async def _put(store: Store, template: PreviewTemplate) -> PreviewTemplate:
-    for _ in range(5):
-        try:
-            current = await store.get(PreviewTemplate, template.app)
-        except NotFound:
-            try:
-                return await store.create(template)
-            except Conflict:
-                continue
-        try:
-            return await store.update(attrs.evolve(template, revision=current.revision))
-        except (Conflict, NotFound):
-            continue
-    raise ApiError("the template is being changed concurrently; retry", code="conflict", status=409)
 
 
 async def get_template(request: web.Request) -> web.Response:

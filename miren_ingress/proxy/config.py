@@ -76,6 +76,14 @@ class ProxyConfig:
             minimum=0,
         ),
     )
+    login_cookie_max_age: float = attrs.field(
+        default=86400.0,
+        metadata=setting(
+            "how long the cookie a protected host's login (or bypass token) grants is valid",
+            duration=True,
+            positive=True,
+        ),
+    )
     robots_tag: str = attrs.field(
         default="noindex",
         metadata=setting("X-Robots-Tag value on preview responses (empty: none)"),

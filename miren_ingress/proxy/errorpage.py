@@ -113,21 +113,37 @@ def render_response(
     return b"".join(lines)
 
 
-def render_json(status: int, payload: object, *, keep_alive: bool, head_only: bool) -> bytes:
-    """A complete JSON response (the reserved health endpoint)."""
-    body = json.dumps(payload).encode()
+def render_own(
+    status: int,
+    content_type: bytes,
+    body: bytes,
+    extra: bytes = b"",
+    *,
+    keep_alive: bool,
+    head_only: bool,
+) -> bytes:
+    """A complete response the proxy answers itself (never cached): `extra` is header lines,
+    each ending in CRLF. The one place such a head is written."""
     head = (
-        b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
-        b"Cache-Control: no-store\r\n%s%s\r\n"
+        b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
+        b"Cache-Control: no-store\r\n%s%s%s\r\n"
         % (
             status,
             status_name(status).encode(),
+            content_type,
             len(body),
+            extra,
             date_line(),
             b"" if keep_alive else b"Connection: close\r\n",
         )
     )
     return head if head_only else head + body
+
+
+def render_json(status: int, payload: object, *, keep_alive: bool, head_only: bool) -> bytes:
+    """A complete JSON response (the reserved health endpoint)."""
+    body = json.dumps(payload).encode()
+    return render_own(status, b"application/json", body, keep_alive=keep_alive, head_only=head_only)
 
 
 LOADING_PAGE = (
@@ -137,51 +153,30 @@ LOADING_PAGE = (
     b"<body><h1>Starting\xe2\x80\xa6</h1><p>This preview was asleep and is starting now. "
     b"The page reloads by itself.</p></body></html>\n"
 )
+_HTML_TYPE = b"text/html; charset=utf-8"
+_NOINDEX = b"X-Robots-Tag: noindex\r\n"
 
 
 def render_loading(*, keep_alive: bool, head_only: bool) -> bytes:
     """The page a browser gets while a preview boots: 503 with Retry-After and Refresh, never
     cached or indexed."""
-    head = (
-        b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/html; charset=utf-8\r\n"
-        b"Content-Length: %d\r\nCache-Control: no-store\r\nRetry-After: 2\r\nRefresh: 2\r\n"
-        b"X-Robots-Tag: noindex\r\n%s%s\r\n"
-        % (len(LOADING_PAGE), date_line(), b"" if keep_alive else b"Connection: close\r\n")
+    extra = b"Retry-After: 2\r\nRefresh: 2\r\n" + _NOINDEX
+    return render_own(
+        503, _HTML_TYPE, LOADING_PAGE, extra, keep_alive=keep_alive, head_only=head_only
     )
-    return head if head_only else head + LOADING_PAGE
 
 
 def render_page(status: int, page: bytes, *, keep_alive: bool, head_only: bool) -> bytes:
     """An HTML page the proxy answers itself (the login page of a protected host)."""
-    head = (
-        b"HTTP/1.1 %d %s\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: %d\r\n"
-        b"Cache-Control: no-store\r\nX-Robots-Tag: noindex\r\n%s%s\r\n"
-        % (
-            status,
-            status_name(status).encode(),
-            len(page),
-            date_line(),
-            b"" if keep_alive else b"Connection: close\r\n",
-        )
+    return render_own(
+        status, _HTML_TYPE, page, _NOINDEX, keep_alive=keep_alive, head_only=head_only
     )
-    return head if head_only else head + page
 
 
 def render_plain(
     status: int, body: bytes, extra: bytes = b"", *, keep_alive: bool, head_only: bool
 ) -> bytes:
-    """A complete text/plain response the proxy answers itself (an ACME challenge, a redirect);
-    `extra`: header lines (each ending in CRLF)."""
-    head = (
-        b"HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
-        b"Cache-Control: no-store\r\n%s%s%s\r\n"
-        % (
-            status,
-            status_name(status).encode(),
-            len(body),
-            extra,
-            date_line(),
-            b"" if keep_alive else b"Connection: close\r\n",
-        )
+    """A text/plain response the proxy answers itself (an ACME challenge, a redirect)."""
+    return render_own(
+        status, b"text/plain", body, extra, keep_alive=keep_alive, head_only=head_only
     )
-    return head if head_only else head + body

@@ -258,8 +258,11 @@ class Exchange:
             inbound.admitted = (g.key, host, float(cookie.partition(b".")[0]))
             ok = True
         if not ok and token is not None and guard.bypass_ok(g.bypass_hash, token) and g.key:
-            self.set_cookie = guard.set_cookie(guard.sign(g.key, host, now), secure=inbound.secure)
-            inbound.admitted = (g.key, host, now + guard.MAX_AGE)
+            age = int(self.engine.config.login_cookie_max_age)
+            self.set_cookie = guard.set_cookie(
+                guard.sign(g.key, host, now, age), secure=inbound.secure, max_age=age
+            )
+            inbound.admitted = (g.key, host, now + age)
             ok = True
         if ok:
             self.head = stripped
@@ -302,7 +305,10 @@ class Exchange:
             self._respond_page(401, guard.login_page(next_path, "Wrong password."))
             return
         host = guard.host_key(self.host)
-        cookie = guard.set_cookie(guard.sign(g.key, host, time.time()), secure=self.inbound.secure)
+        age = int(self.engine.config.login_cookie_max_age)
+        cookie = guard.set_cookie(
+            guard.sign(g.key, host, time.time(), age), secure=self.inbound.secure, max_age=age
+        )
         location = next_path.encode("latin-1", "replace")
         self._respond_plain(303, b"", b"Location: " + location + b"\r\n" + cookie)
 

@@ -5,7 +5,7 @@ pays one attribute test):
 
 - **the cookie** `miren_auth=<expires>.<mac>`: HMAC-SHA256 of `<host>|<expires>` under the
   cluster's cookie key, so a cookie of one host opens no other; HttpOnly, SameSite=Lax, Path=/,
-  Secure over TLS, valid `MAX_AGE`;
+  Secure over TLS, valid `ingress.login_cookie_max_age` (24 h);
 - **the bypass token** (`X-Miren-Bypass: <token>`, for CI and bots): its SHA-256 against the
   stored one, in constant time; it sets the same cookie;
 - **the password**: a salted scrypt hash (`scrypt$n$r$p$salt$hash`), checked off the event loop

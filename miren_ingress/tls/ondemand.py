@@ -47,7 +47,7 @@ from miren_ingress.tls.config import AcmeConfig
 from miren_ingress.tls.metrics import TlsMetrics
 from miren_store.entities import AcmeAccount, TlsCertificate
 from miren_store.errors import Conflict, NotFound, StoreError
-from miren_store.store import Store
+from miren_store.store import Store, put
 
 log = logging.getLogger("miren.tls")
 
@@ -297,21 +297,10 @@ class OnDemand:
             not_after=cert.not_after,
             serial=f"{cert.serial:x}",
         )
-        for _ in range(5):
-            try:
-                current = await self._store.get(TlsCertificate, name)
-            except NotFound:
-                try:
-                    await self._store.create(entity)
-                    return
-                except Conflict:
-                    continue
-            try:
-                await self._store.update(attrs.evolve(entity, revision=current.revision))
-                return
-            except (Conflict, NotFound):
-                continue
-        raise StoreError(f"could not store the certificate for {name}")
+        try:
+            await put(self._store, entity)
+        except Conflict:
+            raise StoreError(f"could not store the certificate for {name}") from None
 
     # -- renewal ---------------------------------------------------------------------------------
 

@@ -85,6 +85,7 @@ def test_a_wrong_password_is_401_and_the_right_one_sets_the_cookie(edge: MirenSe
     assert right.status == 303 and right.header("location") == "/after?x=1", right
     flags = (right.header("set-cookie") or "").lower()
     assert "httponly" in flags and "samesite=lax" in flags and "path=/" in flags
+    assert "max-age=86400" in flags and "secure" not in flags  # 24 h; plain HTTP: not Secure
     cookie = cookie_of(right)
     app = edge.get(PREVIEW, "/after", headers={"Cookie": f"theme=dark; {cookie}; lang=en"})
     assert app.status == 200, app

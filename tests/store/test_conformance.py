@@ -373,3 +373,16 @@ _MODEL_SETTINGS = settings(
 # 8 runs x 40 steps = 320 steps per backend (the issue asks for at least 200).
 TestMemoryIndexModel = _MODEL_SETTINGS(MemoryIndexModel).TestCase
 TestEtcdIndexModel = pytest.mark.etcd(_MODEL_SETTINGS(EtcdIndexModel).TestCase)
+
+
+async def test_put_creates_then_replaces_whatever_the_revision(store: Store) -> None:
+    from miren_store.entities import TlsCertificate
+    from miren_store.store import put
+
+    first = TlsCertificate(name="a.test", chain_pem="c1", key_pem="k1", not_after=T0, serial="1")
+    made = await put(store, first)
+    assert made.revision > 0 and (await store.get(TlsCertificate, "a.test")).chain_pem == "c1"
+    newer = TlsCertificate(name="a.test", chain_pem="c2", key_pem="k2", not_after=T0, serial="2")
+    replaced = await put(store, newer)  # (revision 0: put reads the stored one's)
+    assert replaced.revision > made.revision
+    assert (await store.get(TlsCertificate, "a.test")).serial == "2"
