@@ -4,7 +4,6 @@ methods and active versions wait for the app as before."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -21,7 +20,7 @@ BROWSER = {
     "User-Agent": "Mozilla/5.0",
 }
 SLOW = {"runtime": "process", "command": list(ECHO_CMD), "cwd": str(REPO),
-        "env": {"BOOT_DELAY_MS": "4000"}}  # fmt: skip
+        "env": {"BOOT_DELAY_MS": "2500"}}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -35,14 +34,12 @@ def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MirenServer]:
 def routed(edge: MirenServer, host: str, headers: dict[str, str], timeout: float = 30) -> Response:
     """The first answer that is not the route table's 404 (a deploy reaches the proxy through
     the store watch a moment after the API answered)."""
-    t0 = time.monotonic()
 
     def answer() -> Response | None:
         reply = edge.get(host, headers=headers, timeout=timeout)
         return reply if reply.status != 404 else None
 
     found: Response = eventually_sync(answer, timeout, f"{host} to be routed", interval=0.02)
-    found.waited = time.monotonic() - t0  # type: ignore[attr-defined]
     return found
 
 
@@ -62,7 +59,7 @@ def test_a_browser_sees_the_loading_page_then_the_app(edge: MirenServer) -> None
     assert page.header("cache-control") == "no-store"
     assert page.header("x-robots-tag") == "noindex"
     assert b"Starting" in page.body and (page.header("content-type") or "").startswith("text/html")
-    assert page.waited < 4.0  # type: ignore[attr-defined]  # before the 4 s boot ended
+    # (A 503 page can only come while the boot is still going: it ends the wait for it.)
     # The boot went on: a refresh a little later gets the app.
     done = eventually_sync(
         lambda: (r := edge.get(host, headers=BROWSER, timeout=10)).status == 200 and r,

@@ -149,10 +149,10 @@ def test_a_restart_serves_the_stored_certificate(
 
 
 def test_renewal_replaces_a_certificate_without_a_failed_handshake(tmp_path: Path) -> None:
-    """Certificates valid 30 s, renewed past 30 % of that: a new serial within seconds, while
+    """Certificates valid 20 s, renewed past 25 % of that: a new serial within seconds, while
     handshakes go on every 50 ms and none fails."""
     for edge, _, port in acme_edge(
-        tmp_path, validity=30, **{"acme.renew_at": "0.3", "acme.check_interval": "1s"}
+        tmp_path, validity=20, **{"acme.renew_at": "0.25", "acme.check_interval": "1s"}
     ):
         first = peer_certificate(port, "app.example.com").serial_number
         failures = 0
