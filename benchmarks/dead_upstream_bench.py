@@ -29,7 +29,6 @@ Stops every process it starts by pid (in a finally) and removes its temp dir.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import signal
@@ -39,20 +38,17 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import ingress_bench as ib
+
 REPO = Path(__file__).resolve().parents[1]
-TOKEN = "dead-upstream-bench-token"
+TOKEN = ib.TOKEN  # (the token ingress_bench's admin calls send)
+free_port, wait_port, admin_call = ib.free_port, ib.wait_port, ib._call
 REQUEST_TIMEOUT = 60.0  # ingress.request_timeout's default: a dead upstream must be far below
 POLL = 0.001  # between polls while the route table has not caught up yet
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def dead_port() -> int:
@@ -64,29 +60,6 @@ def dead_port() -> int:
         except ConnectionRefusedError:
             return port
     raise RuntimeError("no dead port found")
-
-
-def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {port}")
-
-
-def admin_call(admin: str, method: str, path: str, body: Any | None = None) -> Any:
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(
-        f"http://{admin}{path}", data=data, method=method,
-        headers={"Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}"},
-    )  # fmt: skip
-    with urllib.request.urlopen(req, timeout=10) as resp:
-        return json.loads(resp.read() or b"null")
 
 
 def timed_get(port: int, host: str) -> tuple[int, float]:

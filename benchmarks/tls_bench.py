@@ -20,7 +20,6 @@ Runs alternate (nginx, miren, nginx, miren, ...); medians are quoted.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import signal
@@ -31,16 +30,25 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+import ingress_bench as ib  # noqa: E402  (this directory's sibling module)
 
 from tests.support.clients import free_port  # noqa: E402
 from tests.tls.pki import Pebble, TestCA  # noqa: E402
 
-TOKEN = "tls-bench-token"
+TOKEN = ib.TOKEN  # (the token ingress_bench's admin calls send)
+wait_port = ib.wait_port
+
+
+def admin(port: int, method: str, path: str, body: object | None = None) -> object:
+    return ib._call(f"127.0.0.1:{port}", method, path, body)
+
+
 BACKEND = """worker_processes 1; daemon off; pid {run}/backend.pid; error_log {run}/backend.err;
 events {{ worker_connections 8192; }}
 http {{ access_log off; keepalive_requests 100000000;
@@ -62,17 +70,6 @@ http {{ access_log off; keepalive_requests 100000000;
                  proxy_set_header Connection ""; proxy_set_header Host $host; }}
   }} }}
 """
-
-
-def wait_port(port: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.02)
-    raise RuntimeError(f"nothing listens on {port}")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -100,18 +97,6 @@ def wrk(port: int, seconds: int, *extra: str) -> tuple[float, float]:
     assert m, out
     scale = {"us": 1e-3, "ms": 1.0, "s": 1e3}[m.group(2)]
     return rps, float(m.group(1)) * scale
-
-
-def admin(port: int, method: str, path: str, body: object | None = None) -> object:
-    req = urllib.request.Request(
-        f"http://127.0.0.1:{port}{path}",
-        data=None if body is None else json.dumps(body).encode(),
-        method=method,
-        headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(req, timeout=30) as resp:
-        raw = resp.read()
-    return json.loads(raw) if raw else None
 
 
 def start_miren(work: Path, name: str, *settings: str) -> tuple[subprocess.Popen[bytes], int, int]:

@@ -49,7 +49,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import re
 import shutil
@@ -62,10 +61,13 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import ingress_bench as ib
 
 REPO = Path(__file__).resolve().parents[1]
-TOKEN = "tunnels-bench-token"
+TOKEN = ib.TOKEN  # (the token ingress_bench's admin calls send)
+free_port, wait_port, admin_call = ib.free_port, ib.wait_port, ib._call
 ROUTE_HOST = "bench.test"
 PREVIEW_HOST = "pr-1.bench.test"
 CLK = os.sysconf("SC_CLK_TCK")
@@ -75,34 +77,6 @@ OPEN_CONCURRENCY = 50  # upgrades in flight at once while the helper opens its t
 
 
 # --- helpers ----------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 30) -> None:
-    """Until something accepts on 127.0.0.1:`port` (failing early if `proc` exits)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {port}")
-
-
-def admin_call(admin: str, method: str, path: str, body: Any | None = None) -> Any:
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(
-        f"http://{admin}{path}", data=data, method=method,
-        headers={"Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}"},
-    )  # fmt: skip
-    with urllib.request.urlopen(req, timeout=10) as resp:
-        return json.loads(resp.read() or b"null")
 
 
 def get_status(port: int, host: str, path: str = "/") -> int:
