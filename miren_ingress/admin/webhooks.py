@@ -3,9 +3,10 @@
 `PUT /v1/apps/{app}/preview-template` (admin token) sets what a pull request deploys and the
 secret GitHub signs with. `POST /hooks/github/{app}` (outside `/v1`: GitHub cannot send the
 admin token) is authenticated only by `X-Hub-Signature-256`, the HMAC-SHA256 of the raw body
-with that secret, compared in constant time (401 otherwise, and nothing changes). Each
-`X-GitHub-Delivery` is applied once: it is recorded before it is applied, and the record is
-removed again if applying fails, so GitHub's redelivery can retry it.
+with that secret, compared in constant time (401 otherwise, and nothing changes). Each signed
+payload is applied once: the record is keyed by the body's SHA-256 (what the signature covers;
+`X-GitHub-Delivery` is not signed, so a replay under a new id is still the same payload), made
+before it is applied and removed again if applying fails, so GitHub's redelivery can retry it.
 
 `pull_request` `opened`, `reopened`, `synchronize`: deploy the template as a preview labelled by
 the head branch (or `pr-<number>`); `closed`: delete that preview now. `ping`: 200. Any other
@@ -145,17 +146,16 @@ async def github(request: web.Request) -> web.Response:
         return json_response({"status": "ignored", "event": event, "action": action}, 202)
     pr = templates.pull_request_of(payload)
     delivery = request.headers.get("X-GitHub-Delivery", "")[:100]
-    if delivery:
-        try:
-            await ctx.store.create(WebhookDelivery(id=f"{name}:{delivery}", app=name))
-        except Conflict:
-            return json_response({"status": "duplicate", "delivery": delivery})
+    record = f"{name}:{hashlib.sha256(body).hexdigest()}"
+    try:
+        await ctx.store.create(WebhookDelivery(id=record, app=name))
+    except Conflict:
+        return json_response({"status": "duplicate", "delivery": delivery})
     try:
         answer = await _apply(request, template, pr, str(action))
     except BaseException:
-        if delivery:  # not applied: a redelivery may try again
-            with contextlib.suppress(Exception):
-                await ctx.store.delete(WebhookDelivery, f"{name}:{delivery}")
+        with contextlib.suppress(Exception):  # not applied: a redelivery may try again
+            await ctx.store.delete(WebhookDelivery, record)
         raise
     log.info("github %s %s of %s #%d: %s", event, action, name, pr.number, answer["status"])
     await _forget_old_deliveries(ctx.store, name, ctx.now())

@@ -20,8 +20,8 @@ deadlines), both `time.monotonic()`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import re
 import time
 import urllib.parse
 from time import monotonic
@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 WAITING, ROUTING, SENDING, RESPONDING, TUNNEL, DONE = Ex
+_REDIRECT_HOST = re.compile(rb"[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]")
 RESERVED_PREFIX = b"/.well-known/miren/"
 HEALTH_PATH = b"/.well-known/miren/health"
 ACME_PREFIX = b"/.well-known/acme-challenge/"  # RFC 8555 §8.3: HTTP-01 answers
@@ -249,9 +250,12 @@ class Exchange:
         """A request to a protected host: let it through (its credentials stripped) or answer
         the login page. A connection that proved itself for this host is not checked again."""
         inbound = self.inbound
+        cookie, token, stripped = guard.examine(self.head)
+        if g.open:
+            self.head = stripped
+            return True
         host = guard.host_key(self.host)
         now = time.time()
-        cookie, token, stripped = guard.examine(self.head)
         proven = inbound.admitted
         ok = proven is not None and proven[0] is g.key and proven[1] == host and proven[2] > now
         if not ok and cookie is not None and guard.verify(g.key, host, cookie, now):
@@ -268,6 +272,9 @@ class Exchange:
             self.head = stripped
             return True
         self.app = g.app
+        if token is not None and not self.engine.login_attempts.allow(inbound.peer):
+            self.respond_error(429, "Too many attempts; wait a minute.", 60)  # guessing tokens
+            return False
         self._respond_page(401, guard.login_page(guard.safe_next(self.url_target())))
         return False
 
@@ -344,6 +351,9 @@ class Exchange:
         """308 to the same URL over HTTPS (RFC 9110 §15.4.9: method and body kept)."""
         port = self.engine.redirect_port
         name = self.host.rsplit(b":", 1)[0] if not self.host.endswith(b"]") else self.host
+        if not _REDIRECT_HOST.fullmatch(name):  # never copy a stranger's text into Location
+            self.respond_error(400, "The Host header is not a host name.")
+            return
         authority = name if port in (None, 443) else name + b":%d" % port
         target = self.head.split(b" ", 2)[1]
         self._respond_plain(
@@ -363,8 +373,7 @@ class Exchange:
         if done:
             return waiting.result()
         waiting.cancel()  # only this wait ends: the activator's boot goes on
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await waiting
+        await asyncio.gather(waiting, return_exceptions=True)  # (our own cancel still raises)
         raise Starting()
 
     def _is_navigation(self) -> bool:

@@ -205,6 +205,8 @@ class Attempts:
 
     def allow(self, client: bytes, now: float | None = None) -> bool:
         now = time.monotonic() if now is None else now
+        if b":" in client:  # IPv6: one host usually has a whole /64
+            client = b":".join(client.split(b":")[:4])
         if len(self._seen) >= self.cap:
             self._seen.clear()
         recent = [t for t in self._seen.get(client, ()) if now - t < self.window]
@@ -220,11 +222,15 @@ class Attempts:
 
 
 def safe_next(raw: bytes | str | None) -> str:
-    """Where to go after logging in: a path on this host only (no `//host`, no scheme)."""
+    """Where to go after logging in: a path on this host only. Everything but the characters a
+    URL path and query may hold as they are is percent-encoded first (a tab, a space or a
+    no-break space between two slashes would otherwise read `//host` to a browser, which drops
+    them), then anything not starting with one `/` is refused."""
     text = raw.decode("latin-1") if isinstance(raw, bytes) else (raw or "")
-    if not text.startswith("/") or text.startswith("//") or "\\" in text:
+    text = urllib.parse.quote(text, safe="/?&=%:@!$'()*+,;~-._")
+    if not text.startswith("/") or text.startswith("//"):
         return "/"
-    return "".join(c for c in text if c.isprintable() and c not in "\r\n") or "/"
+    return text
 
 
 def form_password(body: bytes) -> bytes | None:

@@ -38,6 +38,7 @@ class Guard:
     key: bytes = attrs.field(repr=False)
     password_hash: str = attrs.field(repr=False)
     bypass_hash: str = attrs.field(repr=False)
+    open: bool = False  # everyone may pass: only the credentials are removed
 
 
 UNROUTED = Target(app="unknown", version="")  # an exchange's target before it is routed

@@ -19,6 +19,8 @@ Per request on the warm path this is two dict lookups and a float compare:
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import math
 import time
 from collections.abc import Callable
@@ -126,13 +128,22 @@ class EdgeRouter:
         return self._target(found), self._valid_until(found)
 
     def _guard(self, r: Resolved) -> Guard | None:
-        """The protection a resolved host is under (None: open, the common case)."""
+        """The protection a resolved host is under (None: an app without protection, the
+        common case). A public host of a protected app gets an `open` guard: it lets everyone
+        in but still removes the app's credentials from requests (a CI job that sends its
+        bypass token everywhere must not hand it to the public version)."""
         p = self.table.protections.get(r.app.name)
-        if p is None or p.mode == "none" or (p.mode == "previews" and not r.ephemeral):
+        if p is None or p.mode == "none":
             return None
         secret = self.table.secrets.get(COOKIE_KEY)
-        key = bytes.fromhex(secret.value) if secret is not None else b""  # none: nobody gets in
-        return Guard(r.app.name, key, p.password_hash, p.bypass_hash)
+        if secret is None:
+            key = b""  # no key: nobody gets in
+        else:
+            # Bound to what lets people in: a new password, token or mode revokes every cookie.
+            what = f"{p.app}|{p.mode}|{p.password_hash}|{p.bypass_hash}".encode()
+            key = hmac.new(bytes.fromhex(secret.value), what, hashlib.sha256).digest()
+        is_open = p.mode == "previews" and not r.ephemeral
+        return Guard(r.app.name, key, p.password_hash, p.bypass_hash, is_open)
 
     def _target(self, r: Resolved) -> Target:
         key = (r.version.id, r.route.host, r.ephemeral)

@@ -207,7 +207,7 @@ class RouteTable:
         preview labelled so. Never a name only a wildcard route or the default route would
         serve (any label would do: strangers could make the edge order certificates for names
         of their choosing), an unknown label or an expired preview."""
-        if not self.loaded:
+        if not self.loaded or name.startswith("*."):
             return False
         route = self.routes.get(name)
         if route is not None:
@@ -216,10 +216,11 @@ class RouteTable:
         if parts is None:
             return False
         label, base = parts
-        for key in (wildcard_for(name), base, wildcard_for(base)):
-            if key is None:
-                continue
-            route = self.routes.get(key)
+        # `<label>.<route host>` or `<label>.<base of a wildcard route>` only: a preview under
+        # a host that only a wildcard serves (`pr-1.ANY.apps.example.com`) would let strangers
+        # pick unboundedly many names (a wildcard file certificate covers those).
+        for key in (wildcard_for(name), base):
+            route = self.routes.get(key) if key is not None else None
             if route is not None and (key != base or not route.is_wildcard):
                 return self.live_preview(route.app, label, now) is not None
         return False

@@ -17,6 +17,7 @@ import ipaddress
 import attrs
 
 MAX_HELLO = 16384 + 5  # one full record; a ClientHello longer than that is refused
+MAX_RECORDS = 4  # a real ClientHello spans one record, rarely two: more is an attack
 _HANDSHAKE = 22
 _CLIENT_HELLO = 1
 _EXT_SERVER_NAME = 0
@@ -60,10 +61,13 @@ def parse(data: bytes) -> Hello | NotHello | object:
 
 def _handshake_message(data: bytes) -> bytes:
     """The first handshake message, joined from as many records as it spans."""
-    body = b""
+    parts: list[bytes] = []
+    size = 0
     pos = 0
     need: int | None = None
-    while need is None or len(body) < need:
+    while need is None or size < need:
+        if len(parts) >= MAX_RECORDS:
+            raise _Bad("ClientHello spread over too many records")
         if len(data) < pos + 5:
             raise _Short
         if data[pos] != _HANDSHAKE:
@@ -75,16 +79,18 @@ def _handshake_message(data: bytes) -> bytes:
             raise _Bad("bad TLS record length")
         if len(data) < pos + 5 + length:
             raise _Short
-        body += data[pos + 5 : pos + 5 + length]
+        parts.append(data[pos + 5 : pos + 5 + length])
+        size += length
         pos += 5 + length
-        if need is None and len(body) >= 4:
+        if need is None and size >= 4:
+            body = b"".join(parts)
             if body[0] != _CLIENT_HELLO:
                 raise _Bad("the first handshake message is not a ClientHello")
             need = 4 + int.from_bytes(body[1:4], "big")
             if need > MAX_HELLO:
                 raise _Bad("ClientHello longer than one record")
     assert need is not None
-    return body[4:need]
+    return b"".join(parts)[4:need]
 
 
 class _Reader:

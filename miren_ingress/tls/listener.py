@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import socket
 import ssl
@@ -31,7 +32,10 @@ from miren_ingress.tls.metrics import TlsMetrics
 log = logging.getLogger("miren.tls")
 
 ContextFor = Callable[[Hello], Awaitable[ssl.SSLContext | None]]
-PARTIAL_WAIT = 0.005  # seconds between peeks at a ClientHello that came in pieces
+PARTIAL_WAIT = 0.005  # seconds before peeking again at a ClientHello that came in pieces, ...
+PARTIAL_WAIT_MAX = 0.25  # ... doubling up to this while nothing more arrives
+MAX_PENDING = 4096  # connections before their handshake, in all ...
+MAX_PENDING_PER_ADDRESS = 64  # ... and from one address (an IPv6 /64 counts as one)
 
 
 class TlsListener:
@@ -50,6 +54,7 @@ class TlsListener:
         self._sock: socket.socket | None = None
         self._accepting: asyncio.Task[None] | None = None
         self._pending: set[asyncio.Task[None]] = set()
+        self._per_address: dict[str, int] = {}
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -92,14 +97,29 @@ class TlsListener:
         loop = asyncio.get_running_loop()
         while True:
             try:
-                sock, _ = await loop.sock_accept(listening)
+                sock, peer = await loop.sock_accept(listening)
             except OSError as exc:  # EMFILE and the like: back off a little, keep serving
                 log.warning("TLS listener: accept failed: %s", exc)
                 await asyncio.sleep(0.1)
                 continue
+            address = address_key(str(peer[0]))
+            held = self._per_address.get(address, 0)
+            if len(self._pending) >= MAX_PENDING or held >= MAX_PENDING_PER_ADDRESS:
+                self._metrics.handshakes.labels(outcome="refused").inc()
+                sock.close()  # too many handshakes in progress (from this address)
+                continue
+            self._per_address[address] = held + 1
             task = loop.create_task(self._serve(sock))
             self._pending.add(task)
             task.add_done_callback(self._pending.discard)
+            task.add_done_callback(functools.partial(self._released, address))
+
+    def _released(self, address: str, _task: object = None) -> None:
+        left = self._per_address.get(address, 1) - 1
+        if left > 0:
+            self._per_address[address] = left
+        else:
+            self._per_address.pop(address, None)
 
     async def _serve(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -119,8 +139,13 @@ class TlsListener:
                 left = max(0.1, (deadline.when() or loop.time() + 1) - loop.time())
                 engine = self._proxy.engine
                 assert engine is not None  # (the proxy listener started first)
+                factory: Callable[[], asyncio.Protocol] = (
+                    _HandshakeOnly  # a CA's TLS-ALPN-01 check: the handshake is all it gets
+                    if hello.alpn == (ACME_ALPN,)
+                    else lambda: TlsInboundConnection(engine)
+                )
                 await loop.connect_accepted_socket(
-                    lambda: TlsInboundConnection(engine), sock, ssl=ctx, ssl_handshake_timeout=left
+                    factory, sock, ssl=ctx, ssl_handshake_timeout=left
                 )
                 handed = True
                 outcome = "ok"
@@ -137,6 +162,7 @@ class TlsListener:
 async def _peek_hello(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> object:
     """Peek until the ClientHello is whole (or is not one); the bytes stay in the socket."""
     seen = 0
+    wait = PARTIAL_WAIT
     while True:
         try:
             data = sock.recv(MAX_HELLO, socket.MSG_PEEK)
@@ -144,15 +170,37 @@ async def _peek_hello(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> o
             data = None
         if data == b"":
             raise ConnectionResetError("closed before its ClientHello")
-        if data:
+        if not data:
+            await _readable(loop, sock)
+            continue
+        if len(data) > seen:  # parsed again only when more came (each parse is bounded)
+            seen = len(data)
+            wait = PARTIAL_WAIT
             verdict = parse(data)
             if verdict is not NEED_MORE:
                 return verdict
-            seen = max(seen, len(data))
-            # A partial hello stays readable: wait a moment instead of spinning on it.
-            await asyncio.sleep(PARTIAL_WAIT)
-            continue
-        await _readable(loop, sock)
+        else:
+            wait = min(wait * 2, PARTIAL_WAIT_MAX)
+        # A partial hello stays readable: wait instead of spinning on it.
+        await asyncio.sleep(wait)
+
+
+ACME_ALPN = "acme-tls/1"
+
+
+class _HandshakeOnly(asyncio.Protocol):
+    """The connection of a TLS-ALPN-01 validation: closed once the handshake is done."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.close()
+
+
+def address_key(address: str) -> str:
+    """What the per-address limit counts: an IPv4 address, or the /64 of an IPv6 one (one
+    host usually has a whole /64)."""
+    if ":" in address:
+        return ":".join(address.split(":")[:4])
+    return address
 
 
 async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:

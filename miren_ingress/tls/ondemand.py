@@ -32,6 +32,7 @@ import hashlib
 import logging
 import ssl
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -91,6 +92,9 @@ class OnDemand:
         self._account: tuple[Any, str] | None = None  # (josepy JWK, account uri)
         self._account_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[Any]] = set()
+        # Orders wait on the CA for up to acme.timeout: their own threads, so they never hold
+        # the default executor others need (scrypt checks, log reads).
+        self._threads = ThreadPoolExecutor(max_workers=2, thread_name_prefix="miren-acme")
         self._renewer: asyncio.Task[None] | None = None
         self.orders = 0  # orders placed (tests, metrics)
 
@@ -114,6 +118,7 @@ class OnDemand:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        self._threads.shutdown(wait=False, cancel_futures=True)
 
     # -- handshakes ------------------------------------------------------------------------------
 
@@ -173,7 +178,10 @@ class OnDemand:
         async with asyncio.timeout(self._config.timeout):
             key, uri = await self._ensure_account()
             self.orders += 1
-            chain_pem, key_pem = await asyncio.to_thread(self._order, key, uri, name)
+            loop = asyncio.get_running_loop()
+            chain_pem, key_pem = await loop.run_in_executor(
+                self._threads, self._order, key, uri, name
+            )
         cert = Certificate.from_pem(chain_pem, key_pem, "acme")
         await self._save(name, cert)
         self._certs.add(cert)
@@ -210,7 +218,7 @@ class OnDemand:
             serialization.NoEncryption(),
         )
         key = JWKRSA(key=private)
-        uri = await asyncio.to_thread(self._register, key)
+        uri = await asyncio.get_running_loop().run_in_executor(self._threads, self._register, key)
         entity = AcmeAccount(
             id=account_id, directory=self._directory, key_pem=key_pem.decode(), uri=uri
         )

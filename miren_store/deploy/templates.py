@@ -23,10 +23,13 @@ class PullRequest:
     branch: str
     sha: str
     title: str = ""
+    fork: bool = False  # its head is in another repository
 
 
 def label_for(template: PreviewTemplate, pr: PullRequest) -> str:
-    if template.label == "pr":
+    """`pr-<number>`, or the head branch normalised. A pull request from a fork is always
+    `pr-<number>`: anyone can name a fork's branch like one of ours and take its preview."""
+    if template.label == "pr" or pr.fork:
         return f"pr-{pr.number}"
     return normalize_branch(pr.branch)
 
@@ -64,8 +67,11 @@ def pull_request_of(payload: object) -> PullRequest:
         if not isinstance(number, int) or not isinstance(branch, str) or not isinstance(sha, str):
             raise TypeError
         title = pr.get("title") or ""
-    except (AssertionError, KeyError, TypeError):
+        head_repo = (head.get("repo") or {}).get("full_name")
+        base_repo = ((pr.get("base") or {}).get("repo") or {}).get("full_name")
+        fork = head_repo is not None and base_repo is not None and head_repo != base_repo
+    except (AssertionError, KeyError, TypeError, AttributeError):
         raise InvalidInput(
             "not a pull_request payload: needs number, pull_request.head.ref and .sha"
         ) from None
-    return PullRequest(number=number, branch=branch, sha=sha, title=str(title))
+    return PullRequest(number=number, branch=branch, sha=sha, title=str(title), fork=fork)

@@ -145,3 +145,39 @@ def test_login_attempts_are_rate_limited(tmp_path: Path) -> None:
             for _ in range(11)
         ]
         assert statuses == [401] * 10 + [429], statuses
+
+
+def test_changing_the_password_revokes_cookies_and_tokens_are_rate_limited(
+    tmp_path: Path,
+) -> None:
+    with MirenServer(tmp_path, store="memory", token=TOKEN) as own:
+        own.cli("app", "create", "web")
+        own.cli("route", "set", "web.example.com", "--app", "web")
+        spec = {"runtime": "process", "command": list(ECHO_CMD), "cwd": str(REPO)}
+        assert own.admin("POST", "/v1/apps/web/deploys", {"spec": spec}).status == 201
+        preview = {"spec": spec, "ephemeral": {"label": "pr-1"}}
+        assert own.admin("POST", "/v1/apps/web/deploys", preview).status == 201
+        body = {"mode": "previews", "password": PASSWORD, "bypass_token": BYPASS}
+        assert own.admin("PUT", "/v1/apps/web/protection", body).status == 200
+        eventually_sync(lambda: own.get(PREVIEW).status == 401, 15, "the preview protected")
+        cookie = cookie_of(own.get(PREVIEW, headers={"X-Miren-Bypass": BYPASS}))
+        assert own.get(PREVIEW, headers={"Cookie": cookie}).status == 200
+
+        # The public version of a protected app never sees the app's credentials either.
+        public = own.get("web.example.com", headers={"X-Miren-Bypass": BYPASS, "Cookie": cookie})
+        assert public.status == 200
+        assert not {"x-miren-bypass", "cookie"} & set(seen_headers(public)), seen_headers(public)
+
+        # A new password revokes every cookie granted before it.
+        body = {"mode": "previews", "password": "another password"}
+        assert own.admin("PUT", "/v1/apps/web/protection", body).status == 200
+        eventually_sync(
+            lambda: own.get(PREVIEW, headers={"Cookie": cookie}).status == 401,
+            15, "the old cookie to be refused",
+        )  # fmt: skip
+
+        # Guessing bypass tokens is limited like guessing passwords.
+        statuses = [
+            own.get(PREVIEW, headers={"X-Miren-Bypass": f"guess-{i:04d}"}).status for i in range(11)
+        ]
+        assert statuses == [401] * 10 + [429], statuses

@@ -42,7 +42,11 @@ def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MirenServer]:
 
 
 def payload(
-    action: str, number: int = 7, branch: str = "Feature/Login", sha: str = "a" * 40
+    action: str,
+    number: int = 7,
+    branch: str = "Feature/Login",
+    sha: str = "a" * 40,
+    head_repo: str = "octo/web",
 ) -> bytes:
     """A `pull_request` event as GitHub sends it (the fields that matter, and some that don't)."""
     return json.dumps({
@@ -50,8 +54,9 @@ def payload(
         "number": number,
         "pull_request": {
             "number": number, "state": "open", "title": "Add a login page",
-            "head": {"ref": branch, "sha": sha, "label": f"octo:{branch}"},
-            "base": {"ref": "main", "sha": "b" * 40},
+            "head": {"ref": branch, "sha": sha, "label": f"octo:{branch}",
+                     "repo": {"full_name": head_repo}},
+            "base": {"ref": "main", "sha": "b" * 40, "repo": {"full_name": "octo/web"}},
             "user": {"login": "octocat"},
         },
         "repository": {"full_name": "octo/web", "private": False},
@@ -126,9 +131,11 @@ def test_opened_synchronize_closed_follow_the_pull_request(edge: MirenServer) ->
     served = edge.get_routed(host, timeout=30)
     assert served.status == 200 and served.json()["version"] == first
 
-    # The same delivery again: applied once.
-    again = deliver(edge, payload("opened", 7, sha="1" * 40), delivery="d-opened")
-    assert again.status == 200 and again.json()["status"] == "duplicate"
+    # The same delivery again: applied once; also under another id, or none (the id is not
+    # signed: a captured body replayed with a new one is still the same payload).
+    for replay in ("d-opened", "attacker-1", ""):
+        again = deliver(edge, payload("opened", 7, sha="1" * 40), delivery=replay or None)
+        assert again.status == 200 and again.json()["status"] == "duplicate", replay
     assert [v["id"] for v in previews(edge) if v.get("ephemeral_label") == "feature-login"] == [
         first
     ]
@@ -165,3 +172,17 @@ def test_env_placeholders() -> None:
     assert render_env(env, pr) == {
         "A": "pr-12", "B": "fix/x@c0ffee", "C": "{other} stays", "D": "plain"
     }  # fmt: skip
+
+
+def test_a_fork_cannot_take_a_branch_label(edge: MirenServer) -> None:
+    """A fork's pull request with a branch named like ours gets `pr-<number>`: it neither
+    replaces nor deletes the preview of our branch."""
+    ours = deliver(edge, payload("opened", 30, branch="shared-name", sha="3" * 40)).json()
+    assert ours["version"]["ephemeral_label"] == "shared-name"
+    fork = payload("opened", 99, branch="shared-name", sha="9" * 40, head_repo="mallory/web")
+    theirs = deliver(edge, fork).json()
+    assert theirs["version"]["ephemeral_label"] == "pr-99"
+    closed = deliver(edge, payload("closed", 99, branch="shared-name", head_repo="mallory/web"))
+    assert closed.json()["label"] == "pr-99"
+    labels = {v.get("ephemeral_label") for v in previews(edge)}
+    assert "shared-name" in labels and "pr-99" not in labels

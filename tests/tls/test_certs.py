@@ -100,6 +100,9 @@ def table(*routes: str, previews: dict[str, timedelta] | None = None) -> RouteTa
         ("any.apps.example.com", False),  # only the wildcard would serve it
         ("apps.example.com", False),
         ("x.pr-1.app.example.com", False),
+        ("pr-1.any.apps.example.com", False),  # served, but strangers could pick `any`
+        ("pr-1.zzzz.apps.example.com", False),
+        ("*.apps.example.com", False),  # the wildcard route's own key
         ("unrelated.org", False),
     ],
 )

@@ -70,6 +70,14 @@ def test_not_a_client_hello(data: bytes) -> None:
     assert isinstance(parse(data), NotHello), data
 
 
+def test_a_hello_in_many_tiny_records_is_refused_at_once() -> None:
+    """A header announcing a long ClientHello, then one-byte records: refused after a few
+    records, so each peek costs little whatever the attacker sends."""
+    data = b"\x16\x03\x01\x00\x04\x01\x00\x3e\x80" + b"\x16\x03\x01\x00\x01\x00" * 2700
+    verdict = parse(data)
+    assert isinstance(verdict, NotHello) and "records" in verdict.reason
+
+
 def test_an_endless_hello_is_refused() -> None:
     huge = b"\x16\x03\x01\x40\x00\x01\xff\xff\xff" + b"\x00" * (MAX_HELLO + 10)
     assert isinstance(parse(huge), NotHello)

@@ -37,8 +37,20 @@ def test_passwords_and_tokens_are_hashed() -> None:
 
 def test_next_stays_on_this_host() -> None:
     assert guard.safe_next("/a?b=c") == "/a?b=c"
-    for bad in ("//evil.example/x", "https://evil.example/", "\\\\evil", "evil", "", None):
+    for bad in ("//evil.example/x", "https://evil.example/", "evil", "", None):
         assert guard.safe_next(bad) == "/", bad
+    # What a browser drops or reads as a slash never joins two slashes into `//host`.
+    for sneaky in ("/\t/evil.example/x", "/\x0b/evil", "/\xa0/evil", "/\\evil", "/ /evil"):
+        out = guard.safe_next(sneaky)
+        assert out.startswith("/") and not out.startswith("//") and "evil" in out, out
+        assert all(c.isascii() and c.isprintable() and c not in " \\" for c in out), out
+
+
+def test_an_ipv6_64_is_one_client() -> None:
+    a = guard.Attempts(limit=2, window=10)
+    assert a.allow(b"2001:db8:1:2::1", 0) and a.allow(b"2001:db8:1:2::ffff", 0)
+    assert not a.allow(b"2001:db8:1:2:aaaa::9", 0)  # the same /64
+    assert a.allow(b"2001:db8:1:3::1", 0)
 
 
 def test_attempts_window() -> None:

@@ -4,6 +4,7 @@ listener's redirect, and nothing is served for a name without a certificate."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import ssl
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ import pytest
 
 from tests.support.clients import free_port
 from tests.support.edge import ECHO_CMD, TOKEN, MirenServer
+from tests.support.poll import eventually_sync
 from tests.tls.pki import TestCA, handshake_fails, peer_certificate
 
 pytestmark = pytest.mark.timeout(120)
@@ -162,3 +164,36 @@ def test_a_tls_listener_that_cannot_serve_stops_the_start(
     assert done.returncode in (1, 2), done.stderr
     assert words in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_hostile_hello_is_cut_short_and_idle_handshakes_are_capped(edge: MirenServer) -> None:
+    import socket
+
+    port = tls_port(edge)
+    # A ClientHello announced long, then sent in one-byte records: refused after a few records,
+    # long before the handshake timeout (10 s), not parsed again and again until then.
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"\x16\x03\x01\x00\x04\x01\x00\x3e\x80" + b"\x16\x03\x01\x00\x01\x00" * 2700)
+        with contextlib.suppress(ConnectionResetError):  # (closed with our bytes unread)
+            assert sock.recv(100) == b""  # (a timeout here fails the test)
+    # Connections that send nothing: at most 64 wait for their ClientHello per address; the
+    # next ones are closed at once, and a client gets in again once they are gone.
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(70)]
+    try:
+
+        def refused() -> bool:
+            return edge.metric("miren_tls_handshakes_total", outcome="refused") >= 6
+
+        eventually_sync(refused, 10, "the connections past the cap to be refused")
+    finally:
+        for sock in idle:
+            sock.close()
+    eventually_sync(
+        lambda: not handshake_fails(port, "app.example.com"), 15, "a handshake to work again"
+    )
+
+
+def test_a_redirect_never_copies_a_strange_host(edge: MirenServer) -> None:
+    reply = edge.get("evil.example/x?", "/p")
+    assert reply.status == 400, reply
+    assert reply.header("location") is None
