@@ -349,6 +349,22 @@ def wait_port(port: int, proc: subprocess.Popen[bytes] | None = None, timeout: f
     raise RuntimeError(f"nothing listens on {port}")
 
 
+def stop_process(
+    proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 30
+) -> None:
+    """Stop one process we started, by its pid: `sig`, then SIGKILL after `timeout`."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.kill(proc.pid, sig)
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        pass
+
+
 class Serve:
     """One `miren serve --store memory` of a source tree, pinned to CPU 0 from its start."""
 

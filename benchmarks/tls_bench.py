@@ -116,13 +116,7 @@ def start_miren(work: Path, name: str, *settings: str) -> tuple[subprocess.Popen
     return proc, proxy, adm
 
 
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+stop = ib.stop_process
 
 
 def first_requests(work: Path, samples: int) -> tuple[list[float], list[float]]:

@@ -142,18 +142,7 @@ def kernel_socket_memory() -> dict[str, int]:
     return {"slab": slab, "sockets": fields["alloc"], "buffers": fields["mem"] * PAGE}
 
 
-def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 20) -> None:
-    """Stop one process we started, by its pid."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.kill(proc.pid, sig)
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    except ProcessLookupError:
-        pass
+stop = ib.stop_process
 
 
 def run_wrk(port: int, host: str, seconds: int, conns: int) -> dict[str, float]:
