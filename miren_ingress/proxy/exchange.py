@@ -335,8 +335,7 @@ class Exchange:
     def url_path(self) -> bytes:
         """The request target's path (rare paths only: parsed from the head kept for the
         upstream)."""
-        target = self.head.split(b" ", 2)[1] if self.head[:1] != b"\r" else b""
-        return target.split(b"?", 1)[0]
+        return self.url_target().split(b"?", 1)[0]
 
     def _respond_plain(self, status: int, body: bytes, extra: bytes = b"") -> None:
         self.status = status
@@ -350,14 +349,15 @@ class Exchange:
     def _redirect_to_https(self) -> None:
         """308 to the same URL over HTTPS (RFC 9110 §15.4.9: method and body kept)."""
         port = self.engine.redirect_port
-        name = self.host.rsplit(b":", 1)[0] if not self.host.endswith(b"]") else self.host
+        name = guard.host_key(self.host)  # (the one reading of "Host without its port")
         if not _REDIRECT_HOST.fullmatch(name):  # never copy a stranger's text into Location
             self.respond_error(400, "The Host header is not a host name.")
             return
         authority = name if port in (None, 443) else name + b":%d" % port
-        target = self.head.split(b" ", 2)[1]
         self._respond_plain(
-            308, b"Moved to HTTPS.\n", b"Location: https://" + authority + target + b"\r\n"
+            308,
+            b"Moved to HTTPS.\n",
+            b"Location: https://" + authority + self.url_target() + b"\r\n",
         )
 
     async def _acquire(self, target: Target) -> Lease:

@@ -58,7 +58,7 @@ from miren_ingress.shell.config import Config, ConfigError, check_tls, split_hos
 from miren_ingress.shell.datadir import DataDirInUse
 from miren_ingress.tls.certs import Certificate, CertificateError, CertStore
 from miren_ingress.tls.clienthello import Hello, is_ip_literal
-from miren_ingress.tls.listener import TlsListener
+from miren_ingress.tls.listener import ACME_ALPN, TlsListener
 from miren_ingress.tls.metrics import TlsMetrics
 from miren_ingress.tls.ondemand import OnDemand
 from miren_store.backends import open_backend
@@ -359,7 +359,7 @@ class Edge:
             name = hello.server_name
             if name is None or is_ip_literal(name):
                 return certs.default()
-            if hello.alpn == ("acme-tls/1",):  # a CA's TLS-ALPN-01 check, nothing else
+            if hello.alpn == (ACME_ALPN,):  # a CA's TLS-ALPN-01 check, nothing else
                 return ondemand.challenge_context(name) if ondemand is not None else None
             ctx = certs.context_for(name)
             if ctx is None and context_for is not None:

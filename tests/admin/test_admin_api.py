@@ -453,3 +453,31 @@ def test_the_admin_app_refuses_to_exist_without_a_token(store: MemoryStore) -> N
     assert cfg.admin_token == ""
     with pytest.raises(ValueError, match="token"):
         make_admin_app(AdminContext(store=store, config=cfg, registry=CollectorRegistry()))
+
+
+async def test_protection_secrets_are_stored_as_hashes(
+    client: TestClient[Any, Any], store: MemoryStore
+) -> None:
+    """What the store holds for a protection: a salted scrypt hash of the password and the
+    SHA-256 of the bypass token, never either in clear; the first protection creates the
+    cluster's cookie key in the same commit."""
+    import hashlib
+
+    from miren_ingress.proxy import guard
+    from miren_store.entities import EdgeSecret, Protection
+
+    assert (await call(client, "POST", "/v1/apps", {"name": "web"}))[0] == 201
+    body = {"mode": "previews", "password": "hunter2-long", "bypass_token": "ci-token-123"}
+    status, shown = await call(client, "PUT", "/v1/apps/web/protection", body)
+    assert status == 200 and shown == {
+        "app": "web", "mode": "previews", "password_set": True, "bypass_token_set": True
+    }  # fmt: skip
+    stored = await store.get(Protection, "web")
+    assert stored.password_hash.startswith("scrypt$") and "hunter2" not in stored.password_hash
+    assert guard.password_ok(stored.password_hash, b"hunter2-long")
+    assert stored.bypass_hash == hashlib.sha256(b"ci-token-123").hexdigest()
+    assert len((await store.get(EdgeSecret, "cookie-key")).value) == 64
+    # Protected with neither secret: nobody could get in, so it is refused.
+    assert (await call(client, "POST", "/v1/apps", {"name": "bare"}))[0] == 201
+    status, err = await call(client, "PUT", "/v1/apps/bare/protection", {"mode": "all"})
+    assert status == 422 and "password or a bypass token" in err["error"]["message"]

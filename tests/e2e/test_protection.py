@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 
-from miren_store.entities import Protection
 from tests.support.clients import Response, http_call
 from tests.support.edge import ECHO_CMD, REPO, TOKEN, MirenServer
 from tests.support.poll import eventually_sync
@@ -124,7 +123,6 @@ def test_secrets_are_stored_hashed(edge: MirenServer) -> None:
     assert shown == {"app": "web", "mode": "previews", "password_set": True,
                      "bypass_token_set": True}  # fmt: skip
     assert PASSWORD not in edge.log_text() and BYPASS not in edge.log_text()
-    assert Protection.KIND == "protection"
 
 
 def test_login_attempts_are_rate_limited(tmp_path: Path) -> None:
