@@ -109,15 +109,24 @@ async def drive(port: int, url: str, shot: Path) -> list[str]:
         await page.call("Page.enable")
         await page.call("Page.navigate", url=url)
 
-        async def text() -> str | None:
-            body = await page.eval("document.body ? document.body.innerText : ''")
+        def keep(body: str) -> None:
             if body and (not seen or seen[-1] != body):
                 seen.append(body)
+
+        async def text() -> str | None:
+            body = await page.eval("document.body ? document.body.innerText : ''")
+            keep(body)
             return body or None
 
         async def login_form() -> bool:
-            await text()
-            return bool(await page.eval("!!document.querySelector('input[name=password]')"))
+            # One evaluation reads the text and looks for the form, so the page whose form is
+            # seen is the page whose text is kept (two evaluations could straddle a load).
+            body, has_form = await page.eval(
+                "[document.body ? document.body.innerText : '',"
+                " !!document.querySelector('input[name=password]')]"
+            )
+            keep(body)
+            return bool(has_form)
 
         await eventually(login_form, 30, "the login page", interval=0.1)
         await page.eval(

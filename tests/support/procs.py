@@ -38,7 +38,7 @@ class ProcInfo:
 class Tracked:
     pid: int
     start: int
-    what: str  # command line when first seen, for failure messages
+    what: str  # every command line seen for it, " => " between them (a fork, then its exec)
 
 
 def read_proc(pid: int) -> ProcInfo | None:
@@ -215,10 +215,16 @@ class ProcessAccount:
         info = read_proc(pid)
         if info is None or info.state == "Z":
             return
+        line = what or cmdline(pid)
         with self._lock:
             key = (pid, info.start)
-            if key not in self.seen:
-                self.seen[key] = Tracked(pid, info.start, what or cmdline(pid))
+            known = self.seen.get(key)
+            if known is None:
+                self.seen[key] = Tracked(pid, info.start, line)
+            elif line and not known.what.endswith(line):
+                # The same process after an exec (a forked launcher becoming etcd): keep both
+                # names, so a test looking for the program it became finds it.
+                self.seen[key] = Tracked(pid, info.start, f"{known.what} => {line}")
 
     def track_all(self, pids: Iterable[int]) -> None:
         for pid in pids:
