@@ -56,9 +56,14 @@ API use:
   version was deleted (the route-table watch) calls `remove_version`, which fails its waiters
   and stops its sandboxes. A pool is never created for a stored version that no longer exists.
 
-Multi-node: the pool entity is shared through the store; each node runs and leases its own
-sandboxes of it (the pool's `owner` is the node that created it). Serving another node's
-sandboxes is not implemented.
+Multi-node (with a `Membership`, see `cluster.py`): a pool belongs to one node, the one its
+entity names with that node's membership lease. The miss path decides (`cluster.decide`) from
+the stored pool and the owner's stored `Node`: this node's pool is loaded as above; another live
+node's becomes a `RemoteRecord` (requests are forwarded to that node, whose activator applies
+the capacity rules for the whole cluster); a pool whose owner is gone is taken over in one
+transaction conditioned on the old owner's `Node` (`cluster.takeover_check`). A node that can no
+longer prove its membership is fenced (`fence`): it drops every pool, stops their sandboxes,
+and takes no lease until it has joined again. Without a Membership every pool is local.
 """
 
 from __future__ import annotations
@@ -70,16 +75,19 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Final
 
+import attrs
 from prometheus_client import CollectorRegistry
 
 from miren_activator.capacity import pick, saturated
 from miren_activator.clock import Clock, SystemClock
+from miren_activator.cluster import Membership, NotMember, Ownership, decide, takeover_check
 from miren_activator.config import ActivatorConfig
 from miren_activator.errors import (
     ActivationTimeout,
     ActivatorClosed,
     ActivatorError,
     BootFailed,
+    NotOwner,
     Overloaded,
     PoolCreationFailed,
     VersionRemoved,
@@ -94,6 +102,7 @@ from miren_activator.pools import (
     PoolRecord,
     PoolSnapshot,
     Ref,
+    RemoteRecord,
     SandboxInfo,
     SandboxRecord,
     VersionRef,
@@ -103,10 +112,10 @@ from miren_activator.runtimes.base import SandboxRuntime
 from miren_activator.runtimes.process import ProcessRuntime
 from miren_activator.runtimes.upstream import UpstreamRuntime
 from miren_activator.supervisor import Supervisor
-from miren_store.entities import AppVersion, Runtime, Sandbox, SandboxStatus
-from miren_store.errors import NotFound
+from miren_store.entities import AppVersion, Node, Runtime, Sandbox, SandboxPool, SandboxStatus
+from miren_store.errors import Conflict, NotFound
 from miren_store.logfiles import tail_lines
-from miren_store.store import Store
+from miren_store.store import Store, Update
 
 __all__ = ["Activator", "BootReport", "Held", "Lease", "PoolSnapshot", "SandboxInfo", "VersionRef"]
 
@@ -127,12 +136,14 @@ class Activator:
         runtimes: Mapping[Runtime, SandboxRuntime] | None = None,
         clock: Clock | None = None,
         registry: CollectorRegistry | None = None,
+        membership: Membership | None = None,
     ) -> None:
         self._store = store
+        self.membership = membership
         self._config = config or ActivatorConfig()
         self._clock = clock or SystemClock()
         self._mono = self._clock.monotonic
-        self.metrics = ActivatorMetrics(registry)
+        self.metrics = ActivatorMetrics(registry, node=self._config.node)
         self._recorder = Recorder(store, node=self._config.node, clock=self._clock)
         self._supervisor = Supervisor(
             runtimes=runtimes
@@ -145,13 +156,17 @@ class Activator:
             left_running=self._left_running,
         )
         self._pools: dict[tuple[str, str], PoolRecord] = {}
+        self._remote: dict[tuple[str, str], RemoteRecord] = {}  # pools other nodes own
         # hold(): the sandbox found last per version id; running ones only (_left_running).
-        self.warm: dict[str, SandboxRecord] = {}
-        self._creating: dict[tuple[str, str], asyncio.Future[PoolRecord]] = {}
+        self.warm: dict[str, SandboxRecord | RemoteRecord] = {}
+        self._creating: dict[tuple[str, str], asyncio.Future[PoolRecord | RemoteRecord]] = {}
         self._creators: set[asyncio.Task[Any]] = set()  # pool creations in flight
         self._sweeper: asyncio.Task[None] | None = None
         self._started = False
         self._closed = False
+        if membership is not None:
+            membership.on_lost.append(self.fence)
+            membership.on_peer_gone.append(self.forget_node)
 
     def __repr__(self) -> str:
         live = sum(len(p.live) for p in self._pools.values())
@@ -194,6 +209,7 @@ class Activator:
         for pool in self._pools.values():
             pool.fail_waiters(closed)
         self._pools.clear()
+        self._remote.clear()
         self.warm.clear()
         await self._supervisor.close(grace)
         await self._recorder.close(self._config.store_flush_timeout)
@@ -242,8 +258,14 @@ class Activator:
     def _take(self, ref: VersionRef) -> SandboxRecord | None:
         """One unit of work on the sandbox `capacity.pick` chooses, unless anyone waits; a unit
         past the target on every sandbox asks for one more sandbox."""
-        pool = self._pools.get((ref.version, ref.service))
-        if pool is None or pool.waiters:
+        key = (ref.version, ref.service)
+        pool = self._pools.get(key)
+        if pool is None:
+            remote = self._remote.get(key)
+            if remote is not None:
+                remote.in_use += 1
+            return remote  # type: ignore[return-value]  # (a Held like a sandbox: see hold)
+        if pool.waiters:
             return None
         params = pool.params
         sb = pick(pool.running, params.target, params.hard_cap)
@@ -292,7 +314,11 @@ class Activator:
         the next acquire starts another); an upstream instance is DOWN and re-probed with
         back-off until it answers (nothing could restart it)."""
         self.release(lease)
-        self._supervisor.refused(sandbox_of(lease))
+        sb = sandbox_of(lease)
+        if sb.remote:  # the owner node did not answer: ask the store again next time
+            self._drop_remote((sb.version_id, sb.service))
+            return
+        self._supervisor.refused(sb)
 
     def touch(self, lease: Lease) -> bool:
         """Mark activity on a held lease; False when its sandbox is no longer running."""
@@ -303,11 +329,25 @@ class Activator:
     # -- the miss path ---------------------------------------------------------------------------
 
     async def acquire(
-        self, version: AppVersion, service: str = WEB, *, timeout: float | None = None
+        self,
+        version: AppVersion,
+        service: str = WEB,
+        *,
+        timeout: float | None = None,
+        local: bool = False,
     ) -> Lease:
         """A lease on a sandbox of (version, service), creating the pool and booting a sandbox if
         needed, within `timeout` (default `acquire_timeout`). Raises an `ActivatorError` (see
-        `errors.py` for how each maps to HTTP)."""
+        `errors.py` for how each maps to HTTP). The lease may be on another node (`remote`):
+        its address is that node's proxy. With `local` (a request another node forwarded here)
+        it is never remote: a pool this node does not own is NotOwner."""
+        membership = self.membership
+        if membership is not None and not membership.proven():
+            membership.check(membership.proven_until)  # (fences, once)
+            raise NotOwner(f"node {membership.name} is not a proven cluster member right now")
+        key = (version.id, service)
+        if local and key in self._remote:
+            self._drop_remote(key)  # the sender thinks this node owns it: ask the store again
         lease = self.try_acquire(version.id, service)
         if lease is not None:
             return lease
@@ -315,9 +355,15 @@ class Activator:
             raise ActivatorClosed("the activator is shutting down")
         if not self._started:
             await self.start()
-        pool = self._pools.get((version.id, service))
+        pool = self._pools.get(key)
         if pool is None:
-            pool = await self._pool_for(version, service)
+            found = await self._pool_for(version, service)
+            if isinstance(found, RemoteRecord):
+                if local:
+                    raise NotOwner(f"pool of {version.id}/{service} belongs to node {found.owner}")
+                found.in_use += 1
+                return Lease(found)  # type: ignore[arg-type]  # (Held-compatible, see hold)
+            pool = found
         return await self._wait(pool, timeout)
 
     async def boot_check(self, version: AppVersion, service: str = WEB) -> BootReport:
@@ -333,8 +379,11 @@ class Activator:
         finally:
             self.release(lease)
 
-    async def _pool_for(self, version: AppVersion, service: str) -> PoolRecord:
+    async def _pool_for(self, version: AppVersion, service: str) -> PoolRecord | RemoteRecord:
         key = (version.id, service)
+        remote = self._remote.get(key)
+        if remote is not None:
+            return remote
         fut = self._creating.get(key)
         if fut is None:
             fut = asyncio.get_running_loop().create_future()
@@ -352,7 +401,7 @@ class Activator:
         key: tuple[str, str],
         version: AppVersion,
         service: str,
-        fut: asyncio.Future[PoolRecord],
+        fut: asyncio.Future[PoolRecord | RemoteRecord],
     ) -> None:
         try:
             pool = await self._load_or_create_pool(version, service)
@@ -373,8 +422,12 @@ class Activator:
                 raise
             log.warning("pool creation for %s/%s failed: %s", version.id, service, err)
             return
-        self._pools[key] = pool
         del self._creating[key]
+        if isinstance(pool, RemoteRecord):
+            self._remote[key] = pool
+            fut.set_result(pool)
+            return
+        self._pools[key] = pool
         # Someone is waiting (a creation only starts for an acquire): start the first sandbox
         # now, so its spawn is queued before the wake-ups of a crowd of callers.
         n = sandboxes_to_start(
@@ -388,7 +441,9 @@ class Activator:
             self._supervisor.start(pool)
         fut.set_result(pool)
 
-    async def _load_or_create_pool(self, version: AppVersion, service: str) -> PoolRecord:
+    async def _load_or_create_pool(
+        self, version: AppVersion, service: str
+    ) -> PoolRecord | RemoteRecord:
         problems = version.spec.problems()
         if problems:
             raise BootFailed(f"version {version.id} cannot run: {'; '.join(problems)}")
@@ -401,12 +456,95 @@ class Activator:
                 await self._store.get(AppVersion, version.id)
             except NotFound:
                 raise VersionRemoved(f"version {version.id} no longer exists") from None
+        me = self._me()
         fresh = new_pool_entity(version, service, node=self._config.node, clock=self._clock)
+        if me is not None:
+            fresh = attrs.evolve(fresh, owner=me.id, owner_lease=me.lease)
         stored, created = await self._recorder.create_pool(fresh)
         if created:
             self.metrics.pool_creations.inc()
             log.info("created pool %s", stored.id)
+        elif me is not None:
+            found = await self._owned(version, service, stored, me)
+            if isinstance(found, RemoteRecord):
+                return found
+            stored = found
         return PoolRecord(version, service, stored, crash_from_entity(stored, self._clock))
+
+    def _me(self) -> Node | None:
+        """This node's membership (None without a Membership); NotOwner when not proven."""
+        if self.membership is None:
+            return None
+        try:
+            return self.membership.me()
+        except NotMember as exc:
+            raise NotOwner(str(exc)) from None
+
+    async def _owned(
+        self, version: AppVersion, service: str, stored: SandboxPool, me: Node
+    ) -> SandboxPool | RemoteRecord:
+        """The stored pool as this node's (taking it over when its owner is gone), or the
+        RemoteRecord of the live node that owns it."""
+        for _ in range(5):
+            owner: Node | None = None
+            if stored.owner:
+                try:
+                    owner = await self._store.get(Node, stored.owner)
+                except NotFound:
+                    owner = None
+            verdict = decide(stored, me, owner)
+            if verdict is Ownership.LOCAL:
+                return stored
+            if verdict is Ownership.REMOTE:
+                assert owner is not None
+                return RemoteRecord(version.id, service, owner.id, owner.lease, owner.advertise)
+            mine = attrs.evolve(stored, owner=me.id, owner_lease=me.lease)
+            try:
+                rev = await self._store.commit([Update(mine), takeover_check(stored, owner)])
+            except (Conflict, NotFound):
+                try:
+                    stored = await self._store.get(SandboxPool, stored.id)
+                except NotFound:
+                    raise PoolCreationFailed(f"pool {stored.id} was deleted meanwhile") from None
+                continue
+            if not self.membership or not self.membership.proven():
+                raise NotOwner("the membership lapsed during the takeover")
+            taken = attrs.evolve(mine, revision=rev)
+            self._recorder.know(taken)
+            self.metrics.takeovers.inc()
+            log.info("took over pool %s from node %s", stored.id, stored.owner or "(none)")
+            return taken
+        raise PoolCreationFailed(f"pool {stored.id}: ownership kept changing")
+
+    # -- cluster news -----------------------------------------------------------------------------
+
+    def _drop_remote(self, key: tuple[str, str]) -> None:
+        remote = self._remote.pop(key, None)
+        if remote is not None and self.warm.get(key[0]) is remote:
+            del self.warm[key[0]]
+
+    def forget_node(self, name: str) -> None:
+        """Node `name` left (or re-joined under another lease): the pools it owned are asked
+        for again (and taken over) on their next request."""
+        for key in [k for k, r in self._remote.items() if r.owner == name]:
+            self._drop_remote(key)
+
+    def fence(self) -> None:
+        """This node lost its membership: give up every pool (fail its waiters, stop its
+        sandboxes) and every remote record; nothing is served from them any more."""
+        if not self._pools and not self._remote:
+            return
+        log.warning("fenced: dropping %d pools and their sandboxes", len(self._pools))
+        lost = NotOwner("this node lost its cluster membership")
+        pools = list(self._pools.values())
+        self._pools.clear()
+        self._remote.clear()
+        self.warm.clear()
+        for pool in pools:
+            pool.removed = True
+            pool.fail_waiters(lost)
+            for sb in list(pool.live):
+                self._supervisor.request_stop(sb, self._config.stop_grace)
 
     async def _wait(self, pool: PoolRecord, timeout: float | None = None) -> Lease:
         if pool.removed:
@@ -549,6 +687,8 @@ class Activator:
         deletes them with the version); the sandbox entities and logs go now.
         """
         stops: list[asyncio.Task[None]] = []
+        for key in [k for k in self._remote if k[0] == version_id]:
+            self._drop_remote(key)
         for key in [k for k in self._pools if k[0] == version_id]:
             pool = self._pools.pop(key)
             pool.removed = True

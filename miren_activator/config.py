@@ -1,7 +1,7 @@
 """The activator's settings: one typed object, the `[activator]` section of the edge's config.
 
 Each field is declared once, with its default and its help (`miren_store.settings`); `internal`
-fields are not config keys. Under `miren serve`, `node` is the key `node_name` and `max_waiters`
+fields are not config keys. Under `miren serve`, `node` is the key `node.name` and `max_waiters`
 the key `ingress.max_waiters` (the names users write; see `miren_ingress.shell.config`).
 """
 
@@ -20,7 +20,9 @@ from miren_store.settings import internal, setting
 class ActivatorConfig:
     node: str = attrs.field(
         factory=socket.gethostname,
-        metadata=setting("written as pool owner / sandbox node", shown="host name"),
+        metadata=setting(
+            "this node's name in the cluster (pool owner, sandbox node)", shown="host name"
+        ),
     )
     # None: the logs are discarded (`miren serve` always passes one, <data_dir>/logs by default).
     log_dir: Path | None = attrs.field(

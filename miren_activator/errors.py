@@ -7,7 +7,7 @@ translated into these at the boundary; the original is kept as `__cause__`.
 
 - The version cannot serve right now (502): `BootFailed`, and its subclass `CrashBackoff`.
 - Nothing became ready in time (504): `ActivationTimeout`.
-- Shed load, try again later (503 + Retry-After): `Overloaded`, `ActivatorClosed`,
+- Shed load, try again later (503 + Retry-After): `Overloaded`, `ActivatorClosed`, `NotOwner`,
   `PoolCreationFailed`.
 - The version is gone (404): `VersionRemoved`.
 - A bug in the activator itself: `IllegalTransition` (never expected in production).
@@ -79,6 +79,12 @@ class PoolCreationFailed(ActivatorError):
     """
 
     http_status = 503
+
+
+class NotOwner(Overloaded):
+    """This node may not serve the pool now: it cannot prove its cluster membership (joining,
+    or its lease lapsed: fenced), or a forwarded request reached a node that does not own the
+    pool. 503 + Retry-After: the next try finds the owner."""
 
 
 class VersionRemoved(ActivatorError):

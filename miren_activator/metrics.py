@@ -14,7 +14,7 @@ COLD_START_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120
 
 
 class ActivatorMetrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, *, node: str = "") -> None:
         # A private registry when none is given, so several activators (tests) never collide.
         self.registry = registry if registry is not None else CollectorRegistry()
         self.cold_starts = Counter(
@@ -31,13 +31,18 @@ class ActivatorMetrics:
         )
         self.sandboxes = Gauge(
             "miren_activator_sandboxes",
-            "Sandboxes this activator tracks, by state (ended ones are kept for a while).",
-            ["state"],
+            "Sandboxes this node tracks, by state (ended ones are kept for a while).",
+            ["node", "state"],
             registry=self.registry,
         )
         self.pool_creations = Counter(
             "miren_activator_pool_creations",
             "Pool entities this activator created in the store.",
+            registry=self.registry,
+        )
+        self.takeovers = Counter(
+            "miren_activator_pool_takeovers",
+            "Pools this node took over from a node that left the cluster.",
             registry=self.registry,
         )
         self.waiters = Gauge(
@@ -46,7 +51,7 @@ class ActivatorMetrics:
             registry=self.registry,
         )
         # Children exist from the start, so a scrape shows zeros rather than no series.
-        self._by_state = {s: self.sandboxes.labels(state=s.value) for s in SandboxStatus}
+        self._by_state = {s: self.sandboxes.labels(node=node, state=s.value) for s in SandboxStatus}
 
     def sandbox_state(self, old: SandboxStatus | None, new: SandboxStatus | None) -> None:
         if old is not None:

@@ -269,6 +269,10 @@ class Recorder:
             return stored, created
         raise PoolCreationFailed(f"pool {fresh.id} keeps disappearing (deleted concurrently)")
 
+    def know(self, entity: SandboxPool) -> None:
+        """A pool entity this node wrote itself (a takeover): later updates start from it."""
+        self._writer.know(entity)
+
     def pool(self, pool: PoolRecord) -> None:
         """Record the pool's desired count and crash state (a removed pool is its owner's)."""
         if pool.removed:

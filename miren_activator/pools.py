@@ -101,6 +101,11 @@ class Lease:
         return self.record.id
 
     @property
+    def remote(self) -> bool:
+        """On another node's pool: `addr` is that node's proxy (see RemoteRecord)."""
+        return self.record.remote
+
+    @property
     def version_id(self) -> str:
         return self.record.version_id
 
@@ -130,8 +135,54 @@ def sandbox_of(unit: Lease | Held) -> SandboxRecord:
     return unit.record if isinstance(unit, Lease) else cast(SandboxRecord, unit)
 
 
+class _NoQueue:
+    """The `pool` of a RemoteRecord: nobody ever queues here (the owner node queues)."""
+
+    __slots__ = ()
+    waiters: tuple[()] = ()
+
+
+class RemoteRecord:
+    """A pool another node owns, seen through the `Held` protocol: every unit of work on it
+    is a request forwarded to the owner's proxy at `addr`, without a limit here (the owner
+    applies the pool's capacity rules, cluster-wide). `hold` and `release` treat it as a
+    running sandbox that is never full; `owner`/`owner_lease` identify the membership it
+    belongs to (dropped when that node leaves or re-joins)."""
+
+    __slots__ = (
+        "addr", "host", "id", "in_use", "last_used", "limit", "owner", "owner_lease", "pool",
+        "port", "remote", "service", "state", "version_id",
+    )  # fmt: skip
+
+    def __init__(
+        self, version_id: str, service: str, owner: str, owner_lease: int, address: str
+    ) -> None:
+        host, _, port = address.rpartition(":")
+        self.host = host.strip("[]")
+        self.port = int(port)
+        self.addr = (self.host, self.port)
+        self.id = f"node:{owner}"
+        self.version_id = version_id
+        self.service = service
+        self.owner = owner
+        self.owner_lease = owner_lease
+        self.in_use = 0
+        self.limit = 1 << 62  # (never full here: the owner decides)
+        self.last_used = 0.0
+        self.pool = _NoQueue()
+        self.state = RUNNING
+        self.remote = True
+
+    def __repr__(self) -> str:
+        return (
+            f"<RemoteRecord {self.version_id}/{self.service} at {self.owner} in_use={self.in_use}>"
+        )
+
+
 class SandboxRecord:
     """One sandbox of a pool: its state, its load, and what its supervisor keeps of it."""
+
+    remote = False  # (a RemoteRecord says True: the proxy forwards to another node)
 
     __slots__ = (
         "addr",

@@ -228,8 +228,36 @@ class SandboxPool:
     consecutive_crashes: int = 0
     last_crash_at: datetime | None = None
     cooldown_until: datetime | None = None
-    owner: str = ""
+    owner: str = ""  # the node that runs and leases its sandboxes (see miren_activator.cluster)
+    owner_lease: int = 0  # ... in its membership under this store lease (0: none, any may take)
     created_at: datetime = attrs.field(factory=utcnow)
+    revision: int = attrs.field(default=0, eq=False)
+
+
+@attrs.frozen(kw_only=True)
+class Node:
+    """A live `miren serve` node: written under the node's store lease, so it disappears when
+    the node stops renewing it (dies, freezes, loses the store)."""
+
+    KIND: ClassVar[str] = "node"
+
+    id: str  # node.name
+    advertise: str  # host:port where other nodes reach its proxy
+    lease: int  # the store lease it lives under: one per membership (a re-join gets a new one)
+    started_at: datetime = attrs.field(factory=utcnow)
+    revision: int = attrs.field(default=0, eq=False)
+
+
+@attrs.frozen(kw_only=True)
+class Leader:
+    """A job one node at a time runs (`gc`): held by `node` under its store lease."""
+
+    KIND: ClassVar[str] = "leader"
+
+    id: str  # the job
+    node: str
+    lease: int
+    since: datetime = attrs.field(factory=utcnow)
     revision: int = attrs.field(default=0, eq=False)
 
 
@@ -350,7 +378,7 @@ KINDS: dict[str, type[Any]] = {
     cls.KIND: cls
     for cls in (
         App, AppVersion, HttpRoute, SandboxPool, Sandbox, TlsCertificate, AcmeAccount,
-        PreviewTemplate, WebhookDelivery, Protection, EdgeSecret,
+        PreviewTemplate, WebhookDelivery, Protection, EdgeSecret, Node, Leader,
     )
 }  # fmt: skip
 

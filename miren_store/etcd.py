@@ -235,6 +235,7 @@ class Cond:
 class Put:
     key: bytes
     value: bytes
+    lease: int = 0
 
 
 @attrs.frozen
@@ -319,8 +320,8 @@ def plan_commit(
             keys.append(key)
         if isinstance(op, Create):
             conds.append(Cond(key, "create", 0))
-            writes.append(Put(key, encode(op.entity)))
-            writes.extend(Put(k, b"") for k in sorted(layout.index_keys(op.entity)))
+            writes.append(Put(key, encode(op.entity), op.lease))
+            writes.extend(Put(k, b"", op.lease) for k in sorted(layout.index_keys(op.entity)))
         elif isinstance(op, Check):
             target = "create" if op.revision == 0 else "mod"
             conds.append(Cond(key, target, op.revision))
@@ -370,6 +371,8 @@ def _translate(exc: BaseException) -> StoreError:
             return _Retryable(f"etcd unavailable: {details}", unsent=_unsent(details))
         if code == rpc.StatusCode.DEADLINE_EXCEEDED:
             return StoreUnavailable("etcd did not answer within the timeout")
+        if code == rpc.StatusCode.NOT_FOUND and "lease not found" in details:
+            return NotFound("lease not found (expired or revoked)")
         if code == rpc.StatusCode.OUT_OF_RANGE and "compacted" in details:
             return _Compacted(details)
         if code in (rpc.StatusCode.INVALID_ARGUMENT, rpc.StatusCode.OUT_OF_RANGE):
@@ -418,7 +421,7 @@ def _to_txn(plan: Plan) -> Any:
         for c in plan.conds
     ]
     success = [
-        rpc.RequestOp(request_put=rpc.PutRequest(key=w.key, value=w.value))
+        rpc.RequestOp(request_put=rpc.PutRequest(key=w.key, value=w.value, lease=w.lease))
         if isinstance(w, Put)
         else rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=w.key))
         for w in plan.writes
@@ -692,6 +695,44 @@ class EtcdStore(Store):
     async def delete(self, kind: type[Any], id: str, *, revision: int | None = None) -> None:
         async with self._op("delete") as deadline:
             await self._commit(deadline, [Delete(kind, id, revision)])
+
+    # -- leases ---------------------------------------------------------------------------------
+
+    async def grant_lease(self, ttl: int) -> int:
+        request = rpc.LeaseGrantRequest(TTL=max(1, ttl), ID=0)
+
+        async def send(c: Any, t: float) -> Any:
+            return await c.leasestub.LeaseGrant(request, timeout=t, metadata=c.metadata)
+
+        async with self._op("grant_lease") as deadline:
+            # (a grant whose answer was lost leaves a lease that simply expires: retry it)
+            reply = await self._rpc(deadline, send, idempotent=True)
+        return int(reply.ID)
+
+    async def keep_alive(self, lease: int) -> int:
+        async def send(c: Any, t: float) -> Any:
+            call = c.leasestub.LeaseKeepAlive(
+                iter([rpc.LeaseKeepAliveRequest(ID=lease)]), timeout=t, metadata=c.metadata
+            )
+            async for reply in call:
+                return reply
+            raise StoreUnavailable("etcd ended the keep-alive stream without an answer")
+
+        async with self._op("keep_alive") as deadline:
+            reply = await self._rpc(deadline, send, idempotent=True)
+            if reply.TTL <= 0:
+                raise NotFound(f"lease {lease:x} not found (expired or revoked)")
+        return int(reply.TTL)
+
+    async def revoke_lease(self, lease: int) -> None:
+        request = rpc.LeaseRevokeRequest(ID=lease)
+
+        async def send(c: Any, t: float) -> Any:
+            return await c.leasestub.LeaseRevoke(request, timeout=t, metadata=c.metadata)
+
+        with contextlib.suppress(NotFound):
+            async with self._op("revoke_lease") as deadline:
+                await self._rpc(deadline, send, idempotent=True)
 
     async def commit(self, ops: Sequence[Op]) -> int:
         ops = builtins.list(ops)

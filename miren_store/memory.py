@@ -45,6 +45,14 @@ from miren_store.store import (
 _Key = tuple[str, str]  # (kind name, id)
 
 
+@attrs.define
+class _Lease:
+    ttl: int
+    deadline: float  # loop time
+    keys: set[_Key] = attrs.Factory(set)
+    timer: asyncio.TimerHandle | None = None
+
+
 class MemoryStore(Store):
     def __init__(self, *, history: int = 100_000) -> None:
         self.stats = StoreStats()
@@ -62,6 +70,9 @@ class MemoryStore(Store):
         self._changed = asyncio.Event()
         self._closed = False
         self.unavailable = False  # fault switch for tests: every call raises StoreUnavailable
+        self._leases: dict[int, _Lease] = {}
+        self._leased: dict[_Key, int] = {}  # entity -> the lease it lives under
+        self._next_lease = 0x6D690000  # (any start: ids are opaque, like etcd's)
 
     def __repr__(self) -> str:
         return f"<MemoryStore rev={self._rev} entities={len(self._data)}>"
@@ -73,6 +84,10 @@ class MemoryStore(Store):
     @property
     def revision(self) -> int:
         return self._rev
+
+    @property
+    def shared(self) -> bool:
+        return False
 
     async def _enter(self, op: str) -> None:
         await asyncio.sleep(0)
@@ -175,12 +190,81 @@ class MemoryStore(Store):
         for o in ops:
             if isinstance(o, Create | Update):
                 self._put(o.entity, rev)
+                key = (o.entity.KIND, o.entity.id)
+                self._detach(key)  # (etcd: a put without the lease detaches the key)
+                if isinstance(o, Create) and o.lease:
+                    self._leases[o.lease].keys.add(key)
+                    self._leased[key] = o.lease
             elif isinstance(o, Delete):
                 self._remove(o.kind, o.id, rev)
+                self._detach((o.kind.KIND, o.id))
         self.stats.record(op, "ok")
+        self._wake_watches()
+        return rev
+
+    def _wake_watches(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
-        return rev
+
+    def _detach(self, key: _Key) -> None:
+        lease = self._leased.pop(key, None)
+        if lease is not None and lease in self._leases:
+            self._leases[lease].keys.discard(key)
+
+    # -- leases -----------------------------------------------------------------------------
+
+    async def grant_lease(self, ttl: int) -> int:
+        await self._enter("grant_lease")
+        self.stats.record("grant_lease", "ok")
+        self._next_lease += 1
+        lease = self._next_lease
+        self._leases[lease] = _Lease(ttl=max(1, ttl), deadline=0.0)
+        self._arm(lease)
+        return lease
+
+    async def keep_alive(self, lease: int) -> int:
+        await self._enter("keep_alive")
+        found = self._leases.get(lease)
+        if found is None:
+            self.stats.record("keep_alive", "not_found")
+            raise NotFound(f"lease {lease:x} not found (expired or revoked)")
+        self.stats.record("keep_alive", "ok")
+        self._arm(lease)
+        return found.ttl
+
+    async def revoke_lease(self, lease: int) -> None:
+        await self._enter("revoke_lease")
+        self.stats.record("revoke_lease", "ok")
+        self._end_lease(lease)
+
+    def _arm(self, lease: int) -> None:
+        found = self._leases[lease]
+        loop = asyncio.get_running_loop()
+        found.deadline = loop.time() + found.ttl
+        if found.timer is not None:
+            found.timer.cancel()
+        found.timer = loop.call_at(found.deadline, self._expire, lease)
+
+    def _expire(self, lease: int) -> None:
+        found = self._leases.get(lease)
+        if found is not None and found.deadline <= asyncio.get_running_loop().time():
+            self._end_lease(lease)
+
+    def _end_lease(self, lease: int) -> None:
+        """Delete the lease's entities, all at one new revision (as etcd does)."""
+        found = self._leases.pop(lease, None)
+        if found is None:
+            return
+        if found.timer is not None:
+            found.timer.cancel()
+        if not found.keys or self._closed:
+            return
+        self._rev += 1
+        for key in sorted(found.keys):
+            self._leased.pop(key, None)
+            if key in self._data:
+                self._remove(self._kinds[key[0]], key[1], self._rev)
+        self._wake_watches()
 
     def _check_all(self, ops: builtins.list[Op]) -> None:
         seen: set[_Key] = set()
@@ -200,6 +284,8 @@ class MemoryStore(Store):
             if isinstance(o, Create):
                 if cur is not None:
                     raise Conflict(f"{kind.KIND} {id!r} already exists")
+                if o.lease and o.lease not in self._leases:
+                    raise NotFound(f"lease {o.lease:x} not found (expired or revoked)")
             elif isinstance(o, Update):
                 if cur is None:
                     raise NotFound(f"{kind.KIND} {id!r} not found")
@@ -295,4 +381,7 @@ class MemoryStore(Store):
 
     async def close(self) -> None:
         self._closed = True
+        for found in self._leases.values():
+            if found.timer is not None:
+                found.timer.cancel()
         self._changed.set()

@@ -15,6 +15,10 @@ the same atomic step as the entity, so an index never points at a missing or cha
 > R exactly once, in revision order (the informer pattern). When the backend can no longer resume
 from `since` (history compacted) the watch raises `Resync`: list again and watch from there.
 
+Leases (etcd's): `grant_lease(ttl)` returns a lease that lives `ttl` seconds unless renewed
+with `keep_alive`; an entity created under it (`Create(entity, lease=...)`) is deleted, as one
+watch change, when it expires or is revoked. Nodes register this way (miren_activator.cluster).
+
 Every call is bounded by the backend's timeout and raises `StoreUnavailable` instead of hanging.
 """
 
@@ -35,9 +39,12 @@ from miren_store.errors import Conflict, InvalidQuery, NotFound
 
 @attrs.frozen
 class Create:
-    """Create `entity`; the commit fails (Conflict) if it exists."""
+    """Create `entity`; the commit fails (Conflict) if it exists. With `lease` (from
+    `Store.grant_lease`), the entity is deleted when the lease expires or is revoked (a later
+    Update of it detaches it: leased entities are written once)."""
 
     entity: Any
+    lease: int = 0
 
 
 @attrs.frozen
@@ -157,6 +164,24 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def watch(self, since: int) -> AsyncIterator[Change]:
         """Changes with revision > `since`, in order, each once; raises Resync when it cannot."""
+
+    @abc.abstractmethod
+    async def grant_lease(self, ttl: int) -> int:
+        """A new lease living `ttl` seconds (at least 1) unless renewed: its id."""
+
+    @abc.abstractmethod
+    async def keep_alive(self, lease: int) -> int:
+        """Renew the lease for its whole TTL: the TTL, in seconds. NotFound once it expired."""
+
+    @abc.abstractmethod
+    async def revoke_lease(self, lease: int) -> None:
+        """End the lease now, deleting its entities (no error if it is already gone)."""
+
+    @property
+    def shared(self) -> bool:
+        """True when other processes may use the same data (etcd): then nodes must prove
+        their membership by their lease. The memory store lives in one process."""
+        return True
 
     @abc.abstractmethod
     async def close(self) -> None:

@@ -192,6 +192,23 @@ class FaultyStore(Store):
     def watch(self, since: int) -> AsyncIterator[Change]:
         return self.inner.watch(since)
 
+    async def grant_lease(self, ttl: int) -> int:
+        lease: int = await self._call(
+            Call("grant_lease", None), lambda: self.inner.grant_lease(ttl)
+        )
+        return lease
+
+    async def keep_alive(self, lease: int) -> int:
+        ttl: int = await self._call(Call("keep_alive", None), lambda: self.inner.keep_alive(lease))
+        return ttl
+
+    async def revoke_lease(self, lease: int) -> None:
+        await self._call(Call("revoke_lease", None), lambda: self.inner.revoke_lease(lease))
+
+    @property
+    def shared(self) -> bool:
+        return self.inner.shared
+
     async def close(self) -> None:
         await self.inner.close()
 

@@ -85,7 +85,9 @@ Failure rules
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
+import math
 from collections.abc import Callable, Coroutine, Mapping
 from time import monotonic
 from typing import TYPE_CHECKING, Any
@@ -153,8 +155,12 @@ class Engine:
         "closing",
         "config",
         "connections",
+        "fence_at",
+        "fence_check",
         "flush_soon",
         "health",
+        "hop_line",
+        "hop_token",
         "last_write",
         "later",
         "later_armed",
@@ -207,6 +213,28 @@ class Engine:
         self.acme_answers: dict[bytes, bytes] = {}
         self.redirect_port: int | None = None
         self.login_attempts = guard.Attempts()  # protected hosts' password attempts, per client
+        # Several nodes (miren_activator.cluster): past monotonic `fence_at` this node's
+        # membership is unproven, and the next request calls `fence_check(now)` (which fences
+        # the activator and returns the next instant to check). `hop_token` authenticates a
+        # request another node forwarded (X-Miren-Hop); `hop_line` is what this node adds to
+        # the requests it forwards. (b"": a node alone, which neither sends nor accepts hops.)
+        self.fence_at = math.inf
+        self.fence_check: Callable[[float], float] = lambda now: math.inf
+        self.hop_token = b""
+        self.hop_line = b""
+
+    def set_hop_token(self, token: bytes) -> None:
+        """The cluster's internal-hop token (from the store's cluster secret)."""
+        self.hop_token = token
+        self.hop_line = b"X-Miren-Hop: " + token + b"\r\n\r\n" if token else b""
+        for pool in self.pools.values():
+            if pool.hop:
+                pool.hop = self.hop_line
+
+    def is_hop(self, value: bytes) -> bool:
+        """An X-Miren-Hop value carries this cluster's token (compared in constant time)."""
+        token = self.hop_token
+        return bool(token) and hmac.compare_digest(value.strip(), token)
 
     def set_hsts(self, max_age: int) -> None:
         """HTTPS answers carry `Strict-Transport-Security: max-age=N` (0: none)."""
@@ -285,6 +313,8 @@ class Engine:
         pool = self.pools.get(key)
         if pool is None:
             pool = self.pools[key] = UpstreamPool(self, key[0], key[1])
+            if getattr(lease, "remote", False):  # another node's proxy
+                pool.hop = self.hop_line
         return pool
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:

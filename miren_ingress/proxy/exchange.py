@@ -113,6 +113,7 @@ class Exchange:
     stops_parser = False  # llhttp stops after this request (`Connection: upgrade` + `Upgrade`)
     body_length = 0  # ... and its Content-Length, which the inbound side then counts itself
     set_cookie = b""  # a Set-Cookie line the response gets (a protected host's bypass token)
+    internal = False  # forwarded by another node of the cluster (X-Miren-Hop): served here
 
     def __init__(  # noqa: PLR0917  (positional: keywords cost per request, measured)
         self,
@@ -189,17 +190,23 @@ class Exchange:
         if self.reserved:
             self._reserved()
             return
+        if now >= engine.fence_at:  # (this node's cluster membership is unproven: fence)
+            engine.fence_at = engine.fence_check(now)
         router = engine.router
         target = router.resolve(self.host, now)
         if isinstance(target, Refusal):
             self.respond_error(target.status, target.message, target.retry_after)
             return
         self.target = target
-        if target.guard is not None and not self._admitted(target.guard):
+        # (a request another node forwarded was admitted there, its credentials stripped)
+        if target.guard is not None and not self.internal and not self._admitted(target.guard):
             return
         self.app = target.app
         self.timeout = target.request_timeout
         lease = router.cached_lease(target)
+        if lease is not None and self.internal and getattr(lease, "remote", False):
+            router.release(lease)  # never forwarded twice: serve it here (see _acquire)
+            lease = None
         if lease is not None:
             self.lease = lease  # (lease_cached: True by default)
             engine.metrics.lease_hits += 1
@@ -366,9 +373,9 @@ class Exchange:
         boot goes on."""
         router = self.engine.router
         if not target.loading or not self._is_navigation():
-            return await router.acquire(target)
+            return await router.acquire(target, self.internal)
         config = self.engine.config
-        waiting = asyncio.ensure_future(router.acquire(target))
+        waiting = asyncio.ensure_future(router.acquire(target, self.internal))
         done, _ = await asyncio.wait((waiting,), timeout=config.loading_page_after)
         if done:
             return waiting.result()

@@ -21,6 +21,7 @@ TRANSFER_ENCODING = 7  # framing: re-emitted by the engine
 UPGRADE = 8  # hop-by-hop except on an upgrade request / 101 response
 FORWARDED_FOR = 9  # appended to
 DATE = 10  # (responses) forwarded; the proxy adds one where it is missing
+INTERNAL_HOP = 11  # X-Miren-Hop: another node forwarded this request (never forwarded itself)
 
 
 _COMMON = {
@@ -44,6 +45,7 @@ _REQUEST = {
     b"x-forwarded-proto": FORWARDED_SET,
     b"x-forwarded-host": FORWARDED_SET,
     b"expect": EXPECT,
+    b"x-miren-hop": INTERNAL_HOP,
 }
 _RESPONSE = {**_COMMON, b"date": DATE}
 

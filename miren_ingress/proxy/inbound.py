@@ -123,12 +123,14 @@ class InboundConnection(asyncio.Protocol):
         "_conn_extra",
         "_expect",
         "_fwd",
+        "_fwd_set",
         "_head_bytes",
         "_head_check",
         "_head_count",
         "_head_deadline",
         "_head_raw",
         "_held",
+        "_hop",
         "_host",
         "_idle_deadline",
         "_keepalive",
@@ -235,6 +237,8 @@ class InboundConnection(asyncio.Protocol):
         self._te: bytes | None = None
         self._conn_extra: frozenset[bytes] | None = None
         self._upgrade_value: bytes | None = None
+        self._hop: bytes | None = None  # an X-Miren-Hop value (checked in _general_head)
+        self._fwd_set: list[bytes] | None = None  # X-Forwarded-Proto/-Host lines as received
         self._expect = False
         self._head_bytes = 0  # bytes of the special (not forwarded as is) header lines
         self._head_count = 0  # ... and their number (or of a chunked trailer's fields)
@@ -541,7 +545,17 @@ class InboundConnection(asyncio.Protocol):
                 self._conn_extra = (self._conn_extra or frozenset()) | extra
         elif kind == h.UPGRADE:
             self._upgrade_value = value
-        # HOP and FORWARDED_SET: dropped (the engine sets X-Forwarded-Proto/-Host itself)
+        elif kind == h.FORWARDED_SET:
+            # Dropped (the engine sets X-Forwarded-Proto/-Host itself), unless the request
+            # turns out to be another node's internal hop: then they are that node's.
+            line = name + b": " + value + b"\r\n"
+            if self._fwd_set is None:
+                self._fwd_set = [line]
+            else:
+                self._fwd_set.append(line)
+        elif kind == h.INTERNAL_HOP:
+            self._hop = value
+        # HOP: dropped
 
     def on_headers_complete(self) -> None:
         parser = self._parser
@@ -674,8 +688,17 @@ class InboundConnection(asyncio.Protocol):
             lines.append(b"Content-Length: " + cl + b"\r\n")
         if upgrade and protocols is not None:
             lines.append(b"Connection: Upgrade\r\nUpgrade: " + protocols + b"\r\n")
-        xff = self.peer if self._xff is None else self._xff + b", " + self.peer
-        lines.append(b"X-Forwarded-For: " + xff + self._proto_line + host + b"\r\n\r\n")
+        hop = self._hop
+        internal = hop is not None and self.engine.is_hop(hop)
+        if internal:
+            # Another node of the cluster forwarded it (X-Miren-Hop carries the cluster's
+            # token): its X-Forwarded-* lines are the client's as that node saw them.
+            xff = self._xff if self._xff is not None else self.peer
+            fwd = b"".join(self._fwd_set) if self._fwd_set else b""
+            lines.append(b"X-Forwarded-For: " + xff + b"\r\n" + fwd + b"\r\n")
+        else:
+            xff = self.peer if self._xff is None else self._xff + b", " + self.peer
+            lines.append(b"X-Forwarded-For: " + xff + self._proto_line + host + b"\r\n\r\n")
         flags = (
             (F_KEEP_ALIVE if parser.should_keep_alive() and not http10 else 0)
             | (F_HTTP10 if http10 else 0)
@@ -684,10 +707,12 @@ class InboundConnection(asyncio.Protocol):
             | (F_CHUNKED if chunked else 0)
             | (F_HEAD if method == b"HEAD" else 0)
         )
-        if url[1:2] == b"." or self.redirect:
-            flags |= special_flags(url, self.redirect)
+        if url[1:2] == b"." or (self.redirect and not internal):
+            flags |= special_flags(url, self.redirect and not internal)
         ex = Exchange(self, method, host, b"".join(lines), False, False)
         ex.set_flags(flags)
+        if internal:
+            ex.internal = True
         if stops:
             ex.stops_parser = True
             ex.body_length = int(cl) if cl is not None and not chunked else 0

@@ -97,6 +97,8 @@ class Router(Protocol):
     - `acquire` may await (cold start) and raises the typed errors of `errors.py`
       (BootFailed, ActivationTimeout, Overloaded, NotReady). It must be cancellation-safe: the
       engine cancels it when the client goes away.
+    - `acquire(target, local=True)`: the request came from another node of the cluster (an
+      internal hop); the lease must be on this node (never forwarded twice).
     - Every lease the engine obtained is handed back exactly once: `release` when the request
       finished (whatever its outcome, a tunnel when it closed), or `discard` instead when
       connecting to its address failed (the engine then calls `acquire` once more).
@@ -106,7 +108,7 @@ class Router(Protocol):
 
     def cached_lease(self, target: Target) -> Lease | None: ...
 
-    async def acquire(self, target: Target) -> Lease: ...
+    async def acquire(self, target: Target, local: bool = False) -> Lease: ...
 
     def release(self, lease: Lease) -> None: ...
 

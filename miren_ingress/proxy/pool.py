@@ -31,6 +31,7 @@ class UpstreamPool:
     __slots__ = (
         "_engine",
         "closed",
+        "hop",
         "host",
         "idle",
         "idle_timeout",
@@ -47,6 +48,9 @@ class UpstreamPool:
         self.idle: list[UpstreamConnection] = []
         self.open = 0  # connections of this pool with an open transport (idle or busy)
         self.closed = False
+        # Another node's proxy: the line that marks each request an internal hop (b"": a
+        # sandbox or an upstream, nothing added). See Engine.hop_line.
+        self.hop = b""
         self.max_idle = engine.config.pool_max_idle
         self.idle_timeout = engine.config.pool_idle_timeout
         # The last response head of this upstream that llhttp parsed and the fast path took

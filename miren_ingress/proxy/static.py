@@ -83,7 +83,7 @@ class StaticRouter:
         self.acquired += 1
         return self._leases[target]
 
-    async def acquire(self, target: Target) -> Lease:
+    async def acquire(self, target: Target, local: bool = False) -> Lease:
         self.acquired += 1
         return self._leases[target]
 

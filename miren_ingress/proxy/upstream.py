@@ -550,18 +550,22 @@ class UpstreamConnection(asyncio.Protocol):
         if deadline < self._timer_at:
             self._arm(deadline)
         pending = ex.pending
+        head = ex.head
+        hop = self.pool.hop
+        if hop:  # to another node's proxy: mark the internal hop (see Engine.hop_line)
+            head = head[:-2] + hop
         if ex.inbound.write_paused:
             self.pause_reading()
         elif pending is None:
-            self.engine.write_hit(self.transport, ex.head, now)
+            self.engine.write_hit(self.transport, head, now)
             return
         self.engine.flush_writes()  # (in order: see Engine.flush_writes)
         if pending is None:
-            self.transport.write(ex.head)
+            self.transport.write(head)
         else:
             ex.pending = None
             ex.pending_size = 0
-            pending.insert(0, ex.head)
+            pending.insert(0, head)
             self.transport.write(b"".join(pending))
 
     def park(self, now: float) -> None:

@@ -173,12 +173,12 @@ class EdgeRouter:
 
     # -- leases ---------------------------------------------------------------------------------
 
-    async def acquire(self, target: Target) -> Lease:
+    async def acquire(self, target: Target, local: bool = False) -> Lease:
         version = self.table.versions.get(target.version)
         if version is None:
             raise proxy_errors.ServiceUnavailable("This version is no longer deployed.")
         try:
-            lease: Any = await self.activator.acquire(version, target.service)
+            lease: Any = await self.activator.acquire(version, target.service, local=local)
         except act_errors.ActivatorError as exc:
             raise _translate(exc) from exc
         return lease  # type: ignore[no-any-return]
@@ -196,6 +196,10 @@ def _translate(exc: act_errors.ActivatorError) -> proxy_errors.ProxyError:
         return proxy_errors.BootFailed("The application failed to start.")
     if isinstance(exc, act_errors.ActivationTimeout):
         return proxy_errors.ActivationTimeout("The application did not start in time.")
+    if isinstance(exc, act_errors.NotOwner):  # before Overloaded: it is a subclass
+        return proxy_errors.ServiceUnavailable(
+            "This node cannot serve the application right now; retry.", retry_after=1
+        )
     if isinstance(exc, act_errors.Overloaded):
         return proxy_errors.Overloaded("The application is starting; too many waiting requests.")
     if isinstance(exc, act_errors.VersionRemoved):

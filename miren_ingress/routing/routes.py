@@ -31,7 +31,7 @@ from typing import Any
 import attrs
 
 from miren_ingress.routing.hosts import split_first_label, wildcard_for
-from miren_store.entities import App, AppVersion, EdgeSecret, HttpRoute, Protection
+from miren_store.entities import App, AppVersion, EdgeSecret, HttpRoute, Node, Protection
 from miren_store.store import Change
 
 
@@ -54,6 +54,7 @@ class Refused:
 
 
 COOKIE_KEY = "cookie-key"  # the EdgeSecret protection cookies are signed with
+CLUSTER_KEY = "cluster-key"  # the EdgeSecret internal hops between nodes are authenticated with
 
 NOT_LOADED = Refused(503, "The routing table is loading; retry shortly.")
 NO_ROUTE = Refused(404, "No application is configured for this host.")
@@ -67,7 +68,7 @@ Resolution = Resolved | Refused
 class RouteTable:
     """Apps, versions and routes in memory, with the resolution rules over them."""
 
-    KINDS: tuple[type[Any], ...] = (App, AppVersion, HttpRoute, Protection, EdgeSecret)
+    KINDS: tuple[type[Any], ...] = (App, AppVersion, HttpRoute, Protection, EdgeSecret, Node)
 
     def __init__(self) -> None:
         self.loaded = False
@@ -81,6 +82,7 @@ class RouteTable:
         self._defaults: dict[str, HttpRoute] = {}
         self.protections: dict[str, Protection] = {}  # app -> its protection (when set)
         self.secrets: dict[str, EdgeSecret] = {}
+        self.nodes: dict[str, Node] = {}  # the live nodes of the cluster (membership)
         self.default_route: HttpRoute | None = None
 
     def __repr__(self) -> str:
@@ -100,6 +102,7 @@ class RouteTable:
         self._defaults.clear()
         self.protections.clear()
         self.secrets.clear()
+        self.nodes.clear()
         for ent in entities:
             self._put(ent)
         self._pick_default()
@@ -132,6 +135,8 @@ class RouteTable:
             self.protections[ent.app] = ent
         elif isinstance(ent, EdgeSecret):
             self.secrets[ent.id] = ent
+        elif isinstance(ent, Node):
+            self.nodes[ent.id] = ent
         elif isinstance(ent, AppVersion):
             self.versions[ent.id] = ent
             if ent.ephemeral_label:
@@ -149,6 +154,8 @@ class RouteTable:
             self.protections.pop(id, None)
         elif kind is EdgeSecret:
             self.secrets.pop(id, None)
+        elif kind is Node:
+            self.nodes.pop(id, None)
         elif kind is AppVersion:
             old = self.versions.pop(id, None)
             if old is not None and old.ephemeral_label:

@@ -3,6 +3,7 @@
 The sections of `Config` are the components' own config classes, passed down as they are:
 
     [store_options]  miren_store.backends.StoreOptions
+    [node]           miren_activator.cluster.NodeConfig (`node.name` is `node_name`)
     [ephemeral]      miren_store.deploy.deploys.EphemeralConfig
     [gc]             miren_store.deploy.gc.GcConfig
     [ingress]        miren_ingress.proxy.config.ProxyConfig
@@ -41,6 +42,7 @@ from typing import Any, Final
 
 import attrs
 
+from miren_activator.cluster import NodeConfig
 from miren_activator.config import ActivatorConfig
 from miren_activator.runtimes.isolation import SandboxConfig
 from miren_ingress.proxy.config import ProxyConfig
@@ -105,6 +107,7 @@ class Config:
         ),
     )
     store_options: StoreOptions = attrs.field(factory=StoreOptions)
+    node: NodeConfig = attrs.field(factory=NodeConfig)
     ephemeral: EphemeralConfig = attrs.field(factory=EphemeralConfig)
     gc: GcConfig = attrs.field(factory=GcConfig)
     ingress: ProxyConfig = attrs.field(factory=ProxyConfig)
@@ -127,6 +130,11 @@ KEY_NAMES: Final[Mapping[str, str]] = {
     "shutdown_grace": "ingress.shutdown_grace",  # `serve` drains the proxy within it
     "activator.max_waiters": "ingress.max_waiters",  # seen by clients as the proxy's 503
 }
+
+
+# Other spellings of a key, read as the key itself: `[node] name = "a"` sits with the other
+# `[node]` keys (its environment variable, MIREN_NODE_NAME, is the same).
+ALIASES: Final[Mapping[str, str]] = {"node.name": "node_name"}
 
 
 @attrs.frozen
@@ -312,9 +320,10 @@ def _flatten(values: Mapping[str, Any], origin: str) -> dict[str, Any]:
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{origin}: [{name}] must be a table")
             for sub, subvalue in value.items():
-                out[f"{name}.{sub}"] = subvalue
+                full = f"{name}.{sub}"
+                out[ALIASES.get(full, full)] = subvalue
         else:
-            out[name] = value
+            out[ALIASES.get(name, name)] = value
     for name in out:
         if name not in _BY_NAME:
             raise ConfigError(f"{origin}: unknown key {name}")

@@ -6,6 +6,8 @@ already started before the error propagates (no process, task or listener is lef
 steps, in start-up order:
 
     store             `miren_store.backends.open_backend` (`embedded` starts its etcd first)
+    cluster           this node's membership (miren_activator.cluster); it joins once the
+                      proxy listens (its advertised address), and leaves last
     activator         sandboxes, confined as `[sandbox]` says
     route table sync  the table follows the store through a watch
     gc                the expiry GC
@@ -15,7 +17,9 @@ steps, in start-up order:
 Shutdown (SIGTERM / SIGINT) unwinds them: the admin listener closes; the proxy stops accepting
 and lets in-flight requests finish up to `ingress.shutdown_grace`; the GC and the table sync
 stop; every sandbox stops (SIGTERM, then SIGKILL after `activator.stop_grace`); the store closes
-and the embedded etcd stops. Every child process is also tied to this process's life
+and the embedded etcd stops. Leaving the cluster (revoking the node's lease) comes after the
+sandboxes stopped, so the other nodes take this node's pools over at once, never while it still
+serves them. Every child process is also tied to this process's life
 (PR_SET_PDEATHSIG), so none outlives a SIGKILL. Each step logs "started <step>" and "stopped
 <step>" at debug level.
 """
@@ -25,9 +29,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc as pygc
+import hashlib
+import hmac
 import logging
+import math
 import os
+import secrets
 import signal
+import socket
 import ssl
 import sys
 import time
@@ -43,6 +52,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter
 
 from miren_activator.activator import Activator
+from miren_activator.cluster import Leadership, Membership
 from miren_activator.config import ActivatorConfig
 from miren_activator.runtimes.isolation import set_undumpable
 from miren_activator.runtimes.process import ProcessRuntime
@@ -51,7 +61,7 @@ from miren_ingress.admin import token as admin_token
 from miren_ingress.admin.api import AdminContext, AdminRunner, make_admin_app
 from miren_ingress.proxy.server import ProxyServer
 from miren_ingress.routing.router import EdgeRouter
-from miren_ingress.routing.routes import RouteTable
+from miren_ingress.routing.routes import CLUSTER_KEY, RouteTable
 from miren_ingress.routing.table_sync import TableSync
 from miren_ingress.shell import datadir
 from miren_ingress.shell.config import Config, ConfigError, check_tls, split_hostport
@@ -63,8 +73,8 @@ from miren_ingress.tls.metrics import TlsMetrics
 from miren_ingress.tls.ondemand import OnDemand
 from miren_store.backends import open_backend
 from miren_store.deploy.gc import ExpiryGC
-from miren_store.entities import AppVersion, Runtime
-from miren_store.errors import StoreError
+from miren_store.entities import AppVersion, EdgeSecret, Node, Runtime
+from miren_store.errors import Conflict, StoreError
 from miren_store.settings import configured
 from miren_store.store import Change, Store, StoreStats
 
@@ -110,6 +120,8 @@ class Edge:
         self._stop = asyncio.Event()
         self._sync: TableSync | None = None
         self.store: Store | None = None
+        self.membership: Membership | None = None
+        self.gc_leader: Leadership | None = None
         self._removals: set[asyncio.Task[None]] = set()
         self.started: list[str] = []  # the start-up steps, in the order they started
         self.stopped: list[str] = []  # ... and in the order they stopped
@@ -140,14 +152,55 @@ class Edge:
                 "versions": len(self.table.versions),
             },
             "sandbox_isolation": self.isolation,
+            "node": self._node_health(),
         }
         return report
 
+    def _node_health(self) -> dict[str, Any]:
+        m = self.membership
+        if m is None:
+            return {"name": self.config.activator.node, "member": False}
+        node = m.node
+        return {
+            "name": m.name,
+            "advertise": m.advertise,
+            "member": m.proven(),
+            "lease": f"{node.lease:x}" if node is not None and node.lease else "",
+            "gc_leader": self.gc_leader is not None and self.gc_leader.leading,
+            "nodes": sorted(self.table.nodes) if m.shared else [m.name],
+        }
+
     def proxy_health(self) -> tuple[int, dict[str, Any]]:
         report = self.health()
+        # Public (every host answers it): the cluster's names and addresses stay internal.
+        report["node"] = {"member": report["node"]["member"]}
         # The data path keeps serving from its table during a store outage: only an unloaded
         # table makes the proxy itself unhealthy.
         return (200 if self.table.loaded else 503), report
+
+    def _table_changed(self, activator: Activator, change: Change | None) -> None:
+        """The route table changed (`None`: re-listed): tell the cluster and the activator."""
+        m = self.membership
+        if m is not None:
+            if change is None:
+                m.load(self.table.nodes)
+            elif change.kind is Node:
+                m.node_changed(change.id, change.entity)
+        if change is None or change.kind is EdgeSecret:
+            self._set_hop_token()
+        self._forget_removed(activator, change)
+
+    def _set_hop_token(self) -> None:
+        """The internal-hop token, derived from the cluster secret (a store shared by nodes)."""
+        engine = self.proxy.engine if self.proxy is not None else None
+        secret = self.table.secrets.get(CLUSTER_KEY)
+        if engine is None or self.store is None or not self.store.shared:
+            return
+        token = b""
+        if secret is not None:
+            key = bytes.fromhex(secret.value)
+            token = hmac.new(key, b"miren internal hop", hashlib.sha256).hexdigest().encode()
+        engine.set_hop_token(token)
 
     def _forget_removed(self, activator: Activator, change: Change | None) -> None:
         """Stop the sandboxes of versions that left the store (deleted, expired and collected)."""
@@ -200,7 +253,10 @@ class Edge:
                     ),
                 )
                 store = self.store = backend.store
-                activator = await self._start(stack, "activator", self._activator(store))
+                membership = await self._start(stack, "cluster", self._cluster(store))
+                activator = await self._start(
+                    stack, "activator", self._activator(store, membership)
+                )
                 sync = await self._start(
                     stack, "route table sync", self._table_sync(store, activator)
                 )
@@ -208,6 +264,7 @@ class Edge:
                 self.proxy_address = await self._start(
                     stack, "proxy listener", self._proxy_listener(activator)
                 )
+                await self._join(membership)
                 if cfg.tls.listen is not None:
                     self.tls_address = await self._start(
                         stack, "tls listener", self._tls_listener(store)
@@ -257,13 +314,58 @@ class Edge:
         log.debug("stopped %s", step)
 
     @contextlib.asynccontextmanager
-    async def _activator(self, store: Store) -> AsyncIterator[Activator]:
+    async def _cluster(self, store: Store) -> AsyncIterator[Membership]:
+        """This node's membership (joined by `_join` once the proxy listens); on the way out,
+        after the sandboxes stopped, it leaves: its lease is revoked, its pools are free."""
+        cfg = self.config
+        membership = self.membership = Membership(
+            store,
+            name=cfg.activator.node,
+            advertise=cfg.node.advertise or "",
+            ttl=cfg.node.lease_ttl,
+            state_dir=Path(cfg.data_dir),
+        )
+        self.gc_leader = Leadership(membership, "gc")
+        try:
+            yield membership
+        finally:
+            await self.gc_leader.stop()
+            await membership.leave()
+
+    async def _join(self, membership: Membership) -> None:
+        """Join the cluster as `node.advertise` (default: the proxy's address), with the shared
+        cluster secret in place; then renew in the background and run for GC leader."""
+        assert self.proxy_address is not None and self.store is not None
+        if not membership.advertise:
+            host, port = self.proxy_address
+            if host in ("0.0.0.0", "::", ""):
+                host = socket.gethostname()
+            membership.advertise = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        if self.store.shared:
+            with contextlib.suppress(Conflict):
+                await self.store.create(EdgeSecret(id=CLUSTER_KEY, value=secrets.token_hex(32)))
+        await membership.join()
+        membership.start()
+        assert self.gc_leader is not None
+        self.gc_leader.start()
+        engine = self.proxy.engine if self.proxy is not None else None
+        if engine is not None and membership.shared:
+            engine.fence_at = membership.proven_until
+            engine.fence_check = lambda now: (
+                membership.proven_until if membership.check(now) else math.inf
+            )
+            membership.on_proven.append(lambda until: setattr(engine, "fence_at", until))
+            self._set_hop_token()
+
+    @contextlib.asynccontextmanager
+    async def _activator(self, store: Store, membership: Membership) -> AsyncIterator[Activator]:
         processes = self._sandbox_runtime()
         activator = Activator(
             store,
             config=activator_config(self.config),
             runtimes={Runtime.PROCESS: processes, Runtime.UPSTREAM: UpstreamRuntime()},
             registry=self.registry,
+            membership=membership,
         )
         await activator.start()
         try:
@@ -287,7 +389,7 @@ class Edge:
     @contextlib.asynccontextmanager
     async def _table_sync(self, store: Store, activator: Activator) -> AsyncIterator[TableSync]:
         sync = self._sync = TableSync(
-            store, self.table, on_change=lambda change: self._forget_removed(activator, change)
+            store, self.table, on_change=lambda change: self._table_changed(activator, change)
         )
         sync.start()
         try:
@@ -302,6 +404,7 @@ class Edge:
             sweep_interval=self.config.gc.sweep_interval,
             grace=self.config.gc.expiry_grace,
             registry=self.registry,
+            leading=(lambda: leader.leading) if (leader := self.gc_leader) is not None else None,
         )
         gc.start()
         try:

@@ -22,8 +22,8 @@ revision-checked commit, so a version that was extended or replaced meanwhile is
 a pool failure keeps the version (counted in `miren_gc_failures_total`, retried by the next
 timer or sweep). Non-ephemeral versions are never touched: they are not in the index, and every
 candidate is checked again before deletion. StoreUnavailable never stops the loop: it is logged
-at warning and the next pass retries. Several nodes may run a GC on one etcd: revision checks make
-the second deletion of a version a no-op.
+at warning and the next pass retries. Several nodes on one etcd elect one GC (`leading`); should
+two ever overlap, revision checks make the second deletion of a version a no-op.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 _EPSILON = 0.001  # seconds added to a timer so a wake-up lands just after the instant, not before
 _ERROR_PAUSE = 1.0  # seconds to wait after an unexpected error before the next pass
+_FOLLOWER_CHECK = 1.0  # seconds between checks of a node that does not lead the GC
 
 
 @attrs.frozen(kw_only=True)
@@ -121,6 +122,7 @@ class ExpiryGC:
         max_armed: int = 10_000,
         grace: float = 1.0,
         registry: CollectorRegistry | None = None,
+        leading: Callable[[], bool] | None = None,
     ) -> None:
         if sweep_interval <= 0 or retry_delay <= 0 or max_armed < 1:
             raise ValueError("sweep_interval and retry_delay must be > 0, max_armed >= 1")
@@ -143,6 +145,9 @@ class ExpiryGC:
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        # Several nodes: the loop works only while this node leads the job (one GC at a time,
+        # see miren_activator.cluster.Leadership); the others check again every second.
+        self._leading = leading
 
     def __repr__(self) -> str:
         state = "running" if self._task is not None else "stopped"
@@ -202,6 +207,10 @@ class ExpiryGC:
         while True:
             self._wake.clear()
             pause = 0.0
+            if self._leading is not None and not self._leading():
+                next_sweep = loop.time()  # (sweep at once when this node becomes the leader)
+                await asyncio.sleep(_FOLLOWER_CHECK)
+                continue
             try:
                 if loop.time() >= next_sweep:
                     await self.run_once()

@@ -85,6 +85,8 @@ async def get_json(lease: Lease, path: str = "/") -> dict[str, Any]:
 
 
 def sample(act: Activator, name: str, **labels: str) -> float:
+    if name == "miren_activator_sandboxes":
+        labels = {"node": act.config.node, **labels}
     value = act.metrics.registry.get_sample_value(name, labels)
     return 0.0 if value is None else value
 

@@ -163,7 +163,15 @@ def test_the_embedded_etcd_listens_only_on_private_unix_sockets(tmp_path: Path) 
 
 # -- start-up is one exit stack: a later step failing stops the earlier ones, in reverse ----------
 
-STEPS = ["store", "activator", "route table sync", "gc", "proxy listener", "admin listener"]
+STEPS = [
+    "store",
+    "cluster",
+    "activator",
+    "route table sync",
+    "gc",
+    "proxy listener",
+    "admin listener",
+]
 
 
 def steps_logged(log: str, verb: str) -> list[str]:
@@ -317,8 +325,8 @@ async def test_in_process_the_stack_stops_what_started_when_the_admin_port_is_ta
         ):
             async with asyncio.timeout(FAIL_FAST_TIMEOUT):
                 await edge.run()
-    assert edge.started == STEPS[:5]
-    assert edge.stopped == STEPS[:5][::-1]
+    assert edge.started == STEPS[:-1]
+    assert edge.stopped == STEPS[:-1][::-1]
     assert edge.proxy_address is not None and edge.proxy_address[1] == proxy_port
     assert can_bind(proxy_port)
     assert " closed " in repr(edge.store)

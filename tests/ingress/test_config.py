@@ -14,6 +14,7 @@ from typing import Any
 import attrs
 import pytest
 
+from miren_activator.cluster import NodeConfig
 from miren_activator.config import ActivatorConfig
 from miren_activator.runtimes.isolation import IsolationMode, SandboxConfig
 from miren_ingress.proxy.config import ProxyConfig
@@ -103,6 +104,7 @@ def test_every_key_before_is_kept_with_its_default() -> None:
 def test_the_sections_are_the_components_config_classes() -> None:
     assert dict(SECTIONS) == {
         "store_options": StoreOptions,
+        "node": NodeConfig,
         "ephemeral": EphemeralConfig,
         "gc": GcConfig,
         "ingress": ProxyConfig,

@@ -73,7 +73,7 @@ class ScriptedRouter:
             self.outstanding.add(id(self.cached))
         return self.cached
 
-    async def acquire(self, target: Target) -> Lease:
+    async def acquire(self, target: Target, local: bool = False) -> Lease:
         self.calls.append("acquire")
         self.acquire_started.set()
         if self.acquire_gate is not None:

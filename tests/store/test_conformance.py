@@ -386,3 +386,69 @@ async def test_put_creates_then_replaces_whatever_the_revision(store: Store) -> 
     replaced = await put(store, newer)  # (revision 0: put reads the stored one's)
     assert replaced.revision > made.revision
     assert (await store.get(TlsCertificate, "a.test")).serial == "2"
+
+
+# -- leases -------------------------------------------------------------------------------------
+
+
+async def _gone(store: Store, kind: type[Any], id: str, timeout: float) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        try:
+            await store.get(kind, id)
+        except NotFound:
+            return
+        assert loop.time() < deadline, f"{kind.KIND} {id} still there after {timeout} s"
+        await asyncio.sleep(0.05)
+
+
+async def test_an_entity_under_a_lease_goes_with_it_as_one_watch_change(store: Store) -> None:
+    from miren_store.entities import Node
+
+    start = (await store.snapshot([Node])).revision
+    lease = await store.grant_lease(1)
+    await store.commit([Create(Node(id="n1", advertise="127.0.0.1:1", lease=lease), lease=lease)])
+    await store.create(Node(id="n2", advertise="127.0.0.1:2", lease=0))  # not leased
+    assert await store.keep_alive(lease) >= 1
+    await _gone(store, Node, "n1", 10.0)  # nobody renews it: it expires
+    assert (await store.get(Node, "n2")).id == "n2"
+    with pytest.raises(NotFound):
+        await store.keep_alive(lease)
+    seen: list[Change] = []
+    async with asyncio.timeout(10):
+        async for change in store.watch(start):
+            seen.append(change)
+            if change.deleted:
+                break
+    assert [(c.id, c.deleted) for c in seen] == [("n1", False), ("n2", False), ("n1", True)]
+
+
+async def test_keep_alive_keeps_it_and_revoke_ends_it_now(store: Store) -> None:
+    from miren_store.entities import Leader
+
+    lease = await store.grant_lease(1)
+    await store.commit([Create(Leader(id="gc", node="a", lease=lease), lease=lease)])
+    loop = asyncio.get_running_loop()
+    until = loop.time() + 2.5  # past two TTLs, renewed every 0.3 s
+    while loop.time() < until:
+        assert await store.keep_alive(lease) >= 1
+        await asyncio.sleep(0.3)
+    assert (await store.get(Leader, "gc")).node == "a"
+    await store.revoke_lease(lease)
+    with pytest.raises(NotFound):
+        await store.get(Leader, "gc")
+    await store.revoke_lease(lease)  # already gone: no error
+
+
+async def test_creating_under_an_unknown_lease_is_not_found_and_writes_nothing(
+    store: Store,
+) -> None:
+    from miren_store.entities import Leader
+
+    lease = await store.grant_lease(5)
+    await store.revoke_lease(lease)
+    with pytest.raises(NotFound):
+        await store.commit([Create(Leader(id="gc", node="a", lease=lease), lease=lease)])
+    with pytest.raises(NotFound):
+        await store.get(Leader, "gc")

@@ -1,0 +1,147 @@
+"""One owner per pool, decided from the store (miren_activator.cluster): the pure decision, then
+two nodes' activators on one real etcd racing for a free pool, and a node that can no longer
+prove its membership giving its pools up."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from miren_activator import Activator, ActivatorConfig
+from miren_activator.cluster import Membership, Ownership, decide, takeover_check
+from miren_activator.errors import NotOwner
+from miren_activator.policy import pool_id_for
+from miren_activator.pools import RemoteRecord
+from miren_store.backends import open_store
+from miren_store.embedded import EmbeddedEtcd
+from miren_store.entities import Node, SandboxPool
+from miren_store.memory import MemoryStore
+from miren_store.store import Store
+from tests.activator.conftest import make_version, pid_gone
+from tests.support.poll import eventually
+
+VERSION = make_version("web-v1", app="web")
+
+
+POOL_ID = pool_id_for(VERSION.id, "web")
+
+
+def pool(owner: str, lease: int) -> SandboxPool:
+    return SandboxPool(id=POOL_ID, app="web", spec=VERSION.spec, owner=owner, owner_lease=lease)
+
+
+ME = Node(id="a", advertise="10.0.0.1:80", lease=7)
+
+
+@pytest.mark.parametrize(
+    ("stored", "owner", "verdict"),
+    [
+        (pool("a", 7), ME, Ownership.LOCAL),
+        (pool("b", 9), Node(id="b", advertise="10.0.0.2:80", lease=9), Ownership.REMOTE),
+        (pool("b", 9), None, Ownership.FREE),  # b's lease expired: its Node is gone
+        (
+            pool("b", 9),
+            Node(id="b", advertise="10.0.0.2:80", lease=10),
+            Ownership.FREE,
+        ),  # re-joined
+        (pool("a", 6), ME, Ownership.FREE),  # this node's previous membership
+        (pool("", 0), None, Ownership.FREE),  # written before there were owners
+        (pool("b", 0), Node(id="b", advertise="10.0.0.2:80", lease=9), Ownership.FREE),
+    ],
+)
+def test_who_serves_a_pool(stored: SandboxPool, owner: Node | None, verdict: Ownership) -> None:
+    assert decide(stored, ME, owner) is verdict
+
+
+def test_a_takeover_is_conditioned_on_the_old_owner_as_read() -> None:
+    assert takeover_check(pool("b", 9), None).revision == 0  # still absent
+    rejoined = Node(id="b", advertise="x:1", lease=10, revision=42)
+    check = takeover_check(pool("b", 9), rejoined)
+    assert (check.kind, check.id, check.revision) == (Node, "b", 42)
+
+
+async def test_a_node_alone_on_the_memory_store_owns_everything() -> None:
+    store = MemoryStore()
+    m = Membership(store, name="solo", advertise="127.0.0.1:1")
+    assert m.proven() and (await m.join()).lease == 0
+    assert m.me().id == "solo"
+
+
+@pytest.fixture
+async def etcd_store(etcd_server: EmbeddedEtcd) -> AsyncIterator[Store]:
+    store = open_store(etcd_server.url)
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+async def member(store: Store, name: str, ttl: int = 5) -> Membership:
+    m = Membership(store, name=name, advertise=f"127.0.0.{1 + len(name)}:80{len(name)}", ttl=ttl)
+    await m.join()
+    return m
+
+
+async def test_two_nodes_race_for_a_free_pool_and_exactly_one_takes_it(
+    etcd_store: Store, tmp_path: Path
+) -> None:
+    await etcd_store.create(VERSION)
+    await etcd_store.create(pool("gone", 12345))  # its owner's lease is long gone
+    ms = [await member(etcd_store, n) for n in ("a", "bb")]
+    acts = [
+        Activator(
+            etcd_store, config=ActivatorConfig(node=m.name, log_dir=tmp_path / m.name), membership=m
+        )
+        for m in ms
+    ]
+    try:
+        leases = await asyncio.gather(*(act.acquire(VERSION, timeout=20) for act in acts))
+        local = [i for i, lease in enumerate(leases) if not lease.remote]
+        assert len(local) == 1, leases
+        winner = ms[local[0]]
+        loser = leases[1 - local[0]]
+        assert isinstance(loser.record, RemoteRecord)
+        assert loser.record.owner == winner.name
+        assert f"{loser.host}:{loser.port}" == winner.advertise  # forwarded to the winner
+        entity = await etcd_store.get(SandboxPool, POOL_ID)
+        assert winner.node is not None
+        assert (entity.owner, entity.owner_lease) == (winner.name, winner.node.lease)
+        for act, lease in zip(acts, leases, strict=True):
+            act.release(lease)
+    finally:
+        for act in acts:
+            await act.close(grace=2.0)
+        for m in ms:
+            await m.leave()
+
+
+async def test_a_node_that_cannot_prove_its_membership_gives_its_pools_up(
+    etcd_store: Store, tmp_path: Path
+) -> None:
+    await etcd_store.create(VERSION)
+    m = await member(etcd_store, "a", ttl=2)  # not renewed: proven for 80 % of 2 s
+    act = Activator(etcd_store, config=ActivatorConfig(node="a", log_dir=tmp_path),
+                    membership=m)  # fmt: skip
+    try:
+        lease = await act.acquire(VERSION, timeout=20)
+        assert not lease.remote
+        pid = lease.record.pid
+        assert pid is not None
+        act.release(lease)
+        await eventually(lambda: not m.proven(), 5, "the membership to lapse")
+        with pytest.raises(NotOwner):
+            await act.acquire(VERSION, timeout=5)
+        assert act.snapshot(VERSION.id) is None  # fenced: the pool is dropped ...
+        await eventually(lambda: pid_gone(pid), 10, "its sandbox to stop")  # ... and stopped
+        await m.join()  # a new membership: the pool (its old one's) is taken back
+        again = await act.acquire(VERSION, timeout=20)
+        assert not again.remote and again.record.pid != pid
+        entity = await etcd_store.get(SandboxPool, again.record.pool.entity.id)
+        assert m.node is not None and entity.owner_lease == m.node.lease
+        act.release(again)
+    finally:
+        await act.close(grace=2.0)
+        await m.leave()
