@@ -223,8 +223,11 @@ class UpstreamConnection(asyncio.Protocol):
             ex.upstream_lost(self, UpstreamReset())
 
     def eof_received(self) -> bool | None:
-        # Closing: a parked connection must not be taken any more.
-        self.state = move(UPSTREAM, self.state, UpEvent.CLOSE)
+        # Closing: a parked connection must not be taken any more. A tunnel stays TUNNEL until
+        # connection_lost, which closes the client's side too (the app ended a WebSocket: its
+        # client must see the close at once, not after its own close timeout).
+        if self.state is not TUNNEL:
+            self.state = move(UPSTREAM, self.state, UpEvent.CLOSE)
         return None  # close our side too; connection_lost does the bookkeeping
 
     def pause_writing(self) -> None:

@@ -125,6 +125,27 @@ async def test_an_accepted_upgrade_becomes_a_tunnel(world: World) -> None:
     assert world.ct.closed and world.router.released == 1
 
 
+async def test_an_app_that_closes_its_tunnel_closes_the_clients_side_at_once(
+    world: World,
+) -> None:
+    """As a transport reports it: the FIN (eof_received), then connection_lost. The WebSocket
+    close handshake of uvicorn ends so; the client (the `websockets` library) otherwise waited
+    its whole close timeout, 10 s, for the TCP close."""
+    world.client.data_received(
+        b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+    )
+    world.upstream.data_received(
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+    )
+    assert world.upstream.state is Up.TUNNEL
+    world.upstream.data_received(b"\x88\x02\x03\xe8")  # the app's Close frame
+    assert world.upstream.eof_received() is None  # ... then its FIN
+    world.upstream.connection_lost(None)
+    assert world.ct.take().endswith(b"\x88\x02\x03\xe8")
+    assert world.ct.closed and world.client.life is Life.CLOSING  # (CLOSED when it is lost)
+    assert world.router.released == 1
+
+
 async def test_junk_after_a_valid_request(world: World) -> None:
     world.client.data_received(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n\x00\x01junk\r\n\r\n")
     assert world.client.input is Input.DISCARD
