@@ -164,6 +164,7 @@ class Activator:
         self._sweeper: asyncio.Task[None] | None = None
         self._started = False
         self._closed = False
+        self._fences = 0  # times this node was fenced: a creation spanning one is void
         if membership is not None:
             membership.on_lost.append(self.fence)
             membership.on_peer_gone.append(self.forget_node)
@@ -403,10 +404,12 @@ class Activator:
         service: str,
         fut: asyncio.Future[PoolRecord | RemoteRecord],
     ) -> None:
+        fences = self._fences
         try:
             pool = await self._load_or_create_pool(version, service)
             if self._closed:
                 raise ActivatorClosed("the activator is shutting down")
+            self._check_still_valid(pool, fences)
         except BaseException as exc:
             # The sentinel goes before it resolves: whoever comes next starts over.
             del self._creating[key]
@@ -471,6 +474,22 @@ class Activator:
             stored = found
         return PoolRecord(version, service, stored, crash_from_entity(stored, self._clock))
 
+    def _check_still_valid(self, pool: PoolRecord | RemoteRecord, fences: int) -> None:
+        """After the awaits of a pool creation, in the step that inserts it: this node is still
+        the member it was (no fence meanwhile, its lease proven and the one the pool names), and
+        a remote owner did not leave meanwhile. Else NotOwner (the caller retries)."""
+        m = self.membership
+        if m is None:
+            return
+        node = m.node
+        if self._fences != fences or node is None or not m.proven():
+            raise NotOwner("this node lost its cluster membership while loading the pool")
+        if isinstance(pool, RemoteRecord):
+            if pool.owner_lease in m.departed:
+                raise NotOwner(f"node {pool.owner} left while its pool was being read")
+        elif pool.entity.owner_lease != node.lease:
+            raise NotOwner("the pool was taken under a membership that has ended")
+
     def _me(self) -> Node | None:
         """This node's membership (None without a Membership); NotOwner when not proven."""
         if self.membership is None:
@@ -523,18 +542,20 @@ class Activator:
         if remote is not None and self.warm.get(key[0]) is remote:
             del self.warm[key[0]]
 
-    def forget_node(self, name: str) -> None:
-        """Node `name` left (or re-joined under another lease): the pools it owned are asked
-        for again (and taken over) on their next request."""
-        for key in [k for k, r in self._remote.items() if r.owner == name]:
+    def forget_node(self, old: Node) -> None:
+        """A node left (or re-joined under another lease): the pools it owned under `old` are
+        asked for again (and taken over) on their next request."""
+        for key in [k for k, r in self._remote.items() if r.owner_lease == old.lease]:
             self._drop_remote(key)
 
     def fence(self) -> None:
         """This node lost its membership: give up every pool (fail its waiters, stop its
         sandboxes) and every remote record; nothing is served from them any more."""
         if not self._pools and not self._remote:
+            self._fences += 1
             return
         log.warning("fenced: dropping %d pools and their sandboxes", len(self._pools))
+        self._fences += 1
         lost = NotOwner("this node lost its cluster membership")
         pools = list(self._pools.values())
         self._pools.clear()
@@ -543,8 +564,18 @@ class Activator:
         for pool in pools:
             pool.removed = True
             pool.fail_waiters(lost)
-            for sb in list(pool.live):
-                self._supervisor.request_stop(sb, self._config.stop_grace)
+            stops = [
+                task
+                for sb in list(pool.live)
+                if (task := self._supervisor.request_stop(sb, self._config.stop_grace))
+            ]
+            self._supervisor.spawn(self._purge_after(pool, stops), f"purge {pool.id}")
+
+    async def _purge_after(self, pool: PoolRecord, stops: list[asyncio.Task[None]]) -> None:
+        """Once a dropped pool's sandboxes stopped, forget them (records, entities, logs)."""
+        if stops:
+            await asyncio.wait(stops)
+        self._supervisor.purge_finished(pool)
 
     async def _wait(self, pool: PoolRecord, timeout: float | None = None) -> Lease:
         if pool.removed:
@@ -618,8 +649,15 @@ class Activator:
 
     def _grant(self, pool: PoolRecord) -> None:
         """Give queued waiters, in order, units of work on the sandboxes `capacity.pick`
-        chooses (every waiter, when there is no hard cap and a sandbox runs)."""
+        chooses (every waiter, when there is no hard cap and a sandbox runs). Never while this
+        node cannot prove its membership (waiters queued before a lapse: it fences instead)."""
         waiters = pool.waiters
+        if not waiters:
+            return
+        m = self.membership
+        if m is not None and not m.proven():
+            m.check(m.proven_until)  # (fences: the waiters fail with NotOwner)
+            return
         params = pool.params
         while waiters:
             fut = waiters[0]

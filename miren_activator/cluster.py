@@ -134,7 +134,10 @@ class Membership:
         self.joins = 0
         self.on_proven: list[Callable[[float], None]] = []  # called with each new proven_until
         self.on_lost: list[Callable[[], None]] = []  # membership lost (fence!)
-        self.on_peer_gone: list[Callable[[str], None]] = []  # a node left or re-joined
+        self.on_peer_gone: list[Callable[[Node], None]] = []  # a node left or re-joined
+        # Memberships (leases) seen to end: a pool read as theirs just before the watch said
+        # so must not be trusted afterwards (see Activator._create_pool).
+        self.departed: set[int] = set()
         self._state = state_dir / "node-lease" if state_dir is not None else None
         self._task: asyncio.Task[None] | None = None
         self._closed = False
@@ -171,19 +174,20 @@ class Membership:
         for name, old in before.items():
             new = self.nodes.get(name)
             if new is None or new.lease != old.lease:
-                self._peer_gone(name)
+                self._peer_gone(old)
 
     def node_changed(self, name: str, node: Node | None) -> None:
         old = self.nodes.pop(name, None)
         if node is not None:
             self.nodes[name] = node
         if old is not None and (node is None or node.lease != old.lease):
-            self._peer_gone(name)
+            self._peer_gone(old)
 
-    def _peer_gone(self, name: str) -> None:
+    def _peer_gone(self, old: Node) -> None:
+        self.departed.add(old.lease)
         for callback in self.on_peer_gone:
             try:
-                callback(name)
+                callback(old)
             except Exception:
                 log.exception("peer-gone listener failed")
 
@@ -249,30 +253,37 @@ class Membership:
                 self._remember(0)
 
     async def _renew_loop(self) -> None:
+        """Renew every ttl/3 counted from the last renewal sent; after a failure, again at once
+        (with a short back-off), so one slow or failed round trip never costs the proof."""
+        last = monotonic()
+        failures = 0
         while not self._closed:
             node = self.node
             try:
                 if node is None:
                     await self.join(timeout=math.inf)
+                    last, failures = monotonic(), 0
                     continue
-                await asyncio.sleep(self.ttl / 3)
+                if not failures:
+                    await asyncio.sleep(max(0.0, last + self.ttl / 3 - monotonic()))
                 sent = monotonic()
                 ttl = await self.store.keep_alive(node.lease)
                 self._proven(sent + ttl * (1 - MARGIN))
+                last, failures = sent, 0
             except NotFound:
-                log.warning(
-                    "node %s lost its lease %x: re-joining", self.name, node.lease if node else 0
-                )
+                log.warning("node %s lost its lease: re-joining", self.name)
                 self._lost()
             except StoreUnavailable as exc:
-                log.warning("cannot renew the node lease: %s", exc)
+                failures += 1
+                log.warning("cannot renew the node lease (attempt %d): %s", failures, exc)
                 if not self.proven():
                     self._lost()
-                await asyncio.sleep(_RETRY)
+                await asyncio.sleep(min(_RETRY, 0.05 * 2**failures))
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("membership renewal failed")
+                failures += 1
                 await asyncio.sleep(_RETRY)
 
     def check(self, now: float) -> bool:
@@ -395,6 +406,8 @@ class Leadership:
                 await self.try_lead()
             except StoreError as exc:
                 log.debug("leadership of %s: %s", self.job, exc)
-            except NotFound:
-                pass
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("leadership of %s failed", self.job)
             await asyncio.sleep(self.interval)

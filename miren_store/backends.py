@@ -124,6 +124,10 @@ async def open_backend(
             etcd = await stack.enter_async_context(EmbeddedEtcd(Path(data_dir) / EMBEDDED_SUBDIR))
             url = etcd.url
         store = open_store(url, timeout=options.timeout, prefix=options.etcd_prefix, stats=stats)
+        if etcd is not None:
+            # The embedded etcd listens on a private unix socket in a data dir one process
+            # holds (its lock): no other node can share it, so no membership has to be proven.
+            store.shared = False  # type: ignore[misc]
         stack.push_async_callback(store.close)
         yield Backend(name.partition("://")[0], store, etcd)
 

@@ -461,6 +461,16 @@ class EtcdStore(Store):
         self._healthy = True
         self._closed = False
         self._streams: set[Any] = set()  # open watch calls, cancelled by close()
+        self._shared = True
+
+    @property
+    def shared(self) -> bool:
+        return self._shared
+
+    @shared.setter
+    def shared(self, value: bool) -> None:
+        """False for a store only this process uses (the embedded etcd: see backends)."""
+        self._shared = value
 
     def __repr__(self) -> str:
         eps = ",".join(f"{h}:{p}" for h, p in self.endpoints)

@@ -85,9 +85,11 @@ Failure rules
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import logging
 import math
+import time
 from collections.abc import Callable, Coroutine, Mapping
 from time import monotonic
 from typing import TYPE_CHECKING, Any
@@ -111,6 +113,7 @@ def default_health() -> tuple[int, Mapping[str, Any]]:
 
 
 BUSY_GAP = 20e-6  # seconds: hit-path writes closer than this are deferred (see "Writes")
+HOP_WINDOW = 30  # seconds: a signed internal hop is accepted this far from its time stamp
 
 
 class HeadTables:
@@ -157,10 +160,10 @@ class Engine:
         "connections",
         "fence_at",
         "fence_check",
+        "fences",
         "flush_soon",
         "health",
-        "hop_line",
-        "hop_token",
+        "hop_key",
         "last_write",
         "later",
         "later_armed",
@@ -214,27 +217,52 @@ class Engine:
         self.redirect_port: int | None = None
         self.login_attempts = guard.Attempts()  # protected hosts' password attempts, per client
         # Several nodes (miren_activator.cluster): past monotonic `fence_at` this node's
-        # membership is unproven, and the next request calls `fence_check(now)` (which fences
-        # the activator and returns the next instant to check). `hop_token` authenticates a
-        # request another node forwarded (X-Miren-Hop); `hop_line` is what this node adds to
-        # the requests it forwards. (b"": a node alone, which neither sends nor accepts hops.)
+        # membership is unproven, and the next request calls `check_fence` (which fences the
+        # activator; `fences` counts it). `hop_key` signs the requests this node forwards to
+        # another node and checks the ones forwarded to it (X-Miren-Hop; see `sign_hop`).
+        # (A node alone: fence_at is inf, hop_key b"": no hop is sent or accepted.)
         self.fence_at = math.inf
         self.fence_check: Callable[[float], float] = lambda now: math.inf
-        self.hop_token = b""
-        self.hop_line = b""
+        self.fences = 0
+        self.hop_key = b""
 
-    def set_hop_token(self, token: bytes) -> None:
-        """The cluster's internal-hop token (from the store's cluster secret)."""
-        self.hop_token = token
-        self.hop_line = b"X-Miren-Hop: " + token + b"\r\n\r\n" if token else b""
-        for pool in self.pools.values():
-            if pool.hop:
-                pool.hop = self.hop_line
+    def check_fence(self, now: float) -> None:
+        """The clock passed `fence_at`: ask the cluster (it fences when the membership is
+        unproven, and says until when it is proven; inf while fenced)."""
+        until = self.fence_check(now)
+        if until == math.inf:
+            self.fences += 1
+        self.fence_at = until
 
-    def is_hop(self, value: bytes) -> bool:
-        """An X-Miren-Hop value carries this cluster's token (compared in constant time)."""
-        token = self.hop_token
-        return bool(token) and hmac.compare_digest(value.strip(), token)
+    def sign_hop(self, head: bytes, host: bytes) -> bytes:
+        """`head` (a request head to another node) with its X-Miren-Hop line: the time and an
+        HMAC-SHA256, under the cluster key, of the time, the request line and the Host value.
+        A captured line is good for that request only, for HOP_WINDOW seconds."""
+        stamp = b"%d" % int(time.time())
+        line = head[: head.find(b"\r\n")]
+        mac = hmac.new(self.hop_key, stamp + b"\n" + line + b"\n" + host, hashlib.sha256)
+        return head[:-2] + b"X-Miren-Hop: " + stamp + b"." + mac.hexdigest().encode() + b"\r\n\r\n"
+
+    def is_hop(self, value: bytes, line: bytes, host: bytes) -> bool:
+        """An X-Miren-Hop value signed by a node of this cluster for this request line and
+        host, within HOP_WINDOW seconds of now."""
+        key = self.hop_key
+        stamp, dot, mac = value.strip().partition(b".")
+        if not key or not dot or not stamp.isdigit() or len(stamp) > 12:
+            return False
+        if abs(time.time() - int(stamp)) > HOP_WINDOW:
+            return False
+        want = hmac.new(key, stamp + b"\n" + line + b"\n" + host, hashlib.sha256)
+        return hmac.compare_digest(mac, want.hexdigest().encode())
+
+    def forget_peer(self, address: str) -> None:
+        """A node left: close its keep-alive connections (its address may serve something
+        else later, and must never receive a signed hop then)."""
+        host, _, port = address.rpartition(":")
+        if port.isdigit():
+            pool = self.pools.pop((host.strip("[]"), int(port)), None)
+            if pool is not None:
+                pool.close()
 
     def set_hsts(self, max_age: int) -> None:
         """HTTPS answers carry `Strict-Transport-Security: max-age=N` (0: none)."""
@@ -313,8 +341,8 @@ class Engine:
         pool = self.pools.get(key)
         if pool is None:
             pool = self.pools[key] = UpstreamPool(self, key[0], key[1])
-            if getattr(lease, "remote", False):  # another node's proxy
-                pool.hop = self.hop_line
+            if getattr(lease, "remote", False):  # another node's proxy: requests are signed
+                pool.remote = True
         return pool
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 from . import guard
 from .errorpage import render_json, render_loading, render_page, render_plain, render_response
-from .errors import ProxyError, Starting, UpstreamConnectError, UpstreamReset
+from .errors import ProxyError, ServiceUnavailable, Starting, UpstreamConnectError, UpstreamReset
 from .headers import accept_of
 from .interfaces import UNROUTED, Guard, Lease, Refusal, Target
 from .retry import Next, after_connect_error, after_upstream_lost
@@ -191,7 +191,7 @@ class Exchange:
             self._reserved()
             return
         if now >= engine.fence_at:  # (this node's cluster membership is unproven: fence)
-            engine.fence_at = engine.fence_check(now)
+            engine.check_fence(now)
         router = engine.router
         target = router.resolve(self.host, now)
         if isinstance(target, Refusal):
@@ -383,6 +383,19 @@ class Exchange:
         await asyncio.gather(waiting, return_exceptions=True)  # (our own cancel still raises)
         raise Starting()
 
+    def _check_fence(self, fences: int) -> None:
+        """After the await of a lease: if this node was fenced meanwhile (or must be now: a
+        freeze ended), the lease is handed back unused and the answer is 503."""
+        engine = self.engine
+        now = monotonic()
+        if now >= engine.fence_at:
+            engine.check_fence(now)
+        if engine.fences != fences:
+            lease, self.lease = self.lease, None
+            if lease is not None:
+                engine.router.release(lease)
+            raise ServiceUnavailable("This node cannot serve the application right now; retry.")
+
     def _is_navigation(self) -> bool:
         """A browser loading a page: GET with `Sec-Fetch-Mode: navigate`, or asking for HTML
         without `X-Requested-With` (which scripts send)."""
@@ -402,8 +415,10 @@ class Exchange:
                 lease = self.lease
                 if lease is None:
                     engine.metrics.lease_misses += 1
+                    fences = engine.fences
                     lease = self.lease = await self._acquire(target)
                     self.lease_cached = False
+                    self._check_fence(fences)
                 pool = engine.pool_for(lease)
                 conn = pool.take()
                 if conn is not None:

@@ -689,7 +689,9 @@ class InboundConnection(asyncio.Protocol):
         if upgrade and protocols is not None:
             lines.append(b"Connection: Upgrade\r\nUpgrade: " + protocols + b"\r\n")
         hop = self._hop
-        internal = hop is not None and self.engine.is_hop(hop)
+        internal = hop is not None and self.engine.is_hop(
+            hop, method + b" " + url + b" HTTP/1.1", host
+        )
         if internal:
             # Another node of the cluster forwarded it (X-Miren-Hop carries the cluster's
             # token): its X-Forwarded-* lines are the client's as that node saw them.

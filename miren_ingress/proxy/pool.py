@@ -31,7 +31,6 @@ class UpstreamPool:
     __slots__ = (
         "_engine",
         "closed",
-        "hop",
         "host",
         "idle",
         "idle_timeout",
@@ -39,6 +38,7 @@ class UpstreamPool:
         "max_idle",
         "open",
         "port",
+        "remote",
     )
 
     def __init__(self, engine: Engine, host: str, port: int) -> None:
@@ -48,9 +48,8 @@ class UpstreamPool:
         self.idle: list[UpstreamConnection] = []
         self.open = 0  # connections of this pool with an open transport (idle or busy)
         self.closed = False
-        # Another node's proxy: the line that marks each request an internal hop (b"": a
-        # sandbox or an upstream, nothing added). See Engine.hop_line.
-        self.hop = b""
+        # Another node's proxy: each request is signed as an internal hop (Engine.sign_hop).
+        self.remote = False
         self.max_idle = engine.config.pool_max_idle
         self.idle_timeout = engine.config.pool_idle_timeout
         # The last response head of this upstream that llhttp parsed and the fast path took

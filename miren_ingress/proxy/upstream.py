@@ -554,9 +554,8 @@ class UpstreamConnection(asyncio.Protocol):
             self._arm(deadline)
         pending = ex.pending
         head = ex.head
-        hop = self.pool.hop
-        if hop:  # to another node's proxy: mark the internal hop (see Engine.hop_line)
-            head = head[:-2] + hop
+        if self.pool.remote:  # to another node's proxy: a signed internal hop
+            head = self.engine.sign_hop(head, ex.host)
         if ex.inbound.write_paused:
             self.pause_reading()
         elif pending is None:

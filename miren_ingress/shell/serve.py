@@ -6,20 +6,20 @@ already started before the error propagates (no process, task or listener is lef
 steps, in start-up order:
 
     store             `miren_store.backends.open_backend` (`embedded` starts its etcd first)
-    cluster           this node's membership (miren_activator.cluster); it joins once the
-                      proxy listens (its advertised address), and leaves last
     activator         sandboxes, confined as `[sandbox]` says
     route table sync  the table follows the store through a watch
-    gc                the expiry GC
+    gc                the expiry GC (on the elected node only, with several nodes)
+    cluster           this node's membership (miren_activator.cluster); it joins once the
+                      proxy listens (its advertised address)
     proxy listener
     admin listener    then "ready" is logged
 
 Shutdown (SIGTERM / SIGINT) unwinds them: the admin listener closes; the proxy stops accepting
 and lets in-flight requests finish up to `ingress.shutdown_grace`; the GC and the table sync
 stop; every sandbox stops (SIGTERM, then SIGKILL after `activator.stop_grace`); the store closes
-and the embedded etcd stops. Leaving the cluster (revoking the node's lease) comes after the
-sandboxes stopped, so the other nodes take this node's pools over at once, never while it still
-serves them. Every child process is also tied to this process's life
+and the embedded etcd stops. Leaving the cluster (revoking the node's lease) comes right after
+the proxy drained, before the sandboxes stop: the other nodes take this node's pools over at
+once, and nothing reaches its sandboxes any more. Every child process is also tied to this process's life
 (PR_SET_PDEATHSIG), so none outlives a SIGKILL. Each step logs "started <step>" and "stopped
 <step>" at debug level.
 """
@@ -190,17 +190,15 @@ class Edge:
             self._set_hop_token()
         self._forget_removed(activator, change)
 
-    def _set_hop_token(self) -> None:
-        """The internal-hop token, derived from the cluster secret (a store shared by nodes)."""
+    def _set_hop_token(self, secret: EdgeSecret | None = None) -> None:
+        """The key internal hops are signed with, derived from the cluster secret (a store
+        shared by nodes only)."""
         engine = self.proxy.engine if self.proxy is not None else None
-        secret = self.table.secrets.get(CLUSTER_KEY)
-        if engine is None or self.store is None or not self.store.shared:
+        secret = secret or self.table.secrets.get(CLUSTER_KEY)
+        if engine is None or self.store is None or not self.store.shared or secret is None:
             return
-        token = b""
-        if secret is not None:
-            key = bytes.fromhex(secret.value)
-            token = hmac.new(key, b"miren internal hop", hashlib.sha256).hexdigest().encode()
-        engine.set_hop_token(token)
+        key = bytes.fromhex(secret.value)
+        engine.hop_key = hmac.new(key, b"miren internal hop", hashlib.sha256).digest()
 
     def _forget_removed(self, activator: Activator, change: Change | None) -> None:
         """Stop the sandboxes of versions that left the store (deleted, expired and collected)."""
@@ -253,7 +251,7 @@ class Edge:
                     ),
                 )
                 store = self.store = backend.store
-                membership = await self._start(stack, "cluster", self._cluster(store))
+                membership = self._membership(store)
                 activator = await self._start(
                     stack, "activator", self._activator(store, membership)
                 )
@@ -261,10 +259,13 @@ class Edge:
                     stack, "route table sync", self._table_sync(store, activator)
                 )
                 gc = await self._start(stack, "gc", self._gc(store))
+                # (entered before the proxy listener: it leaves the cluster once the proxy has
+                # drained, before the sandboxes stop, so the other nodes take over at once)
+                await self._start(stack, "cluster", self._cluster(membership))
                 self.proxy_address = await self._start(
                     stack, "proxy listener", self._proxy_listener(activator)
                 )
-                await self._join(membership)
+                await self._join(membership, activator)
                 if cfg.tls.listen is not None:
                     self.tls_address = await self._start(
                         stack, "tls listener", self._tls_listener(store)
@@ -313,10 +314,7 @@ class Edge:
         self.stopped.append(step)
         log.debug("stopped %s", step)
 
-    @contextlib.asynccontextmanager
-    async def _cluster(self, store: Store) -> AsyncIterator[Membership]:
-        """This node's membership (joined by `_join` once the proxy listens); on the way out,
-        after the sandboxes stopped, it leaves: its lease is revoked, its pools are free."""
+    def _membership(self, store: Store) -> Membership:
         cfg = self.config
         membership = self.membership = Membership(
             store,
@@ -326,13 +324,20 @@ class Edge:
             state_dir=Path(cfg.data_dir),
         )
         self.gc_leader = Leadership(membership, "gc")
+        return membership
+
+    @contextlib.asynccontextmanager
+    async def _cluster(self, membership: Membership) -> AsyncIterator[Membership]:
+        """On the way out: stop running for GC leader and leave (the lease is revoked: this
+        node's pools are free at once). Joining waits for the proxy's address (`_join`)."""
         try:
             yield membership
         finally:
-            await self.gc_leader.stop()
+            if self.gc_leader is not None:
+                await self.gc_leader.stop()
             await membership.leave()
 
-    async def _join(self, membership: Membership) -> None:
+    async def _join(self, membership: Membership, activator: Activator) -> None:
         """Join the cluster as `node.advertise` (default: the proxy's address), with the shared
         cluster secret in place; then renew in the background and run for GC leader."""
         assert self.proxy_address is not None and self.store is not None
@@ -341,21 +346,25 @@ class Edge:
             if host in ("0.0.0.0", "::", ""):
                 host = socket.gethostname()
             membership.advertise = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        if self.store.shared:
-            with contextlib.suppress(Conflict):
-                await self.store.create(EdgeSecret(id=CLUSTER_KEY, value=secrets.token_hex(32)))
-        await membership.join()
-        membership.start()
-        assert self.gc_leader is not None
-        self.gc_leader.start()
         engine = self.proxy.engine if self.proxy is not None else None
-        if engine is not None and membership.shared:
-            engine.fence_at = membership.proven_until
+        if self.store.shared and engine is not None:
+            # The hop key before any pool can be another node's (no unsigned forward, ever).
+            try:
+                secret = await self.store.create(
+                    EdgeSecret(id=CLUSTER_KEY, value=secrets.token_hex(32))
+                )
+            except Conflict:
+                secret = await self.store.get(EdgeSecret, CLUSTER_KEY)
+            self._set_hop_token(secret)
             engine.fence_check = lambda now: (
                 membership.proven_until if membership.check(now) else math.inf
             )
             membership.on_proven.append(lambda until: setattr(engine, "fence_at", until))
-            self._set_hop_token()
+            membership.on_peer_gone.append(lambda old: engine.forget_peer(old.advertise))
+        await membership.join()
+        membership.start()
+        assert self.gc_leader is not None
+        self.gc_leader.start()
 
     @contextlib.asynccontextmanager
     async def _activator(self, store: Store, membership: Membership) -> AsyncIterator[Activator]:

@@ -1,103 +1,157 @@
-"""The internal hop on the engine's protocols (fake transports, no sockets): a request another
-node forwarded carries `X-Miren-Hop` with the cluster's token; its X-Forwarded-* lines are kept
-as that node wrote them, it is neither redirected nor asked to log in again, and the header never
-reaches the app. A forged or stale token, or a node alone (no token), makes it an ordinary
-request whose X-Forwarded-* are the proxy's own. The node that forwards adds the line only on
-its connections to other nodes."""
+"""The internal hop on the engine's protocols (fake transports, no sockets).
+
+A request another node forwards carries `X-Miren-Hop: <time>.<HMAC>`, signed with the cluster
+key over the time, the request line and the Host value. With a valid signature its X-Forwarded-*
+lines are kept as that node wrote them, it is not redirected to HTTPS, and the header never
+reaches the app. A forged, stale, replayed-elsewhere signature, or a node alone (no key), makes
+it an ordinary request whose X-Forwarded-* are the proxy's own. The forwarding node signs only
+its requests to other nodes, and what it writes is accepted by a node with the same key.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import time
 from collections.abc import AsyncIterator
 
 import pytest
 
 from miren_ingress.proxy import StaticLease, StaticRouter
+from miren_ingress.proxy.engine import HOP_WINDOW
 from miren_ingress.proxy.testing import Bench, checked_exchanges
 
 UP = "10.0.0.9:8080"
-OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nDate: Sun, 06 Dec 2026 20:00:00 GMT\r\n\r\nok"
-TOKEN = b"0123456789abcdef" * 4
+KEY = b"k" * 32
+HOST = b"pr-1.web.test"
+LINE = b"GET /x HTTP/1.1"
 
 
 class RemoteLease(StaticLease):
     remote = True  # (as the activator's lease on another node's pool)
 
 
+class ForwardingRouter(StaticRouter):
+    """Every host is another node's pool (the lease is remote)."""
+
+    def __init__(self, node: str) -> None:
+        super().__init__({"*": node})
+        host, _, port = node.rpartition(":")
+        self.remote = RemoteLease(host=host, port=int(port), key=node)
+
+    def cached_lease(self, target: object) -> RemoteLease:  # type: ignore[override]
+        self.acquired += 1
+        return self.remote
+
+
 @pytest.fixture
 async def bench() -> AsyncIterator[Bench]:
     with checked_exchanges():
-        b = Bench(StaticRouter({"*": UP}))
-        yield b
+        yield Bench(StaticRouter({"*": UP}))
 
 
-def forwarded_head(b: Bench, request: bytes, peer: str = "10.1.1.1") -> bytes:
-    """What the upstream receives for `request` sent by a client at `peer`."""
+def received(b: Bench, request: bytes, peer: str = "10.1.1.1") -> list[tuple[bytes, bytes]]:
+    """The header fields the app receives for `request` from a client at `peer`."""
     host, _, port = UP.rpartition(":")
     _, upstream = b.park(StaticLease(host=host, port=int(port), key=UP))
     client, ct = b.client((peer, 4000))
     client.data_received(request)
     head = upstream.take()
     assert head, ct.data
-    return head.split(b"\r\n\r\n", 1)[0]
-
-
-def fields(head: bytes) -> list[tuple[bytes, bytes]]:
     out = []
-    for line in head.split(b"\r\n")[1:]:
+    for line in head.split(b"\r\n\r\n", 1)[0].split(b"\r\n")[1:]:
         name, _, value = line.partition(b": ")
         out.append((name.lower(), value))
     return out
 
 
-HOP_REQUEST = (
-    b"GET /x HTTP/1.1\r\nHost: pr-1.web.test\r\nX-Forwarded-For: 203.0.113.7\r\n"
-    b"X-Forwarded-Proto: https\r\nX-Forwarded-Host: pr-1.web.test\r\nX-Miren-Hop: %s\r\n\r\n"
-)
+def hop_request(value: bytes, path: bytes = b"/x", host: bytes = HOST) -> bytes:
+    return (
+        b"GET " + path + b" HTTP/1.1\r\nHost: " + host + b"\r\nX-Forwarded-For: 203.0.113.7\r\n"
+        b"X-Forwarded-Proto: https\r\nX-Forwarded-Host: " + host + b"\r\n"
+        b"X-Miren-Hop: " + value + b"\r\n\r\n"
+    )
 
 
-async def test_a_hop_with_the_token_keeps_the_first_nodes_forwarded_lines(bench: Bench) -> None:
-    bench.engine.set_hop_token(TOKEN)
-    got = fields(forwarded_head(bench, HOP_REQUEST % TOKEN))
+def signed(b: Bench, line: bytes = LINE, host: bytes = HOST) -> bytes:
+    head = b.engine.sign_hop(line + b"\r\nHost: " + host + b"\r\n\r\n", host)
+    return head.split(b"X-Miren-Hop: ", 1)[1].split(b"\r\n", 1)[0]
+
+
+async def test_a_signed_hop_keeps_the_first_nodes_forwarded_lines(bench: Bench) -> None:
+    bench.engine.hop_key = KEY
+    got = received(bench, hop_request(signed(bench)))
     assert (b"x-forwarded-for", b"203.0.113.7") in got  # not "..., 10.1.1.1": the node's own
     assert (b"x-forwarded-proto", b"https") in got
-    assert (b"x-forwarded-host", b"pr-1.web.test") in got
+    assert (b"x-forwarded-host", HOST) in got
     assert [n for n, _ in got].count(b"x-forwarded-for") == 1
     assert all(n != b"x-miren-hop" for n, _ in got)
 
 
-@pytest.mark.parametrize("token", [b"forged", TOKEN[:-1], TOKEN + b"x", b""])
-async def test_a_forged_hop_is_an_ordinary_request(bench: Bench, token: bytes) -> None:
-    bench.engine.set_hop_token(TOKEN)
-    got = fields(forwarded_head(bench, HOP_REQUEST % token))
+def stale(b: Bench) -> bytes:
+    stamp, _, _ = signed(b).partition(b".")
+    old = b"%d" % (int(stamp) - HOP_WINDOW - 5)
+    mac = hmac.new(KEY, old + b"\n" + LINE + b"\n" + HOST, hashlib.sha256).hexdigest()
+    return old + b"." + mac.encode()
+
+
+@pytest.mark.parametrize(
+    "forge",
+    [
+        lambda b: b"forged",
+        lambda b: b"",
+        lambda b: signed(b)[:-1] + (b"0" if signed(b)[-1:] != b"0" else b"1"),  # one digit off
+        lambda b: signed(b, line=b"GET /other HTTP/1.1"),  # captured for another request
+        lambda b: signed(b, host=b"pr-2.web.test"),  # ... for another host
+        stale,  # older than the window
+        lambda b: b"%d.%s" % (int(time.time()), b"0" * 64),
+    ],
+    ids=["junk", "empty", "bad-mac", "other-path", "other-host", "stale", "zero-mac"],
+)
+async def test_a_forged_or_replayed_hop_is_an_ordinary_request(bench: Bench, forge: object) -> None:
+    bench.engine.hop_key = KEY
+    value = forge(bench)  # type: ignore[operator]
+    got = received(bench, hop_request(value))
     assert (b"x-forwarded-for", b"203.0.113.7, 10.1.1.1") in got
     assert (b"x-forwarded-proto", b"http") in got
-    assert (b"x-forwarded-host", b"pr-1.web.test") in got
     assert [n for n, _ in got].count(b"x-forwarded-proto") == 1
     assert all(n != b"x-miren-hop" for n, _ in got)
 
 
 async def test_a_node_alone_accepts_no_hop_at_all(bench: Bench) -> None:
-    got = fields(forwarded_head(bench, HOP_REQUEST % b""))  # no token configured: b"" too
+    bench.engine.hop_key = KEY
+    value = signed(bench)
+    bench.engine.hop_key = b""  # (a node alone has no key)
+    got = received(bench, hop_request(value))
     assert (b"x-forwarded-for", b"203.0.113.7, 10.1.1.1") in got
-    assert all(n != b"x-miren-hop" for n, _ in got)
 
 
 async def test_a_hop_is_not_redirected_to_https(bench: Bench) -> None:
-    bench.engine.set_hop_token(TOKEN)
+    bench.engine.hop_key = KEY
     bench.engine.redirect_port = 8443  # (the plain listener redirects everyone else)
     plain, pt = bench.client(("10.1.1.1", 4001))
     plain.data_received(b"GET /x HTTP/1.1\r\nHost: pr-1.web.test\r\n\r\n")
     assert pt.data.startswith(b"HTTP/1.1 308 ")
-    got = fields(forwarded_head(bench, HOP_REQUEST % TOKEN))
+    got = received(bench, hop_request(signed(bench)))
     assert (b"x-forwarded-proto", b"https") in got
 
 
-async def test_the_forwarding_node_marks_only_its_requests_to_other_nodes(bench: Bench) -> None:
-    bench.engine.set_hop_token(TOKEN)
-    remote = RemoteLease(host="10.0.0.2", port=8080, key="node-b")
-    assert bench.engine.pool_for(remote).hop == b"X-Miren-Hop: " + TOKEN + b"\r\n\r\n"
+async def test_what_a_node_forwards_is_signed_and_accepted_by_the_owner() -> None:
+    router = ForwardingRouter("10.0.0.2:8080")
+    with checked_exchanges():
+        forwarder = Bench(router)
+        owner = Bench(StaticRouter({"*": UP}))
+    forwarder.engine.hop_key = owner.engine.hop_key = KEY
+    _, to_owner = forwarder.park(router.remote)
+    client, _ = forwarder.client(("198.51.100.4", 5000))
+    client.data_received(b"GET /page?q=1 HTTP/1.1\r\nHost: pr-1.web.test\r\nAccept: */*\r\n\r\n")
+    wire = to_owner.take()
+    assert b"\r\nX-Miren-Hop: " in wire
+    got = received(owner, wire, peer="10.0.0.1")  # the forwarding node's address
+    assert (b"x-forwarded-for", b"198.51.100.4") in got  # the client's, not the node's
+    assert (b"x-forwarded-host", b"pr-1.web.test") in got
+    assert all(n != b"x-miren-hop" for n, _ in got)
+    # ... and only requests to other nodes are signed.
     sandbox = StaticLease(host="10.0.0.3", port=9000, key="sb")
-    assert bench.engine.pool_for(sandbox).hop == b""
-    bench.engine.set_hop_token(b"rotated")  # the cluster secret changed: pools follow
-    assert bench.engine.pool_for(remote).hop == b"X-Miren-Hop: rotated\r\n\r\n"
-    assert bench.engine.pool_for(sandbox).hop == b""
+    assert forwarder.engine.pool_for(sandbox).remote is False
+    assert forwarder.engine.pool_for(router.remote).remote is True

@@ -3,7 +3,7 @@ routes every host, a preview runs once in the cluster, a dead owner's pools are 
 frozen owner resumed after its lease does not serve what it lost, one etcd member down changes
 nothing, one GC runs at a time.
 
-The nodes run with `node.lease_ttl = 2` (the default is 10 s) so a takeover fits a test; what
+The nodes run with `node.lease_ttl = 3` (the default is 10 s) so a takeover fits a test; what
 is asserted holds for any TTL. Timings are printed (the benchmark in benchmarks/ measures them).
 """
 
@@ -27,7 +27,7 @@ from tests.support.poll import eventually_sync
 
 pytestmark = [pytest.mark.etcd, pytest.mark.timeout(180)]
 
-TTL = 2
+TTL = 3
 APP = "web"
 ROUTE = "web.example.com"
 SPEC = {"runtime": "process", "command": list(ECHO_CMD), "cwd": str(REPO)}
@@ -135,6 +135,18 @@ def test_a_preview_requested_through_both_nodes_runs_once(nodes: list[MirenServe
         assert headers["x-forwarded-host"] == host
         assert headers["x-forwarded-proto"] == "http"
         assert "x-miren-hop" not in headers
+    # A protected preview: b admits the bypass token and strips it; a (the owner) serves the
+    # forwarded request without asking again. A forged hop header gets the login answer.
+    protect = {"mode": "previews", "password": "cluster-pass-1", "bypass_token": "ci-token-123"}
+    assert a.admin("PUT", f"/v1/apps/{APP}/protection", protect).status == 200
+    eventually_sync(lambda: b.get(host).status == 401, 10, "b to protect the preview")
+    through_b = b.get(host, headers={"X-Miren-Bypass": "ci-token-123"})
+    headers = {k.lower(): v for k, v in echo(through_b)["headers"]}
+    assert "x-miren-bypass" not in headers and echo(through_b)["sandbox"] == seen[0]["sandbox"]
+    forged_hop = b.get(host, headers={"X-Miren-Hop": f"{int(time.time())}.{'0' * 64}"})
+    assert forged_hop.status == 401
+    assert a.admin("PUT", f"/v1/apps/{APP}/protection", {"mode": "none"}).status == 200
+    eventually_sync(lambda: b.get(host).status == 200, 10, "b to open the preview again")
     # A client forging the hop header is an ordinary client: its X-Forwarded-* are not trusted.
     forged = echo(b.get(host, headers={"X-Miren-Hop": "forged", "X-Forwarded-Host": "evil",
                                        "X-Forwarded-For": "6.6.6.6"}))  # fmt: skip

@@ -21,6 +21,7 @@ from miren_store.entities import Node, SandboxPool
 from miren_store.memory import MemoryStore
 from miren_store.store import Store
 from tests.activator.conftest import make_version, pid_gone
+from tests.faults import FaultyStore
 from tests.support.poll import eventually
 
 VERSION = make_version("web-v1", app="web")
@@ -142,6 +143,44 @@ async def test_a_node_that_cannot_prove_its_membership_gives_its_pools_up(
         entity = await etcd_store.get(SandboxPool, again.record.pool.entity.id)
         assert m.node is not None and entity.owner_lease == m.node.lease
         act.release(again)
+    finally:
+        await act.close(grace=2.0)
+        await m.leave()
+
+
+async def test_a_pool_loaded_across_a_lapse_is_never_used(
+    etcd_store: Store, tmp_path: Path
+) -> None:
+    """The pool's creation is slow (the store answers after the membership lapsed): the pool
+    is not kept, no sandbox starts, the caller gets NotOwner."""
+    await etcd_store.create(VERSION)
+    m = await member(etcd_store, "a", ttl=2)
+    faulty = FaultyStore(etcd_store)
+    faulty.race(lambda: eventually(lambda: not m.proven(), 5, "the lapse"), op="create",
+                kind=SandboxPool)  # fmt: skip
+    act = Activator(faulty, config=ActivatorConfig(node="a", log_dir=tmp_path), membership=m)
+    try:
+        with pytest.raises(NotOwner):
+            await act.acquire(VERSION, timeout=20)
+        assert act.snapshot(VERSION.id) is None and act.sandboxes() == []
+    finally:
+        await act.close(grace=2.0)
+        await m.leave()
+
+
+async def test_requests_queued_before_a_lapse_get_no_lease_after_it(
+    etcd_store: Store, tmp_path: Path
+) -> None:
+    """A request waits for a boot (3 s); the membership lapses meanwhile (not renewed: 1.6 s):
+    when the sandbox is up nobody is handed a lease on it; the waiter gets NotOwner."""
+    slow = make_version("web-slow", app="web", env={"BOOT_DELAY_MS": "3000"})
+    await etcd_store.create(slow)
+    m = await member(etcd_store, "a", ttl=2)
+    act = Activator(etcd_store, config=ActivatorConfig(node="a", log_dir=tmp_path), membership=m)
+    try:
+        with pytest.raises(NotOwner):
+            await act.acquire(slow, timeout=20)
+        assert not m.proven()
     finally:
         await act.close(grace=2.0)
         await m.leave()

@@ -165,10 +165,10 @@ def test_the_embedded_etcd_listens_only_on_private_unix_sockets(tmp_path: Path) 
 
 STEPS = [
     "store",
-    "cluster",
     "activator",
     "route table sync",
     "gc",
+    "cluster",
     "proxy listener",
     "admin listener",
 ]

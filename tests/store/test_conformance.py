@@ -427,10 +427,10 @@ async def test_an_entity_under_a_lease_goes_with_it_as_one_watch_change(store: S
 async def test_keep_alive_keeps_it_and_revoke_ends_it_now(store: Store) -> None:
     from miren_store.entities import Leader
 
-    lease = await store.grant_lease(1)
+    lease = await store.grant_lease(2)
     await store.commit([Create(Leader(id="gc", node="a", lease=lease), lease=lease)])
     loop = asyncio.get_running_loop()
-    until = loop.time() + 2.5  # past two TTLs, renewed every 0.3 s
+    until = loop.time() + 4.5  # past two TTLs, renewed every 0.3 s
     while loop.time() < until:
         assert await store.keep_alive(lease) >= 1
         await asyncio.sleep(0.3)
