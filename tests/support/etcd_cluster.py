@@ -92,6 +92,24 @@ class EtcdCluster:
         text = path.read_text(errors="replace") if path.exists() else ""
         return "\n".join(text.splitlines()[-lines:])
 
+    def leader(self) -> int:
+        """The index of the member that leads now (asked of each member's status)."""
+        for i, port in enumerate(self.client_ports):
+            proc = self.procs[i]
+            if proc is None or proc.poll() is not None:
+                continue
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/v3/maintenance/status", data=b"{}", method="POST"
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=2.0) as resp:
+                    status = json.loads(resp.read())
+            except (OSError, ValueError):
+                continue
+            if status.get("leader") and status["leader"] == status["header"]["member_id"]:
+                return i
+        raise AssertionError("no etcd member says it leads")
+
     def kill(self, i: int) -> None:
         """SIGKILL member i (its group) and reap it."""
         proc = self.procs[i]
