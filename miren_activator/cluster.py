@@ -48,6 +48,7 @@ from miren_store.entities import Leader, Node, SandboxPool
 from miren_store.errors import Conflict, NotFound, StoreError, StoreUnavailable
 from miren_store.settings import setting
 from miren_store.store import Check, Create, Store
+from miren_store.tasks import cancel_and_wait
 
 log = logging.getLogger("miren.cluster")
 
@@ -238,10 +239,7 @@ class Membership:
         """Stop renewing and revoke the lease: this node's pools are free at once."""
         self._closed = True
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
         node, self.node = self.node, None
         if node is not None and self.shared:
             self.proven_until = -math.inf
@@ -371,10 +369,7 @@ class Leadership:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
 
     async def try_lead(self) -> bool:
         """One attempt: hold the job if it is free; True when this node holds it."""

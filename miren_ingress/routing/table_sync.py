@@ -10,13 +10,13 @@ the loop retries with capped exponential back-off.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 
 from miren_ingress.routing.routes import RouteTable
 from miren_store.errors import Resync, StoreError
 from miren_store.store import Change, Store
+from miren_store.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +58,7 @@ class TableSync:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
 
     async def _run(self) -> None:
         delay = self._backoff[0]

@@ -46,6 +46,7 @@ from miren_store.entities import AppVersion, utcnow
 from miren_store.errors import NotFound, StoreUnavailable
 from miren_store.settings import setting
 from miren_store.store import Store
+from miren_store.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -166,10 +167,7 @@ class ExpiryGC:
     async def stop(self) -> None:
         """Stop the loop and wait for it; safe to call twice or before start."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
 
     @property
     def running(self) -> bool:
