@@ -74,6 +74,19 @@ class StoreOptions:
             positive=True,
         ),
     )
+    etcd_user: str = attrs.field(
+        default="",
+        metadata=setting(
+            "etcd user (etcd authentication; with several nodes etcd is on the network, where "
+            "previews are too)",
+            shown="none",
+        ),
+    )
+    etcd_password: str = attrs.field(
+        default="",
+        repr=False,
+        metadata=setting("the etcd user's password (best from the environment)", shown="none"),
+    )
 
 
 @attrs.frozen
@@ -123,7 +136,14 @@ async def open_backend(
 
             etcd = await stack.enter_async_context(EmbeddedEtcd(Path(data_dir) / EMBEDDED_SUBDIR))
             url = etcd.url
-        store = open_store(url, timeout=options.timeout, prefix=options.etcd_prefix, stats=stats)
+        store = open_store(
+            url,
+            timeout=options.timeout,
+            prefix=options.etcd_prefix,
+            stats=stats,
+            user=options.etcd_user,
+            password=options.etcd_password,
+        )
         if etcd is not None:
             # The embedded etcd listens on a private unix socket in a data dir one process
             # holds (its lock): no other node can share it, so no membership has to be proven.
@@ -159,7 +179,13 @@ def parse_etcd_url(url: str) -> tuple[list[str], str | None]:
 
 
 def open_store(
-    url: str, *, timeout: float = 2.0, prefix: str = "/miren", stats: StoreStats | None = None
+    url: str,
+    *,
+    timeout: float = 2.0,
+    prefix: str = "/miren",
+    stats: StoreStats | None = None,
+    user: str = "",
+    password: str = "",
 ) -> Store:
     """A store by name (see the module docstring). Never does I/O: etcd is connected lazily,
     so this succeeds while etcd is down (its calls raise StoreUnavailable until it is up)."""
@@ -176,7 +202,14 @@ def open_store(
         from miren_store.etcd import EtcdStore
 
         try:
-            return EtcdStore(endpoints, prefix=url_prefix or prefix, timeout=timeout, stats=stats)
+            return EtcdStore(
+                endpoints,
+                prefix=url_prefix or prefix,
+                timeout=timeout,
+                stats=stats,
+                user=user,
+                password=password,
+            )
         except ValueError as exc:
             raise ValueError(f"etcd store URL {url!r}: {exc}") from exc
     if name == EMBEDDED:

@@ -357,6 +357,19 @@ class _Retryable(StoreUnavailable):
         self.unsent = unsent
 
 
+class _Reauthenticate(_Retryable):
+    """etcd no longer knows the client's auth token: a new client authenticates again."""
+
+
+def _is_auth_error(details: str) -> bool:
+    lowered = details.lower()
+    return any(
+        word in lowered
+        for word in ("authentication failed", "user name is empty", "permission denied",
+                     "invalid auth", "auth token")
+    )  # fmt: skip
+
+
 class _Compacted(StoreError):
     """A read at a fixed revision that etcd has compacted since (the read starts over)."""
 
@@ -373,6 +386,16 @@ def _translate(exc: BaseException) -> StoreError:
             return StoreUnavailable("etcd did not answer within the timeout")
         if code == rpc.StatusCode.NOT_FOUND and "lease not found" in details:
             return NotFound("lease not found (expired or revoked)")
+        if code == rpc.StatusCode.UNAUTHENTICATED and "invalid auth token" in details:
+            # (etcd restarted, or the token expired): authenticate again and resend; etcd
+            # refused the request, so even a write is safe to send again.
+            return _Reauthenticate(f"etcd: {details}", unsent=True)
+        if code in (rpc.StatusCode.UNAUTHENTICATED, rpc.StatusCode.PERMISSION_DENIED,
+                    rpc.StatusCode.INVALID_ARGUMENT) and _is_auth_error(details):  # fmt: skip
+            return StoreUnavailable(
+                f"etcd refused the credentials ({details}): check store_options.etcd_user "
+                "and etcd_password"
+            )
         if code == rpc.StatusCode.OUT_OF_RANGE and "compacted" in details:
             return _Compacted(details)
         if code in (rpc.StatusCode.INVALID_ARGUMENT, rpc.StatusCode.OUT_OF_RANGE):
@@ -387,6 +410,11 @@ def _translate(exc: BaseException) -> StoreError:
     if isinstance(exc, TimeoutError):  # asyncio.TimeoutError is TimeoutError since 3.11
         return StoreUnavailable("etcd did not answer within the timeout")
     if isinstance(exc, aetcd.exceptions.ClientError | OSError):
+        if _is_auth_error(str(exc)):  # (aetcd authenticates when it connects)
+            return StoreUnavailable(
+                f"etcd refused the credentials ({exc}): check store_options.etcd_user and "
+                "etcd_password"
+            )
         return StoreUnavailable(f"etcd client error: {exc}")
     return StoreError(f"unexpected etcd client failure: {exc!r}")
 
@@ -446,6 +474,8 @@ class EtcdStore(Store):
         retry: RetryPolicy | None = None,
         stats: StoreStats | None = None,
         max_txn_ops: int = DEFAULT_MAX_TXN_OPS,
+        user: str = "",
+        password: str = "",
     ) -> None:
         if timeout <= 0:
             raise ValueError(f"timeout must be > 0, not {timeout!r}")
@@ -455,6 +485,10 @@ class EtcdStore(Store):
         self.retry = retry or RetryPolicy()
         self.stats = stats if stats is not None else StoreStats()
         self.max_txn_ops = max_txn_ops
+        if bool(user) != bool(password):
+            raise ValueError("etcd authentication needs both a user and a password")
+        self._user = user or None
+        self._password = password or None
         self._clients: dict[int, Any] = {}  # endpoint index -> aetcd.Client, made in the loop
         self._current = 0
         self._watches_down = 0  # watches whose stream is broken (see watch_healthy)
@@ -498,7 +532,12 @@ class EtcdStore(Store):
         if client is None:
             host, port = self.endpoints[index]
             client = aetcd.Client(
-                host=host, port=port, timeout=self.timeout, options=_CHANNEL_OPTIONS
+                host=host,
+                port=port,
+                username=self._user,
+                password=self._password,
+                timeout=self.timeout,
+                options=_CHANNEL_OPTIONS,
             )
             self._clients[index] = client
         await client.connect()
@@ -556,6 +595,8 @@ class EtcdStore(Store):
                 raise
             except Exception as exc:
                 err = _translate(exc)
+                if isinstance(err, _Reauthenticate):
+                    self._clients.pop(self._current, None)  # (the next one authenticates)
                 if isinstance(err, StoreUnavailable):
                     # Unreachable or frozen: this call's retry, or the next call, tries the next
                     # endpoint (a no-op with one endpoint, whose channel reconnects by itself).

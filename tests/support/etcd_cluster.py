@@ -18,7 +18,7 @@ import subprocess
 import urllib.request
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 from tests.etcd_fixtures import suite_etcd_binary
 from tests.support.clients import free_port
@@ -28,9 +28,10 @@ START_TIMEOUT = 20.0
 
 
 class EtcdCluster:
-    def __init__(self, workdir: Path, size: int = 3) -> None:
+    def __init__(self, workdir: Path, size: int = 3, extra: tuple[str, ...] = ()) -> None:
         self.workdir = workdir
         self.size = size
+        self.extra = extra  # more etcd flags, for every member
         self.client_ports = [free_port() for _ in range(size)]
         self.peer_ports = [free_port() for _ in range(size)]
         self.procs: list[subprocess.Popen[bytes] | None] = [None] * size
@@ -62,19 +63,40 @@ class EtcdCluster:
             "--election-timeout=500",
             "--unsafe-no-fsync=true",
             "--log-level=warn",
+            *self.extra,
         ]
 
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         for i in range(self.size):
-            with open(self.workdir / f"m{i}.log", "ab") as log:
-                self.procs[i] = subprocess.Popen(
-                    self._argv(i), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-                )
+            self._spawn(i)
         for i in range(self.size):
-            eventually_sync(
-                lambda i=i: self.healthy(i), START_TIMEOUT, f"etcd member m{i} to be healthy"
+            self.wait_healthy(i)
+
+    def _spawn(self, i: int) -> None:
+        with open(self.workdir / f"m{i}.log", "ab") as log:
+            self.procs[i] = subprocess.Popen(
+                self._argv(i), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
+
+    def wait_healthy(self, i: int) -> None:
+        eventually_sync(lambda: self.healthy(i), START_TIMEOUT, f"etcd member m{i} to be healthy")
+
+    def restart(self, i: int) -> None:
+        """SIGKILL member i and start it again on its data (and ports)."""
+        self.kill(i)
+        self._spawn(i)
+
+    def post(self, i: int, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """A call to member i's JSON gateway (`/v3/...`)."""
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.client_ports[i]}{path}",
+            data=json.dumps(body).encode(),
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=5.0) as resp:
+            answer: dict[str, Any] = json.loads(resp.read())
+            return answer
 
     def healthy(self, i: int) -> bool:
         proc = self.procs[i]
