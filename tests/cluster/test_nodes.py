@@ -38,9 +38,13 @@ SPEC = {"runtime": "process", "command": list(ECHO_CMD), "cwd": str(REPO)}
 TAKEOVER_LIMIT = TTL + 15.0
 
 
+ETCD_PASSWORD = "cluster-etcd-pass"  # the etcd has authentication on, as the README advises
+
+
 @pytest.fixture(scope="module")
 def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
     with EtcdCluster(tmp_path_factory.mktemp("etcd"), size=3) as cluster:
+        cluster.enable_auth(ETCD_PASSWORD)
         yield cluster
 
 
@@ -49,7 +53,12 @@ def node(workdir: Path, name: str, store: str) -> MirenServer:
         workdir / name,
         store=store,
         token=TOKEN,
-        settings={"node_name": name, "node.lease_ttl": str(TTL)},
+        settings={
+            "node_name": name,
+            "node.lease_ttl": str(TTL),
+            "store_options.etcd_user": "root",
+            "store_options.etcd_password": ETCD_PASSWORD,
+        },
     )
 
 
@@ -260,6 +269,7 @@ def test_a_frozen_owner_resumed_after_its_lease_does_not_serve_the_pool_it_lost(
 def test_with_one_etcd_member_down_the_nodes_work_on(tmp_path: Path) -> None:
     """The member killed is the leader (the harder case: an election follows)."""
     with EtcdCluster(tmp_path / "etcd", size=3) as cluster:
+        cluster.enable_auth(ETCD_PASSWORD)
         store = f"etcd://{cluster.endpoints}/one-down"
         a, b = node(tmp_path, "a", store), node(tmp_path, "b", store)
         with a, b:

@@ -27,10 +27,7 @@ PASSWORD = "s3cret-etcd-pass"
 def etcd(tmp_path: Path) -> Iterator[EtcdCluster]:
     # Tokens unused for 1 s expire (etcd's default is 5 min): the store must notice.
     with EtcdCluster(tmp_path / "etcd", size=1, extra=("--auth-token-ttl=1",)) as cluster:
-        cluster.post(0, "/v3/auth/role/add", {"name": "root"})
-        cluster.post(0, "/v3/auth/user/add", {"name": "root", "password": PASSWORD})
-        cluster.post(0, "/v3/auth/user/grant", {"user": "root", "role": "root"})
-        cluster.post(0, "/v3/auth/enable", {})
+        cluster.enable_auth(PASSWORD)
         yield cluster
 
 

@@ -132,6 +132,13 @@ class EtcdCluster:
                 return i
         raise AssertionError("no etcd member says it leads")
 
+    def enable_auth(self, password: str) -> None:
+        """etcd authentication on, with the user `root` (role root) and `password`."""
+        self.post(0, "/v3/auth/role/add", {"name": "root"})
+        self.post(0, "/v3/auth/user/add", {"name": "root", "password": password})
+        self.post(0, "/v3/auth/user/grant", {"user": "root", "role": "root"})
+        self.post(0, "/v3/auth/enable", {})
+
     def kill(self, i: int) -> None:
         """SIGKILL member i (its group) and reap it."""
         proc = self.procs[i]
