@@ -19,7 +19,9 @@ import pytest
 
 from miren_ingress.proxy import StaticLease, StaticRouter
 from miren_ingress.proxy.engine import HOP_WINDOW
+from miren_ingress.proxy.errors import ServiceUnavailable
 from miren_ingress.proxy.testing import Bench, checked_exchanges
+from tests.support.poll import eventually
 
 UP = "10.0.0.9:8080"
 KEY = b"k" * 32
@@ -155,3 +157,34 @@ async def test_what_a_node_forwards_is_signed_and_accepted_by_the_owner() -> Non
     sandbox = StaticLease(host="10.0.0.3", port=9000, key="sb")
     assert forwarder.engine.pool_for(sandbox).remote is False
     assert forwarder.engine.pool_for(router.remote).remote is True
+
+
+class OtherNodesRouter(ForwardingRouter):
+    """Every pool is another node's; asked for a lease of its own (`local`), it has none."""
+
+    def __init__(self, node: str) -> None:
+        super().__init__(node)
+        self.asked_local: list[bool] = []
+
+    async def acquire(self, target: object, local: bool = False) -> RemoteLease:  # type: ignore[override]
+        self.asked_local.append(local)
+        if local:
+            raise ServiceUnavailable("This node cannot serve the application right now; retry.")
+        return self.remote
+
+
+async def test_a_hop_is_never_forwarded_again() -> None:
+    """A signed request reaches a node whose view says another node owns the pool (views
+    differ for a moment around a takeover): it hands the remote lease back, asks for a local
+    one, and answers 503 + Retry-After when it has none; nothing goes to the other node."""
+    router = OtherNodesRouter("10.0.0.3:8080")
+    with checked_exchanges():
+        node = Bench(router)
+    node.engine.hop_key = KEY
+    _, to_other = node.park(router.remote)
+    client, ct = node.client(("10.0.0.1", 4000))
+    client.data_received(hop_request(signed(node)))
+    await eventually(lambda: bool(ct.data), 5, "an answer")
+    assert ct.data.startswith(b"HTTP/1.1 503 ") and b"\r\nRetry-After: 1\r\n" in ct.data
+    assert router.asked_local == [True] and router.released == 1
+    assert to_other.take() == b""
