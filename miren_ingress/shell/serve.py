@@ -52,7 +52,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter
 
 from miren_activator.activator import Activator
-from miren_activator.cluster import Leadership, Membership
+from miren_activator.cluster import MARGIN, Leadership, Membership
 from miren_activator.config import ActivatorConfig
 from miren_activator.runtimes.isolation import set_undumpable
 from miren_activator.runtimes.process import ProcessRuntime
@@ -361,6 +361,17 @@ class Edge:
             )
             membership.on_proven.append(lambda until: setattr(engine, "fence_at", until))
             membership.on_peer_gone.append(lambda old: engine.forget_peer(old.advertise))
+        if membership.shared:
+            window = membership.ttl * (1 - MARGIN) - membership.ttl / 3
+            if window < 2 * self.config.store_options.timeout:
+                log.warning(
+                    "node.lease_ttl %d s leaves %.1f s for a renewal to succeed, less than two "
+                    "store calls (store_options.timeout %g s): one slow etcd answer will fence "
+                    "this node",
+                    membership.ttl,
+                    window,
+                    self.config.store_options.timeout,
+                )
         await membership.join()
         membership.start()
         assert self.gc_leader is not None

@@ -114,8 +114,9 @@ class EtcdCluster:
         text = path.read_text(errors="replace") if path.exists() else ""
         return "\n".join(text.splitlines()[-lines:])
 
-    def leader(self) -> int:
-        """The index of the member that leads now (asked of each member's status)."""
+    def leader(self) -> int | None:
+        """The index of the member that leads now (asked of each member's status); None
+        while none does (an election)."""
         for i, port in enumerate(self.client_ports):
             proc = self.procs[i]
             if proc is None or proc.poll() is not None:
@@ -130,7 +131,14 @@ class EtcdCluster:
                 continue
             if status.get("leader") and status["leader"] == status["header"]["member_id"]:
                 return i
-        raise AssertionError("no etcd member says it leads")
+        return None
+
+    def wait_leader(self, timeout: float = 20.0) -> int:
+        """The leader's index, once there is one."""
+        found: int = eventually_sync(
+            lambda: (i := self.leader()) is not None and i + 1, timeout, "an etcd leader"
+        )
+        return found - 1
 
     def enable_auth(self, password: str) -> None:
         """etcd authentication on, with the user `root` (role root) and `password`."""
