@@ -281,6 +281,8 @@ class Activator:
         """Every running sandbox is past the target: start one more if the policy says so."""
         if pool.pending or len(pool.live) >= pool.params.max_instances or self._closed:
             return  # (the common case under load, decided without the policy call)
+        if self.membership is not None and not self.membership.proven():
+            return  # (the next request fences; nothing starts meanwhile)
         n = sandboxes_to_start(
             waiting=len(pool.waiters),
             pending=pool.pending,
@@ -626,7 +628,13 @@ class Activator:
         """Hand out capacity, then start sandboxes or fail waiters as the policy says."""
         if self._closed or pool.removed:
             return
+        m = self.membership
+        if m is not None and not m.proven():
+            m.check(m.proven_until)  # (fences: nothing starts on a pool this node may lose)
+            return
         self._grant(pool)
+        if pool.removed:  # (a fence inside _grant)
+            return
         # A cancelled waiter leaves the queue when its task next runs; counting the queue with
         # them is at worst one sandbox early, and keeps this O(1) (it runs once per waiter).
         waiting = len(pool.waiters)

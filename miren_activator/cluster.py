@@ -150,7 +150,26 @@ class Membership:
     # -- what the activator asks ---------------------------------------------------------------
 
     def proven(self, now: float | None = None) -> bool:
-        return (monotonic() if now is None else now) < self.proven_until
+        """This node may act as an owner now: its lease is proven, or it is alone."""
+        if (monotonic() if now is None else now) < self.proven_until:
+            return True
+        return self.node is not None and self.alone
+
+    @property
+    def alone(self) -> bool:
+        """No other live node in this node's last view of the cluster. Then nobody could take
+        its pools over, and an unrenewable lease (an etcd outage) does not fence it: a node
+        alone keeps serving from what it has, as a single edge always did. (A node that joins
+        while this one cannot reach etcd could take its pools over unseen: run two nodes or
+        more, and they fence as the lease says.)"""
+        return all(name == self.name for name in self.nodes)
+
+    def fence_check(self, now: float) -> float:
+        """The proxy's check once its clock passed the last `proven_until`: the next instant
+        to check again (inf: fenced until the node has joined again)."""
+        if self.check(now):
+            return self.proven_until if now < self.proven_until else now + 1.0
+        return math.inf
 
     def me(self) -> Node:
         """This node's entity, when its membership is proven now; else NotMember."""
@@ -235,11 +254,15 @@ class Membership:
                 self._renew_loop(), name="miren-membership"
             )
 
+    async def stop_renewing(self) -> None:
+        """Stop the background renewal (the lease then runs out by itself)."""
+        task, self._task = self._task, None
+        await cancel_and_wait(task)
+
     async def leave(self) -> None:
         """Stop renewing and revoke the lease: this node's pools are free at once."""
         self._closed = True
-        task, self._task = self._task, None
-        await cancel_and_wait(task)
+        await self.stop_renewing()
         node, self.node = self.node, None
         if node is not None and self.shared:
             self.proven_until = -math.inf
@@ -266,7 +289,8 @@ class Membership:
                     await asyncio.sleep(max(0.0, last + self.ttl / 3 - monotonic()))
                 sent = monotonic()
                 ttl = await self.store.keep_alive(node.lease)
-                self._proven(sent + ttl * (1 - MARGIN))
+                if self.node is node:  # (not fenced meanwhile: a late answer proves nothing)
+                    self._proven(sent + ttl * (1 - MARGIN))
                 last, failures = sent, 0
             except NotFound:
                 log.warning("node %s lost its lease: re-joining", self.name)
@@ -289,6 +313,8 @@ class Membership:
         else the membership is lost now (listeners fence) and False."""
         if now < self.proven_until:
             return True
+        if self.node is not None and self.alone:
+            return True  # (see `alone`)
         if self.node is not None:
             log.warning("node %s: membership not proven since %.1fs: fencing", self.name,
                         now - self.proven_until)  # fmt: skip

@@ -496,6 +496,7 @@ class EtcdStore(Store):
         self._closed = False
         self._streams: set[Any] = set()  # open watch calls, cancelled by close()
         self._shared = True
+        self._closing: set[asyncio.Task[None]] = set()  # clients being closed (re-auth)
 
     @property
     def shared(self) -> bool:
@@ -524,7 +525,8 @@ class EtcdStore(Store):
 
     async def _client(self) -> Any:
         """The client of the current endpoint; created here, inside the running loop, because a
-        gRPC channel is bound to the loop that made it. connect() does no I/O (no auth)."""
+        gRPC channel is bound to the loop that made it. connect() authenticates when the
+        store has a user (one Authenticate call), else does no I/O."""
         if self._closed:
             raise StoreUnavailable("store is closed")
         index = self._current
@@ -542,6 +544,25 @@ class EtcdStore(Store):
             self._clients[index] = client
         await client.connect()
         return client
+
+    def _drop_client(self, client: Any) -> None:
+        """Forget `client` (its auth token is no longer valid): the next call makes a new one,
+        which authenticates. Only that client: another call may have replaced it already.
+        It is closed in the background."""
+        if client is None:
+            return
+        for index, known in builtins.list(self._clients.items()):
+            if known is client:
+                del self._clients[index]
+                task = asyncio.get_running_loop().create_task(self._close_client(client))
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
+
+    async def _close_client(self, client: Any) -> None:
+        try:
+            await client.close()
+        except Exception as exc:  # closing is best effort: the channel may be broken
+            log.debug("closing an etcd client failed: %r", exc)
 
     def _rotate(self) -> None:
         self._current = (self._current + 1) % len(self.endpoints)
@@ -588,6 +609,7 @@ class EtcdStore(Store):
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise StoreUnavailable(f"etcd did not answer within {self.timeout:g} s")
+            client = None
             try:
                 client = await self._client()
                 return await send(client, remaining)
@@ -596,7 +618,7 @@ class EtcdStore(Store):
             except Exception as exc:
                 err = _translate(exc)
                 if isinstance(err, _Reauthenticate):
-                    self._clients.pop(self._current, None)  # (the next one authenticates)
+                    self._drop_client(client)  # (the next one authenticates)
                 if isinstance(err, StoreUnavailable):
                     # Unreachable or frozen: this call's retry, or the next call, tries the next
                     # endpoint (a no-op with one endpoint, whose channel reconnects by itself).
@@ -876,9 +898,9 @@ class EtcdStore(Store):
         down = False  # this watch's stream broke and is not re-created yet (`watch_healthy`)
         try:
             while True:
-                call = None
+                call = client = None
                 try:
-                    call = await self._open_stream(last + 1)
+                    call, client = await self._open_stream(last + 1)
                     self._healthy = True
                     failures = 0
                     if down:
@@ -909,6 +931,8 @@ class EtcdStore(Store):
                         raise StoreUnavailable("store is closed") from exc
                     if not isinstance(err, StoreUnavailable):
                         raise err from exc
+                    if isinstance(err, _Reauthenticate):
+                        self._drop_client(client)
                     failures += 1
                     self._healthy = False
                     if not down:
@@ -927,9 +951,9 @@ class EtcdStore(Store):
             if down:
                 self._watches_down -= 1
 
-    async def _open_stream(self, start: int) -> Any:
+    async def _open_stream(self, start: int) -> tuple[Any, Any]:
         """A watch stream over every entity key from revision `start`, confirmed by etcd
-        within the timeout (else an error: the caller reconnects)."""
+        within the timeout (else an error: the caller reconnects), and the client it is on."""
         client = await self._client()
         call = rpc.WatchStub(client.channel).Watch(metadata=client.metadata)
         self._streams.add(call)
@@ -942,11 +966,16 @@ class EtcdStore(Store):
                 await call.write(rpc.WatchRequest(create_request=create))
                 first = await call.read()
             self._check_watch_response(first, start - 1, created=True)
+        except _Reauthenticate:
+            call.cancel()
+            self._streams.discard(call)
+            self._drop_client(client)
+            raise
         except BaseException:
             call.cancel()
             self._streams.discard(call)
             raise
-        return call
+        return call, client
 
     def _check_watch_response(self, resp: Any, last: int, *, created: bool) -> None:
         if not isinstance(resp, rpc.WatchResponse):  # grpc.aio.EOF: the server ended the stream
@@ -958,6 +987,10 @@ class EtcdStore(Store):
                 f"{resp.compact_revision}; re-list",
             )
         if resp.canceled:
+            if _is_auth_error(resp.cancel_reason):  # (a token etcd forgot: authenticate again)
+                raise _Reauthenticate(
+                    f"etcd cancelled the watch: {resp.cancel_reason}", unsent=True
+                )
             raise _Retryable(f"etcd cancelled the watch: {resp.cancel_reason}", unsent=False)
         if created and not resp.created:
             raise _Retryable("etcd did not confirm the watch", unsent=False)
@@ -966,6 +999,9 @@ class EtcdStore(Store):
         self._closed = True
         for call in builtins.list(self._streams):
             call.cancel()
+        for task in builtins.list(self._closing):
+            with contextlib.suppress(Exception):
+                await task
         clients, self._clients = builtins.list(self._clients.values()), {}
         for client in clients:
             try:

@@ -32,7 +32,6 @@ import gc as pygc
 import hashlib
 import hmac
 import logging
-import math
 import os
 import secrets
 import signal
@@ -356,9 +355,7 @@ class Edge:
             except Conflict:
                 secret = await self.store.get(EdgeSecret, CLUSTER_KEY)
             self._set_hop_token(secret)
-            engine.fence_check = lambda now: (
-                membership.proven_until if membership.check(now) else math.inf
-            )
+            engine.fence_check = membership.fence_check
             membership.on_proven.append(lambda until: setattr(engine, "fence_at", until))
             membership.on_peer_gone.append(lambda old: engine.forget_peer(old.advertise))
         if membership.shared:

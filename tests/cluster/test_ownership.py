@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
+from time import monotonic
 
 import pytest
 
@@ -17,7 +18,7 @@ from miren_activator.policy import pool_id_for
 from miren_activator.pools import RemoteRecord
 from miren_store.backends import open_store
 from miren_store.embedded import EmbeddedEtcd
-from miren_store.entities import Node, SandboxPool
+from miren_store.entities import Node, Sandbox, SandboxPool, SandboxStatus
 from miren_store.memory import MemoryStore
 from miren_store.store import Store
 from tests.activator.conftest import make_version, pid_gone
@@ -25,6 +26,7 @@ from tests.faults import FaultyStore
 from tests.support.poll import eventually
 
 VERSION = make_version("web-v1", app="web")
+LIVE = (SandboxStatus.PENDING, SandboxStatus.RUNNING)
 
 
 POOL_ID = pool_id_for(VERSION.id, "web")
@@ -81,9 +83,25 @@ async def etcd_store(etcd_server: EmbeddedEtcd) -> AsyncIterator[Store]:
 
 
 async def member(store: Store, name: str, ttl: int = 5) -> Membership:
+    """A joined membership, renewed in the background (a loaded machine cannot lapse it)."""
     m = Membership(store, name=name, advertise=f"127.0.0.{1 + len(name)}:80{len(name)}", ttl=ttl)
     await m.join()
+    m.start()
     return m
+
+
+async def with_peer(store: Store, m: Membership) -> Membership:
+    """Another live member, in `m`'s view (as the watch would report it): `m` is not alone."""
+    peer = await member(store, "peer")
+    assert peer.node is not None
+    m.node_changed("peer", peer.node)
+    return peer
+
+
+async def lapse(m: Membership) -> None:
+    """Stop renewing and wait until the lease is no longer proven by time."""
+    await m.stop_renewing()
+    await eventually(lambda: monotonic() >= m.proven_until, 10, "the proof to run out")
 
 
 async def test_two_nodes_race_for_a_free_pool_and_exactly_one_takes_it(
@@ -123,26 +141,58 @@ async def test_a_node_that_cannot_prove_its_membership_gives_its_pools_up(
     etcd_store: Store, tmp_path: Path
 ) -> None:
     await etcd_store.create(VERSION)
-    m = await member(etcd_store, "a", ttl=2)  # not renewed: proven for 80 % of 2 s
-    act = Activator(etcd_store, config=ActivatorConfig(node="a", log_dir=tmp_path),
-                    membership=m)  # fmt: skip
+    m = await member(etcd_store, "a", ttl=2)
+    peer = await with_peer(etcd_store, m)
+    act = Activator(etcd_store, config=ActivatorConfig(node="a", log_dir=tmp_path), membership=m)
     try:
         lease = await act.acquire(VERSION, timeout=20)
         assert not lease.remote
         pid = lease.record.pid
         assert pid is not None
         act.release(lease)
-        await eventually(lambda: not m.proven(), 5, "the membership to lapse")
+        await lapse(m)
+        assert not m.proven()
         with pytest.raises(NotOwner):
             await act.acquire(VERSION, timeout=5)
         assert act.snapshot(VERSION.id) is None  # fenced: the pool is dropped ...
         await eventually(lambda: pid_gone(pid), 10, "its sandbox to stop")  # ... and stopped
         await m.join()  # a new membership: the pool (its old one's) is taken back
+        m.start()
         again = await act.acquire(VERSION, timeout=20)
         assert not again.remote and again.record.pid != pid
         entity = await etcd_store.get(SandboxPool, again.record.pool.entity.id)
         assert m.node is not None and entity.owner_lease == m.node.lease
         act.release(again)
+    finally:
+        await act.close(grace=2.0)
+        await m.leave()
+        await peer.leave()
+
+
+async def test_a_node_alone_keeps_serving_when_it_cannot_renew(
+    etcd_store: Store, tmp_path: Path
+) -> None:
+    """Nobody could take its pools over (an etcd outage must not stop a single edge): it
+    serves on past its lease. Once another node is in its view, the lease rules again."""
+    await etcd_store.create(VERSION)
+    m = await member(etcd_store, "a", ttl=2)
+    act = Activator(etcd_store, config=ActivatorConfig(node="a", log_dir=tmp_path), membership=m)
+    try:
+        first = await act.acquire(VERSION, timeout=20)
+        act.release(first)
+        await lapse(m)
+        assert m.alone and m.proven() and m.check(monotonic())
+        again = await act.acquire(VERSION, timeout=5)
+        assert again.record is first.record  # the same sandbox, still served
+        act.release(again)
+        peer = await with_peer(etcd_store, m)
+        try:
+            assert not m.proven()
+            with pytest.raises(NotOwner):
+                await act.acquire(VERSION, timeout=5)
+            assert act.snapshot(VERSION.id) is None
+        finally:
+            await peer.leave()
     finally:
         await act.close(grace=2.0)
         await m.leave()
@@ -155,9 +205,9 @@ async def test_a_pool_loaded_across_a_lapse_is_never_used(
     is not kept, no sandbox starts, the caller gets NotOwner."""
     await etcd_store.create(VERSION)
     m = await member(etcd_store, "a", ttl=2)
+    peer = await with_peer(etcd_store, m)
     faulty = FaultyStore(etcd_store)
-    faulty.race(lambda: eventually(lambda: not m.proven(), 5, "the lapse"), op="create",
-                kind=SandboxPool)  # fmt: skip
+    faulty.race(lambda: lapse(m), op="create", kind=SandboxPool)
     act = Activator(faulty, config=ActivatorConfig(node="a", log_dir=tmp_path), membership=m)
     try:
         with pytest.raises(NotOwner):
@@ -166,21 +216,33 @@ async def test_a_pool_loaded_across_a_lapse_is_never_used(
     finally:
         await act.close(grace=2.0)
         await m.leave()
+        await peer.leave()
 
 
 async def test_requests_queued_before_a_lapse_get_no_lease_after_it(
     etcd_store: Store, tmp_path: Path
 ) -> None:
-    """A request waits for a boot (3 s); the membership lapses meanwhile (not renewed: 1.6 s):
-    when the sandbox is up nobody is handed a lease on it; the waiter gets NotOwner."""
-    slow = make_version("web-slow", app="web", env={"BOOT_DELAY_MS": "3000"})
+    """A request waits for a boot (3 s); the membership lapses meanwhile: when the sandbox is
+    up nobody is handed a lease on it, the waiter gets NotOwner, and no other sandbox starts
+    (the pool wants one at all times, min_instances 1: the fenced pool is not refilled)."""
+    slow = make_version("web-slow", app="web", env={"BOOT_DELAY_MS": "3000"}, min_instances=1)
     await etcd_store.create(slow)
     m = await member(etcd_store, "a", ttl=2)
+    peer = await with_peer(etcd_store, m)
     act = Activator(etcd_store, config=ActivatorConfig(node="a", log_dir=tmp_path), membership=m)
     try:
+        waiting = asyncio.ensure_future(act.acquire(slow, timeout=20))
+        await eventually(lambda: act.snapshot(slow.id) is not None, 10, "the boot to start")
+        await lapse(m)
         with pytest.raises(NotOwner):
-            await act.acquire(slow, timeout=20)
-        assert not m.proven()
+            await waiting
+
+        async def none_live() -> bool:  # (as recorded in the store: every sandbox it started)
+            await act.flush(5)
+            return all(s.status not in LIVE for s in await etcd_store.list(Sandbox))
+
+        await eventually(none_live, 10, "no live sandbox (none started after the fence)")
     finally:
         await act.close(grace=2.0)
         await m.leave()
+        await peer.leave()

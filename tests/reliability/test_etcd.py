@@ -40,9 +40,19 @@ STORE_TIMEOUT = 1.0  # --set store_options.timeout: admin 503s come within it
 ROUTABLE_WITHIN = 1.0  # a deploy right after etcd returns must route within this
 
 
+# A short node lease: every outage here outlasts it, so a node alone that fenced itself when it
+# cannot renew (it must not: nobody could take its pools over) would fail these tests.
+NODE_LEASE_TTL = 2
+
+
 def etcd_edge(tmp_path: Path, url: str) -> MirenServer:
     return MirenServer(
-        tmp_path / "edge", store=url, settings={"store_options.timeout": f"{STORE_TIMEOUT:g}s"}
+        tmp_path / "edge",
+        store=url,
+        settings={
+            "store_options.timeout": f"{STORE_TIMEOUT:g}s",
+            "node.lease_ttl": str(NODE_LEASE_TTL),
+        },
     )
 
 

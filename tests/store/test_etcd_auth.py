@@ -84,6 +84,41 @@ async def test_an_expired_token_is_replaced_without_a_failed_call(etcd: EtcdClus
         await store.close()
 
 
+async def test_a_watch_authenticates_again_after_etcd_restarted(etcd: EtcdCluster) -> None:
+    """Nothing but the watch uses the store: etcd restarts (its tokens gone); the watch's new
+    stream is refused for its stale token, and must authenticate again to see the next write."""
+    url = f"etcd://{etcd.endpoints}/auth"
+    watcher = open_store(url, user="root", password=PASSWORD)
+    writer = open_store(url, user="root", password=PASSWORD)
+    seen: list[str] = []
+    try:
+        start = (await watcher.snapshot([App])).revision
+
+        async def follow() -> None:
+            async for change in watcher.watch(start):
+                seen.append(change.id)
+
+        task = asyncio.create_task(follow())
+        await writer.create(App(name="before"))
+        await eventually(lambda: seen == ["before"], 10, "the first change")
+        etcd.restart(0)
+        await asyncio.to_thread(etcd.wait_healthy, 0)
+
+        async def written() -> bool:
+            try:
+                await writer.create(App(name="after"))
+            except StoreUnavailable:
+                return False
+            return True
+
+        await eventually(written, 20, "a write after the restart", interval=0.1)
+        await eventually(lambda: seen == ["before", "after"], 20, "the watch to see it")
+        task.cancel()
+    finally:
+        await watcher.close()
+        await writer.close()
+
+
 async def test_miren_serve_runs_on_an_authenticated_etcd(etcd: EtcdCluster, tmp_path: Path) -> None:
     async with running_edge(
         tmp_path,
