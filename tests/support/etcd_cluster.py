@@ -59,8 +59,8 @@ class EtcdCluster:
             f"--initial-cluster={peers}",
             "--initial-cluster-state=new",
             "--initial-cluster-token=miren-test",
-            "--heartbeat-interval=50",
-            "--election-timeout=500",
+            "--heartbeat-interval=100",  # (etcd's defaults: a busy machine holds no false elections)
+            "--election-timeout=1000",
             "--unsafe-no-fsync=true",
             "--log-level=warn",
             *self.extra,
