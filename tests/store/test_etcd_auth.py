@@ -15,6 +15,7 @@ import pytest
 from miren_store.backends import open_store
 from miren_store.entities import App
 from miren_store.errors import StoreError, StoreUnavailable
+from miren_store.store import Store
 from tests.support.edge import running_edge
 from tests.support.etcd_cluster import EtcdCluster
 from tests.support.poll import eventually
@@ -29,6 +30,19 @@ def etcd(tmp_path: Path) -> Iterator[EtcdCluster]:
     with EtcdCluster(tmp_path / "etcd", size=1, extra=("--auth-token-ttl=1",)) as cluster:
         cluster.enable_auth(PASSWORD)
         yield cluster
+
+
+async def create_when_back(store: Store, app: App) -> None:
+    """Create `app` once the restarted etcd answers again (StoreUnavailable until then)."""
+
+    async def created() -> bool:
+        try:
+            await store.create(app)
+        except StoreUnavailable:
+            return False
+        return True
+
+    await eventually(created, 20, f"creating {app.name} after the restart", interval=0.1)
 
 
 async def test_only_the_credentials_open_the_store(etcd: EtcdCluster) -> None:
@@ -59,15 +73,7 @@ async def test_a_restarted_etcd_is_authenticated_again(etcd: EtcdCluster) -> Non
         await store.create(App(name="before"))
         etcd.restart(0)  # (its tokens are gone with it)
         await asyncio.to_thread(etcd.wait_healthy, 0)
-
-        async def writes() -> bool:
-            try:
-                await store.create(App(name="after"))
-            except StoreUnavailable:
-                return False
-            return True
-
-        await eventually(writes, 20, "the store to write again", interval=0.1)
+        await create_when_back(store, App(name="after"))
         assert [a.name for a in await store.list(App)] == ["after", "before"]
     finally:
         await store.close()
@@ -103,15 +109,7 @@ async def test_a_watch_authenticates_again_after_etcd_restarted(etcd: EtcdCluste
         await eventually(lambda: seen == ["before"], 10, "the first change")
         etcd.restart(0)
         await asyncio.to_thread(etcd.wait_healthy, 0)
-
-        async def written() -> bool:
-            try:
-                await writer.create(App(name="after"))
-            except StoreUnavailable:
-                return False
-            return True
-
-        await eventually(written, 20, "a write after the restart", interval=0.1)
+        await create_when_back(writer, App(name="after"))
         await eventually(lambda: seen == ["before", "after"], 20, "the watch to see it")
         task.cancel()
     finally:
