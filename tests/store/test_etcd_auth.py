@@ -14,7 +14,7 @@ import pytest
 
 from miren_store.backends import open_store
 from miren_store.entities import App
-from miren_store.errors import StoreError, StoreUnavailable
+from miren_store.errors import Conflict, StoreError, StoreUnavailable
 from miren_store.store import Store
 from tests.support.edge import running_edge
 from tests.support.etcd_cluster import EtcdCluster
@@ -40,6 +40,8 @@ async def create_when_back(store: Store, app: App) -> None:
             await store.create(app)
         except StoreUnavailable:
             return False
+        except Conflict:  # (an earlier try was applied, its answer lost)
+            return True
         return True
 
     await eventually(created, 20, f"creating {app.name} after the restart", interval=0.1)
