@@ -106,6 +106,11 @@ class Lease:
         return self.record.remote
 
     @property
+    def peer(self) -> str:
+        """The node whose proxy `addr` is ("" for a sandbox)."""
+        return self.record.peer if isinstance(self.record, RemoteRecord) else ""
+
+    @property
     def version_id(self) -> str:
         return self.record.version_id
 
@@ -150,8 +155,8 @@ class RemoteRecord:
     belongs to (dropped when that node leaves or re-joins)."""
 
     __slots__ = (
-        "addr", "host", "id", "in_use", "last_used", "limit", "owner", "owner_lease", "pool",
-        "port", "remote", "service", "state", "version_id",
+        "addr", "host", "id", "in_use", "last_used", "limit", "owner", "owner_lease", "peer",
+        "pool", "port", "remote", "service", "state", "version_id",
     )  # fmt: skip
 
     def __init__(
@@ -165,6 +170,7 @@ class RemoteRecord:
         self.version_id = version_id
         self.service = service
         self.owner = owner
+        self.peer = owner  # (the Lease property of the same name: the node `addr` is)
         self.owner_lease = owner_lease
         self.in_use = 0
         self.limit = 1 << 62  # (never full here: the owner decides)

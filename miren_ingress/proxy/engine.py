@@ -116,6 +116,11 @@ BUSY_GAP = 20e-6  # seconds: hit-path writes closer than this are deferred (see 
 HOP_WINDOW = 30  # seconds: a signed internal hop is accepted this far from its time stamp
 
 
+def _hop_text(stamp: bytes, line: bytes, host: bytes, node: bytes) -> bytes:
+    """What an internal hop's HMAC covers (Engine.sign_hop, Engine.is_hop)."""
+    return stamp + b"\n" + line + b"\n" + host + b"\n" + node
+
+
 class HeadTables:
     """What the proxy adds to a response head, precomputed per kind of client connection (plain
     or TLS: HSTS) and indexed by `target.ephemeral`:
@@ -170,6 +175,7 @@ class Engine:
         "login_attempts",
         "loop",
         "metrics",
+        "node_name",
         "plain",
         "pools",
         "redirect_port",
@@ -225,6 +231,7 @@ class Engine:
         self.fence_check: Callable[[float], float] = lambda now: math.inf
         self.fences = 0
         self.hop_key = b""
+        self.node_name = b""  # this node's name: a hop must be signed for it
 
     def check_fence(self, now: float) -> None:
         """The clock passed `fence_at`: ask the cluster (it fences when the membership is
@@ -234,25 +241,26 @@ class Engine:
             self.fences += 1
         self.fence_at = until
 
-    def sign_hop(self, head: bytes, host: bytes) -> bytes:
-        """`head` (a request head to another node) with its X-Miren-Hop line: the time and an
-        HMAC-SHA256, under the cluster key, of the time, the request line and the Host value.
-        A captured line is good for that request only, for HOP_WINDOW seconds."""
+    def sign_hop(self, head: bytes, host: bytes, peer: bytes) -> bytes:
+        """`head` (a request head to the node named `peer`) with its X-Miren-Hop line: the
+        time and an HMAC-SHA256, under the cluster key, of the time, the request line, the Host
+        value and the node it is for. A captured line is good for that request to that node
+        only, for HOP_WINDOW seconds."""
         stamp = b"%d" % int(time.time())
         line = head[: head.find(b"\r\n")]
-        mac = hmac.new(self.hop_key, stamp + b"\n" + line + b"\n" + host, hashlib.sha256)
+        mac = hmac.new(self.hop_key, _hop_text(stamp, line, host, peer), hashlib.sha256)
         return head[:-2] + b"X-Miren-Hop: " + stamp + b"." + mac.hexdigest().encode() + b"\r\n\r\n"
 
     def is_hop(self, value: bytes, line: bytes, host: bytes) -> bool:
         """An X-Miren-Hop value signed by a node of this cluster for this request line and
-        host, within HOP_WINDOW seconds of now."""
+        host, to this node (`node_name`), within HOP_WINDOW seconds of now."""
         key = self.hop_key
         stamp, dot, mac = value.strip().partition(b".")
         if not key or not dot or not stamp.isdigit() or len(stamp) > 12:
             return False
         if abs(time.time() - int(stamp)) > HOP_WINDOW:
             return False
-        want = hmac.new(key, stamp + b"\n" + line + b"\n" + host, hashlib.sha256)
+        want = hmac.new(key, _hop_text(stamp, line, host, self.node_name), hashlib.sha256)
         return hmac.compare_digest(mac, want.hexdigest().encode())
 
     def forget_peer(self, address: str) -> None:
@@ -342,7 +350,7 @@ class Engine:
         if pool is None:
             pool = self.pools[key] = UpstreamPool(self, key[0], key[1])
             if getattr(lease, "remote", False):  # another node's proxy: requests are signed
-                pool.remote = True
+                pool.peer = str(getattr(lease, "peer", "")).encode()
         return pool
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:

@@ -37,8 +37,8 @@ class UpstreamPool:
         "known",
         "max_idle",
         "open",
+        "peer",
         "port",
-        "remote",
     )
 
     def __init__(self, engine: Engine, host: str, port: int) -> None:
@@ -48,8 +48,9 @@ class UpstreamPool:
         self.idle: list[UpstreamConnection] = []
         self.open = 0  # connections of this pool with an open transport (idle or busy)
         self.closed = False
-        # Another node's proxy: each request is signed as an internal hop (Engine.sign_hop).
-        self.remote = False
+        # Another node's proxy (its name): each request is signed as an internal hop for it
+        # (Engine.sign_hop). b"": a sandbox or an upstream.
+        self.peer = b""
         self.max_idle = engine.config.pool_max_idle
         self.idle_timeout = engine.config.pool_idle_timeout
         # The last response head of this upstream that llhttp parsed and the fast path took

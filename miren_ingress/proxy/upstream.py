@@ -554,8 +554,9 @@ class UpstreamConnection(asyncio.Protocol):
             self._arm(deadline)
         pending = ex.pending
         head = ex.head
-        if self.pool.remote:  # to another node's proxy: a signed internal hop
-            head = self.engine.sign_hop(head, ex.host)
+        peer = self.pool.peer
+        if peer:  # to another node's proxy: a signed internal hop
+            head = self.engine.sign_hop(head, ex.host, peer)
         if ex.inbound.write_paused:
             self.pause_reading()
         elif pending is None:

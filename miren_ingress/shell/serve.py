@@ -355,6 +355,7 @@ class Edge:
             except Conflict:
                 secret = await self.store.get(EdgeSecret, CLUSTER_KEY)
             self._set_hop_token(secret)
+            engine.node_name = membership.name.encode()
             engine.fence_check = membership.fence_check
             membership.on_proven.append(lambda until: setattr(engine, "fence_at", until))
             membership.on_peer_gone.append(lambda old: engine.forget_peer(old.advertise))

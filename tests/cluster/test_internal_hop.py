@@ -31,6 +31,7 @@ LINE = b"GET /x HTTP/1.1"
 
 class RemoteLease(StaticLease):
     remote = True  # (as the activator's lease on another node's pool)
+    peer = "owner"  # ... of the node named so
 
 
 class ForwardingRouter(StaticRouter):
@@ -46,10 +47,15 @@ class ForwardingRouter(StaticRouter):
         return self.remote
 
 
+OWNER = b"owner"  # the name of the node the hops in these tests are for
+
+
 @pytest.fixture
 async def bench() -> AsyncIterator[Bench]:
     with checked_exchanges():
-        yield Bench(StaticRouter({"*": UP}))
+        b = Bench(StaticRouter({"*": UP}))
+    b.engine.node_name = OWNER
+    yield b
 
 
 def received(b: Bench, request: bytes, peer: str = "10.1.1.1") -> list[tuple[bytes, bytes]]:
@@ -75,8 +81,8 @@ def hop_request(value: bytes, path: bytes = b"/x", host: bytes = HOST) -> bytes:
     )
 
 
-def signed(b: Bench, line: bytes = LINE, host: bytes = HOST) -> bytes:
-    head = b.engine.sign_hop(line + b"\r\nHost: " + host + b"\r\n\r\n", host)
+def signed(b: Bench, line: bytes = LINE, host: bytes = HOST, node: bytes = OWNER) -> bytes:
+    head = b.engine.sign_hop(line + b"\r\nHost: " + host + b"\r\n\r\n", host, node)
     return head.split(b"X-Miren-Hop: ", 1)[1].split(b"\r\n", 1)[0]
 
 
@@ -93,8 +99,8 @@ async def test_a_signed_hop_keeps_the_first_nodes_forwarded_lines(bench: Bench) 
 def stale(b: Bench) -> bytes:
     stamp, _, _ = signed(b).partition(b".")
     old = b"%d" % (int(stamp) - HOP_WINDOW - 5)
-    mac = hmac.new(KEY, old + b"\n" + LINE + b"\n" + HOST, hashlib.sha256).hexdigest()
-    return old + b"." + mac.encode()
+    mac = hmac.new(KEY, old + b"\n" + LINE + b"\n" + HOST + b"\n" + OWNER, hashlib.sha256)
+    return old + b"." + mac.hexdigest().encode()
 
 
 @pytest.mark.parametrize(
@@ -105,10 +111,20 @@ def stale(b: Bench) -> bytes:
         lambda b: signed(b)[:-1] + (b"0" if signed(b)[-1:] != b"0" else b"1"),  # one digit off
         lambda b: signed(b, line=b"GET /other HTTP/1.1"),  # captured for another request
         lambda b: signed(b, host=b"pr-2.web.test"),  # ... for another host
+        lambda b: signed(b, node=b"other"),  # ... for another node
         stale,  # older than the window
         lambda b: b"%d.%s" % (int(time.time()), b"0" * 64),
     ],
-    ids=["junk", "empty", "bad-mac", "other-path", "other-host", "stale", "zero-mac"],
+    ids=[
+        "junk",
+        "empty",
+        "bad-mac",
+        "other-path",
+        "other-host",
+        "other-node",
+        "stale",
+        "zero-mac",
+    ],
 )
 async def test_a_forged_or_replayed_hop_is_an_ordinary_request(bench: Bench, forge: object) -> None:
     bench.engine.hop_key = KEY
@@ -144,6 +160,7 @@ async def test_what_a_node_forwards_is_signed_and_accepted_by_the_owner() -> Non
         forwarder = Bench(router)
         owner = Bench(StaticRouter({"*": UP}))
     forwarder.engine.hop_key = owner.engine.hop_key = KEY
+    owner.engine.node_name = OWNER
     _, to_owner = forwarder.park(router.remote)
     client, _ = forwarder.client(("198.51.100.4", 5000))
     client.data_received(b"GET /page?q=1 HTTP/1.1\r\nHost: pr-1.web.test\r\nAccept: */*\r\n\r\n")
@@ -155,8 +172,8 @@ async def test_what_a_node_forwards_is_signed_and_accepted_by_the_owner() -> Non
     assert all(n != b"x-miren-hop" for n, _ in got)
     # ... and only requests to other nodes are signed.
     sandbox = StaticLease(host="10.0.0.3", port=9000, key="sb")
-    assert forwarder.engine.pool_for(sandbox).remote is False
-    assert forwarder.engine.pool_for(router.remote).remote is True
+    assert forwarder.engine.pool_for(sandbox).peer == b""
+    assert forwarder.engine.pool_for(router.remote).peer == OWNER
 
 
 class OtherNodesRouter(ForwardingRouter):
@@ -181,6 +198,7 @@ async def test_a_hop_is_never_forwarded_again() -> None:
     with checked_exchanges():
         node = Bench(router)
     node.engine.hop_key = KEY
+    node.engine.node_name = OWNER
     _, to_other = node.park(router.remote)
     client, ct = node.client(("10.0.0.1", 4000))
     client.data_received(hop_request(signed(node)))
