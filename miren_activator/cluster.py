@@ -182,9 +182,6 @@ class Membership:
             raise NotMember(f"node {self.name} is not a proven cluster member right now")
         return node
 
-    def peer(self, name: str) -> Node | None:
-        return self.nodes.get(name)
-
     # -- the watch's news ----------------------------------------------------------------------
 
     def load(self, nodes: Mapping[str, Node]) -> None:

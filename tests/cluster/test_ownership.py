@@ -12,7 +12,13 @@ from time import monotonic
 import pytest
 
 from miren_activator import Activator, ActivatorConfig
-from miren_activator.cluster import Membership, Ownership, decide, takeover_check
+from miren_activator.cluster import (
+    Membership,
+    NodeNameTaken,
+    Ownership,
+    decide,
+    takeover_check,
+)
 from miren_activator.errors import NotOwner
 from miren_activator.policy import pool_id_for
 from miren_activator.pools import RemoteRecord
@@ -246,3 +252,26 @@ async def test_requests_queued_before_a_lapse_get_no_lease_after_it(
         await act.close(grace=2.0)
         await m.leave()
         await peer.leave()
+
+
+async def test_a_second_live_node_with_the_same_name_is_refused(etcd_store: Store) -> None:
+    first = await member(etcd_store, "a")
+    try:
+        twin = Membership(etcd_store, name="a", advertise="127.0.0.9:80", ttl=5)
+        with pytest.raises(NodeNameTaken, match="node name 'a' is held by a live node at"):
+            await twin.join(timeout=0.5)
+        assert twin.node is None and first.proven()
+    finally:
+        await first.leave()
+
+
+async def test_a_restart_takes_its_name_back_at_once(etcd_store: Store, tmp_path: Path) -> None:
+    """A node killed without leaving (its Node still lives under its lease) starts again on the
+    same data dir: it revokes its previous lease (recorded there) instead of waiting it out."""
+    before = Membership(etcd_store, name="a", advertise="127.0.0.2:80", ttl=30,
+                        state_dir=tmp_path)  # fmt: skip
+    old = await before.join()
+    after = Membership(etcd_store, name="a", advertise="127.0.0.2:80", ttl=30, state_dir=tmp_path)
+    new = await after.join(timeout=1.0)  # (a wait for the 30 s lease would fail here)
+    assert new.lease != old.lease and (await etcd_store.get(Node, "a")).lease == new.lease
+    await after.leave()
