@@ -157,6 +157,7 @@ class Engine:
 
     __slots__ = (
         "_drained",
+        "_hop_warned",
         "_robots",
         "acme_answers",
         "busy_gap",
@@ -232,6 +233,7 @@ class Engine:
         self.fences = 0
         self.hop_key = b""
         self.node_name = b""  # this node's name: a hop must be signed for it
+        self._hop_warned = -math.inf
 
     def check_fence(self, now: float) -> None:
         """The clock passed `fence_at`: ask the cluster (it fences when the membership is
@@ -255,13 +257,32 @@ class Engine:
         """An X-Miren-Hop value signed by a node of this cluster for this request line and
         host, to this node (`node_name`), within HOP_WINDOW seconds of now."""
         key = self.hop_key
+        if not key:
+            return False  # (a node alone: the header is a client's, dropped)
         stamp, dot, mac = value.strip().partition(b".")
-        if not key or not dot or not stamp.isdigit() or len(stamp) > 12:
-            return False
-        if abs(time.time() - int(stamp)) > HOP_WINDOW:
-            return False
-        want = hmac.new(key, _hop_text(stamp, line, host, self.node_name), hashlib.sha256)
-        return hmac.compare_digest(mac, want.hexdigest().encode())
+        skew = 0.0
+        ok = dot and stamp.isdigit() and len(stamp) <= 12
+        if ok:
+            skew = time.time() - int(stamp)
+            want = hmac.new(key, _hop_text(stamp, line, host, self.node_name), hashlib.sha256)
+            ok = abs(skew) <= HOP_WINDOW and hmac.compare_digest(mac, want.hexdigest().encode())
+        if not ok:
+            self._hop_refused(skew)
+        return bool(ok)
+
+    def _hop_refused(self, skew: float) -> None:
+        """Counted, and logged at most once a minute: a stream of them means a forger, or a node
+        whose clock is off (its forwards lose their X-Forwarded-* and are asked to log in)."""
+        self.metrics.hops_refused += 1
+        now = time.monotonic()
+        if now - self._hop_warned >= 60.0:
+            self._hop_warned = now
+            log.warning(
+                "refused an X-Miren-Hop that did not verify (%d so far; its time stamp %.0f s "
+                "from this node's clock): a forgery, or a node whose clock is off",
+                self.metrics.hops_refused,
+                skew,
+            )
 
     def forget_peer(self, address: str) -> None:
         """A node left: close its keep-alive connections (its address may serve something

@@ -71,6 +71,7 @@ class ProxyMetrics(Collector):
         self._tunnels = tunnels
         self.lease_hits = 0
         self.lease_misses = 0
+        self.hops_refused = 0  # X-Miren-Hop values that did not verify (forged, stale, skewed)
         self.registry = registry
         registry.register(self)
 
@@ -155,3 +156,9 @@ class ProxyMetrics(Collector):
         for reason, n in list(self._errors.items()):
             errors.add_metric([reason], n)
         yield errors
+        yield CounterMetricFamily(
+            "miren_ingress_internal_hops_refused",
+            "X-Miren-Hop headers that did not verify (forged, replayed, or a node whose clock is "
+            "more than 30 s off): served as ordinary requests.",
+            value=self.hops_refused,
+        )

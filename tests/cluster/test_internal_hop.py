@@ -89,6 +89,7 @@ def signed(b: Bench, line: bytes = LINE, host: bytes = HOST, node: bytes = OWNER
 async def test_a_signed_hop_keeps_the_first_nodes_forwarded_lines(bench: Bench) -> None:
     bench.engine.hop_key = KEY
     got = received(bench, hop_request(signed(bench)))
+    assert bench.metrics.hops_refused == 0
     assert (b"x-forwarded-for", b"203.0.113.7") in got  # not "..., 10.1.1.1": the node's own
     assert (b"x-forwarded-proto", b"https") in got
     assert (b"x-forwarded-host", HOST) in got
@@ -130,6 +131,7 @@ async def test_a_forged_or_replayed_hop_is_an_ordinary_request(bench: Bench, for
     bench.engine.hop_key = KEY
     value = forge(bench)  # type: ignore[operator]
     got = received(bench, hop_request(value))
+    assert bench.metrics.hops_refused == 1  # counted (and logged at most once a minute)
     assert (b"x-forwarded-for", b"203.0.113.7, 10.1.1.1") in got
     assert (b"x-forwarded-proto", b"http") in got
     assert [n for n, _ in got].count(b"x-forwarded-proto") == 1
@@ -142,6 +144,7 @@ async def test_a_node_alone_accepts_no_hop_at_all(bench: Bench) -> None:
     bench.engine.hop_key = b""  # (a node alone has no key)
     got = received(bench, hop_request(value))
     assert (b"x-forwarded-for", b"203.0.113.7, 10.1.1.1") in got
+    assert bench.metrics.hops_refused == 0  # (a client's header, dropped: nothing to report)
 
 
 async def test_a_hop_is_not_redirected_to_https(bench: Bench) -> None:
