@@ -86,11 +86,23 @@ def setup_app(server: MirenServer) -> None:
     assert server.admin("PUT", f"/v1/routes/{ROUTE}", {"app": APP}).status in (200, 201)
 
 
-def deploy_preview(server: MirenServer, label: str) -> str:
-    reply = server.admin(
-        "POST", f"/v1/apps/{APP}/deploys", {"spec": SPEC, "ephemeral": {"label": label}}
-    )
-    assert reply.status == 201, reply
+def deploy_preview(server: MirenServer, label: str, *, retry_503: float = 0.0) -> str:
+    """Deploy the preview `label` through `server`. With `retry_503`, a 503 (the store busy,
+    e.g. electing a leader) is retried for that many seconds, as a CI client does."""
+
+    def deployed() -> bool:
+        reply = server.admin(
+            "POST", f"/v1/apps/{APP}/deploys", {"spec": SPEC, "ephemeral": {"label": label}}
+        )
+        if reply.status == 503 and retry_503:
+            return False
+        assert reply.status == 201, reply
+        return True
+
+    if retry_503:
+        eventually_sync(deployed, retry_503, f"the deploy of {label}", interval=0.2)
+    else:
+        deployed()
     return f"{label}.{ROUTE}"
 
 
@@ -283,7 +295,7 @@ def test_with_one_etcd_member_down_the_nodes_work_on(tmp_path: Path) -> None:
             # answers 503 store_unavailable, as it should)
             cluster.wait_leader()
             # Everything still works: deploys, routing on the other node, the same sandbox.
-            host2 = deploy_preview(a, "pr-5")
+            host2 = deploy_preview(a, "pr-5", retry_503=20)  # (503 while a call hits the gap)
             eventually_sync(lambda: b.get(host2, timeout=20).status == 200, 20, "pr-5 on b")
             assert echo(a.get(host))["sandbox"] == sandbox
             time.sleep(8)  # (several renewals: both memberships hold without the leader)
