@@ -132,7 +132,6 @@ class Membership:
         # Monotonic instant until which the membership is proven (inf: a store of one process).
         self.proven_until = -math.inf if self.shared else math.inf
         self.nodes: dict[str, Node] = {}  # live nodes as the watch last showed them
-        self.joins = 0
         self.on_proven: list[Callable[[float], None]] = []  # called with each new proven_until
         self.on_lost: list[Callable[[], None]] = []  # membership lost (fence!)
         self.on_peer_gone: list[Callable[[Node], None]] = []  # a node left or re-joined
@@ -238,7 +237,6 @@ class Membership:
                 continue
             self.node = attrs.evolve(node, revision=rev)
             self.nodes[self.name] = self.node
-            self.joins += 1
             self._remember(lease)
             self._proven(sent + self.ttl * (1 - MARGIN))
             log.info("joined the cluster as %s (%s, lease %x)", self.name, self.advertise, lease)

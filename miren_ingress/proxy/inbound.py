@@ -693,8 +693,9 @@ class InboundConnection(asyncio.Protocol):
             hop, method + b" " + url + b" HTTP/1.1", host
         )
         if internal:
-            # Another node of the cluster forwarded it (X-Miren-Hop carries the cluster's
-            # token): its X-Forwarded-* lines are the client's as that node saw them.
+            # Another node of the cluster forwarded it (X-Miren-Hop signed for this request and
+            # this node, Engine.is_hop): its X-Forwarded-* lines are the client's as that node
+            # saw them.
             xff = self._xff if self._xff is not None else self.peer
             fwd = b"".join(self._fwd_set) if self._fwd_set else b""
             lines.append(b"X-Forwarded-For: " + xff + b"\r\n" + fwd + b"\r\n")

@@ -186,10 +186,10 @@ class Edge:
             elif change.kind is Node:
                 m.node_changed(change.id, change.entity)
         if change is None or change.kind is EdgeSecret:
-            self._set_hop_token()
+            self._set_hop_key()
         self._forget_removed(activator, change)
 
-    def _set_hop_token(self, secret: EdgeSecret | None = None) -> None:
+    def _set_hop_key(self, secret: EdgeSecret | None = None) -> None:
         """The key internal hops are signed with, derived from the cluster secret (a store
         shared by nodes only)."""
         engine = self.proxy.engine if self.proxy is not None else None
@@ -354,7 +354,7 @@ class Edge:
                 )
             except Conflict:
                 secret = await self.store.get(EdgeSecret, CLUSTER_KEY)
-            self._set_hop_token(secret)
+            self._set_hop_key(secret)
             engine.node_name = membership.name.encode()
             engine.fence_check = membership.fence_check
             membership.on_proven.append(lambda until: setattr(engine, "fence_at", until))
