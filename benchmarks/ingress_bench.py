@@ -368,7 +368,9 @@ def stop_process(
 class Serve:
     """One `miren serve --store memory` of a source tree, pinned to CPU 0 from its start."""
 
-    def __init__(self, tree: Path, work: Path, name: str, gc_threshold: int) -> None:
+    def __init__(
+        self, tree: Path, work: Path, name: str, gc_threshold: int, pure: bool = False
+    ) -> None:
         self.tree = tree
         self.name = name
         self.proxy_port, self.admin_port = free_port(), free_port()
@@ -393,6 +395,8 @@ class Serve:
         ]  # fmt: skip
         # The tree's own packages (a baseline checkout, or this one), not the installed ones.
         env = {**os.environ, "PYTHONPATH": str(tree), "MIREN_ADMIN_TOKEN": TOKEN}
+        if pure:  # the hot path from its Python sources, compiled or not (hotpath.py)
+            env["MIREN_PURE_PYTHON"] = "1"
         with open(work / f"miren-serve-{name}.log", "wb") as log:
             self.proc = subprocess.Popen(
                 cmd, cwd=tree, stdout=log, stderr=subprocess.STDOUT, env=env
@@ -422,6 +426,9 @@ def full(args: argparse.Namespace) -> int:
         # The same deploy on another checkout (e.g. `git worktree add /tmp/base <commit>`):
         # its rows are `route-base` and `preview-base`, interleaved with ours in the same run.
         serves.append(Serve(args.baseline.resolve(), work, "base", args.gc_threshold))
+    if args.pure:
+        # This tree again, its hot path run from the Python sources: `route-pure`, `preview-pure`.
+        serves.append(Serve(REPO, work, "pure", args.gc_threshold, pure=True))
     floor: subprocess.Popen[bytes] | None = None
     floor_port = free_port()
     if args.floor:
@@ -439,6 +446,7 @@ def full(args: argparse.Namespace) -> int:
         load = os.getloadavg()
         gc_note = f"; gc threshold {args.gc_threshold}" if args.gc_threshold else ""
         base_note = f"; baseline tree {args.baseline}" if args.baseline is not None else ""
+        base_note += "; -pure: MIREN_PURE_PYTHON=1" if args.pure else ""
         header = (
             f"\n## ingress_bench {time.strftime('%Y-%m-%d %H:%M:%S')} "
             f"(load {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; miren serve pid "
@@ -500,11 +508,19 @@ def full(args: argparse.Namespace) -> int:
 
 def _foreign_cpu_unknown(table: str) -> str:
     """compare.py charges every --target's CPU to the first --pin-pid (this tree's miren
-    serve): the floor's and the baseline's rows would show its idle CPU. Blank them."""
+    serve): the floor's, the baseline's and the pure rows would show its idle CPU. Blank them."""
     lines = []
     for line in table.splitlines():
         cells = line.split("|")
-        if line.startswith(("| floor |", "| route-base |", "| preview-base |")):
+        if line.startswith(
+            (
+                "| floor |",
+                "| route-base |",
+                "| preview-base |",
+                "| route-pure |",
+                "| preview-pure |",
+            )
+        ):
             cells[7] = " - "
         lines.append("|".join(cells))
     return "\n".join(lines)
@@ -595,6 +611,10 @@ def main() -> int:
     ap.add_argument(
         "--baseline", type=Path, default=None,
         help="another source tree (a checkout of an earlier commit) measured in the same run",
+    )  # fmt: skip
+    ap.add_argument(
+        "--pure", action="store_true",
+        help="also serve this tree with its hot path from the Python sources (MIREN_PURE_PYTHON)",
     )  # fmt: skip
     ap.add_argument(
         "--spec", choices=["default", "tuned"], default="default",

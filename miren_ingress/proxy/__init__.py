@@ -9,6 +9,10 @@ See engine.py for the theory of operation. Public API:
 
 from __future__ import annotations
 
+# First: decides whether the hot modules load compiled or from their sources (see hotpath.py).
+from .hotpath import HOT_PATH
+
+# isort: split
 from .config import ProxyConfig
 from .engine import HealthCheck
 from .errors import (
@@ -31,6 +35,7 @@ from .server import ProxyServer, freeze_gc
 from .static import StaticRouter, normalize_host
 
 __all__ = [
+    "HOT_PATH",
     "ActivationTimeout",
     "BadGateway",
     "BadRequest",

@@ -58,6 +58,7 @@ from miren_activator.runtimes.process import ProcessRuntime
 from miren_activator.runtimes.upstream import UpstreamRuntime
 from miren_ingress.admin import token as admin_token
 from miren_ingress.admin.api import AdminContext, AdminRunner, make_admin_app
+from miren_ingress.proxy.hotpath import HOT_PATH
 from miren_ingress.proxy.server import ProxyServer
 from miren_ingress.routing.router import EdgeRouter
 from miren_ingress.routing.routes import CLUSTER_KEY, RouteTable
@@ -544,12 +545,15 @@ class Edge:
         pygc.freeze()  # start-up objects never need scanning again
         assert self.proxy_address is not None and self.admin_address is not None
         log.info(
-            "miren serve ready in %.2fs: proxy on %s:%d, admin API on %s:%d, store %s",
+            "miren serve ready in %.2fs: proxy on %s:%d, admin API on %s:%d, store %s, hot path %s",
             self.ready_after,
             *self.proxy_address,
             *self.admin_address,
             cfg.store,
+            HOT_PATH.describe(),
         )
+        if HOT_PATH.warn:
+            log.warning("the proxy's hot path runs from its Python sources: %s", HOT_PATH.reason)
 
 
 async def _listen(key: str, host: str, port: int, opening: Awaitable[T]) -> T:

@@ -18,6 +18,7 @@ from time import monotonic
 import pytest
 
 from miren_ingress.proxy.engine import Engine
+from tests.support.hotpath import needs_sources
 
 from .conftest import ProxyHandle, RawUpstream, parse_responses, raw_exchange
 
@@ -146,6 +147,7 @@ class _QuietGap:
         return False
 
 
+@needs_sources  # (busy_gap is a float in compiled code)
 async def test_every_hit_path_write_sets_the_time_the_next_is_measured_from(
     proxy, ok_upstream: RawUpstream
 ) -> None:

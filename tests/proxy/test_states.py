@@ -27,6 +27,7 @@ from miren_ingress.proxy.states import (
     move,
 )
 from miren_ingress.proxy.testing import Bench, CheckedExchange
+from tests.support.hotpath import needs_sources
 
 W, R, S, P, T, D = Ex
 E = ExEvent
@@ -145,6 +146,7 @@ def test_the_ordered_shortcuts_hold() -> None:
     assert Input.PARSE == 0 and Up.OPEN == 0  # (`if self.input:` and `not conn.state`)
 
 
+@needs_sources
 async def test_a_checked_exchange_refuses_a_move_the_table_does_not_have() -> None:
     bench = Bench(StaticRouter({}))
     inbound, _ = bench.client()
