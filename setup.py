@@ -1,7 +1,8 @@
 """Build step: the proxy's hot path is compiled with mypyc (C extensions from the same typed
 sources), everything else stays Python. See the README, "Compiled hot path".
 
-- `MIREN_PURE_PYTHON=1` at install time builds nothing: the package runs from its sources.
+- `MIREN_PURE_PYTHON=1` at install time builds nothing (and removes an earlier in-place
+  build): the package runs from its sources.
 - Without mypyc or a C compiler the install still succeeds, pure Python, with a warning; `miren
   serve` says at start which hot path it runs (`miren_ingress/proxy/hotpath.py`).
 - An editable install compiles in place. After an edit of any module of `miren_ingress/proxy`
@@ -45,30 +46,52 @@ def _warn(message: str) -> None:
 
 
 class OptionalBuildExt(build_ext):
-    """A failed compile (no C compiler, no Python headers) leaves the pure-Python package."""
+    """Builds the hot path, then records the digest of the sources it was compiled from next
+    to it (in the build and, for an editable install, in the tree). A failed compile (no C
+    compiler, no Python headers) leaves no digest, so the package runs its sources."""
 
     def run(self) -> None:
+        targets = [Path(self.build_lib) / "miren_ingress" / "proxy"]
+        if self.inplace:
+            targets.append(PROXY)
+        for directory in targets:
+            (directory / HOTPATH.DIGEST).unlink(missing_ok=True)
         try:
             super().run()
-        except Exception as exc:  # (a part may be built: the package then runs its sources)
+        except Exception as exc:
             _warn(f"compiling the hot path failed ({exc}); it runs as pure Python")
+            return
+        if self.extensions and COMPILED_FROM:
+            for directory in targets:
+                directory.mkdir(parents=True, exist_ok=True)
+                (directory / HOTPATH.DIGEST).write_text(COMPILED_FROM + "\n")
 
 
-def ext_modules() -> list[Any]:
-    hotpath = _hotpath()
-    digest = PROXY / hotpath.DIGEST
-    digest.unlink(missing_ok=True)
-    if os.environ.get("MIREN_PURE_PYTHON"):
-        return []
+def _remove_in_place_build() -> None:
+    """An earlier editable build's extensions and digest (a pure install builds nothing)."""
+    for name in (*HOTPATH.HOT, HOTPATH.SHARED):
+        for path in PROXY.glob(f"{name}.*"):
+            if path.suffix in (".so", ".pyd"):
+                path.unlink()
+    (PROXY / HOTPATH.DIGEST).unlink(missing_ok=True)
+
+
+def ext_modules() -> tuple[list[Any], str]:
+    """The extensions to build, and the digest of the sources they are compiled from."""
+    if HOTPATH.pure_requested(os.environ.get(HOTPATH.PURE_ENV)):
+        _remove_in_place_build()
+        return [], ""
     try:
         from mypyc.build import mypycify
     except ImportError:
         _warn("mypyc is not available; installing the hot path as pure Python")
-        return []
-    digest.write_text(hotpath.sources_digest(PROXY) + "\n")
-    hot = [f"miren_ingress/proxy/{name}.py" for name in hotpath.HOT]
-    group = f"{hotpath.PACKAGE}.{hotpath.SHARED.removesuffix('__mypyc')}"
-    return list(mypycify([*MYPY_OPTIONS, *hot], group_name=group))
+        return [], ""
+    digest = HOTPATH.sources_digest(PROXY)  # (mypycify reads the sources now)
+    hot = [f"miren_ingress/proxy/{name}.py" for name in HOTPATH.HOT]
+    group = f"{HOTPATH.PACKAGE}.{HOTPATH.SHARED.removesuffix('__mypyc')}"
+    return list(mypycify([*MYPY_OPTIONS, *hot], group_name=group)), digest
 
 
-setup(ext_modules=ext_modules(), cmdclass={"build_ext": OptionalBuildExt})
+HOTPATH = _hotpath()
+EXTENSIONS, COMPILED_FROM = ext_modules()
+setup(ext_modules=EXTENSIONS, cmdclass={"build_ext": OptionalBuildExt})

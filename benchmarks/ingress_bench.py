@@ -167,7 +167,7 @@ def micro(
     from prometheus_client import CollectorRegistry
 
     from miren_activator.activator import Activator
-    from miren_ingress.proxy import ProxyConfig
+    from miren_ingress.proxy import HOT_PATH, ProxyConfig
     from miren_ingress.proxy.engine import Engine
     from miren_ingress.proxy.inbound import InboundConnection
     from miren_ingress.proxy.metrics import ProxyMetrics
@@ -287,7 +287,7 @@ def micro(
         assert upstream_transport.writes - before == total  # type: ignore[attr-defined]
         print(
             f"{label:31} min {min(results):.2f}  median {statistics.median(results):.2f} µs of"
-            " Python per request (CPU time, fake transports)"
+            f" Python per request (CPU time, fake transports; hot path {HOT_PATH.describe()})"
         )
         if opcodes:
 

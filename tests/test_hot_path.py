@@ -15,7 +15,14 @@ import pytest
 
 import miren_ingress
 from miren_ingress.proxy import inbound
-from miren_ingress.proxy.hotpath import HOT, HOT_PATH, SHARED, decide, sources_digest
+from miren_ingress.proxy.hotpath import (
+    HOT,
+    HOT_PATH,
+    SHARED,
+    decide,
+    pure_requested,
+    sources_digest,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 ALL = {name: True for name in (*HOT, SHARED)}
@@ -45,10 +52,25 @@ def test_an_incomplete_build_runs_the_sources_and_says_what_is_missing() -> None
 
 
 def test_changed_sources_run_as_sources_and_say_how_to_compile_again() -> None:
-    for recorded in ("d0", None):
-        choice = decide(ALL, recorded, "d1", pure=False)
-        assert (choice.compiled, choice.warn) == (False, True)
-        assert "pip install -e ." in choice.reason
+    choice = decide(ALL, "d0", "d1", pure=False)
+    assert (choice.compiled, choice.warn) == (False, True)
+    assert "sources changed" in choice.reason and "pip install -e ." in choice.reason
+
+
+def test_a_build_without_its_record_runs_the_sources() -> None:
+    # setup.py records the digest only after the compile succeeded.
+    choice = decide(ALL, None, "d1", pure=False)
+    assert (choice.compiled, choice.warn) == (False, True)
+    assert "no record of its sources" in choice.reason
+
+
+@pytest.mark.parametrize(
+    ("value", "pure"),
+    [("1", True), ("true", True), (" YES ", True), ("on", True), ("0", False), ("false", False),
+     ("no", False), ("off", False), ("", False), (None, False)],
+)  # fmt: skip
+def test_the_pure_setting_reads_like_a_config_boolean(value: str | None, pure: bool) -> None:
+    assert pure_requested(value) is pure
 
 
 def test_the_digest_covers_every_source_of_the_package(tmp_path: Path) -> None:
@@ -126,3 +148,30 @@ def test_the_proxy_tests_pass_on_the_python_sources_too() -> None:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
     assert " skipped" not in proc.stdout.splitlines()[-1]  # (every test ran, checked)
+
+
+# --- the build ---------------------------------------------------------------------------------
+@pytest.mark.timeout(300)
+def test_a_failed_compile_leaves_no_record_and_the_sources_run(tmp_path: Path) -> None:
+    shutil.copy(REPO / "setup.py", tmp_path)
+    shutil.copy(REPO / "pyproject.toml", tmp_path)
+    shutil.copytree(
+        REPO / "miren_ingress",
+        tmp_path / "miren_ingress",
+        ignore=shutil.ignore_patterns("*.so", "_hot.sha256", "__pycache__"),
+    )
+    proc = subprocess.run(
+        [sys.executable, "setup.py", "-q", "build_ext", "--inplace"],
+        cwd=tmp_path,
+        env={**os.environ, "CC": "false"},  # (a C compiler that always fails)
+        capture_output=True,
+        text=True,
+        timeout=280,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "compiling the hot path failed" in proc.stderr
+    assert not (tmp_path / "miren_ingress" / "proxy" / "_hot.sha256").exists()
+    described, where = _hot_path_of(tmp_path)
+    assert described.startswith("Python sources: ")
+    assert where == str(tmp_path / "miren_ingress" / "proxy" / "inbound.py")

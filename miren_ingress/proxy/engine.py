@@ -92,7 +92,7 @@ import math
 import time
 from collections.abc import Callable, Coroutine, Mapping
 from time import monotonic
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from . import guard
 from .config import ProxyConfig
@@ -112,8 +112,8 @@ def default_health() -> tuple[int, Mapping[str, Any]]:
     return 200, {"status": "ok"}
 
 
-BUSY_GAP = 20e-6  # seconds: hit-path writes closer than this are deferred (see "Writes")
-HOP_WINDOW = 30  # seconds: a signed internal hop is accepted this far from its time stamp
+BUSY_GAP: Final = 20e-6  # seconds: hit-path writes closer than this are deferred (see "Writes")
+HOP_WINDOW: Final = 30  # seconds: a signed internal hop is accepted this far from its time stamp
 
 
 def _hop_text(stamp: bytes, line: bytes, host: bytes, node: bytes) -> bytes:

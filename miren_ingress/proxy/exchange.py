@@ -25,7 +25,7 @@ import re
 import time
 import urllib.parse
 from time import monotonic
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from . import guard
 from .errorpage import render_json, render_loading, render_page, render_plain, render_response
@@ -42,24 +42,30 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-WAITING, ROUTING, SENDING, RESPONDING, TUNNEL, DONE = Ex
-_REDIRECT_HOST = re.compile(rb"[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]")
-RESERVED_PREFIX = b"/.well-known/miren/"
-HEALTH_PATH = b"/.well-known/miren/health"
-ACME_PREFIX = b"/.well-known/acme-challenge/"  # RFC 8555 §8.3: HTTP-01 answers
+# (Final: compiled, each is a C constant, not a lookup in the module's dict per use.)
+WAITING: Final = Ex.WAITING
+ROUTING: Final = Ex.ROUTING
+SENDING: Final = Ex.SENDING
+RESPONDING: Final = Ex.RESPONDING
+TUNNEL: Final = Ex.TUNNEL
+DONE: Final = Ex.DONE
+_REDIRECT_HOST: Final = re.compile(rb"[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]")
+RESERVED_PREFIX: Final = b"/.well-known/miren/"
+HEALTH_PATH: Final = b"/.well-known/miren/health"
+ACME_PREFIX: Final = b"/.well-known/acme-challenge/"  # RFC 8555 §8.3: HTTP-01 answers
 # Request properties passed to Exchange() as one int.
-F_KEEP_ALIVE = 1
-F_HTTP10 = 2
-F_UPGRADE = 4
-F_BODY = 8
-F_CHUNKED = 16
-F_RESERVED = 32  # the target is under RESERVED_PREFIX: answered by the proxy
-F_HEALTH = 64  # ... and it is the health endpoint
-F_HEAD = 128  # a HEAD request
-F_REJECT = 256  # not a request: the answer to a malformed one (`error`), then a close
-F_ACME = 512  # an ACME HTTP-01 challenge request: answered from engine.acme_answers
-F_LOGIN = 2048  # the login form of a protected host (guard.py)
-F_REDIRECT = 1024  # the plain listener redirects to HTTPS (tls.redirect_http)
+F_KEEP_ALIVE: Final = 1
+F_HTTP10: Final = 2
+F_UPGRADE: Final = 4
+F_BODY: Final = 8
+F_CHUNKED: Final = 16
+F_RESERVED: Final = 32  # the target is under RESERVED_PREFIX: answered by the proxy
+F_HEALTH: Final = 64  # ... and it is the health endpoint
+F_HEAD: Final = 128  # a HEAD request
+F_REJECT: Final = 256  # not a request: the answer to a malformed one (`error`), then a close
+F_ACME: Final = 512  # an ACME HTTP-01 challenge request: answered from engine.acme_answers
+F_LOGIN: Final = 2048  # the login form of a protected host (guard.py)
+F_REDIRECT: Final = 1024  # the plain listener redirects to HTTPS (tls.redirect_http)
 
 
 def reserved_flags(url: bytes) -> int:

@@ -57,6 +57,13 @@ def decide(built: Mapping[str, bool], recorded: str | None, current: str, pure: 
     missing = sorted(name for name, present in built.items() if not present)
     if missing:
         return HotPath(False, f"the compiled build is incomplete (no {', '.join(missing)})", True)
+    if recorded is None:
+        return HotPath(
+            False,
+            "the compiled build has no record of its sources (a failed or interrupted build: "
+            "`pip install -e .` compiles it again)",
+            True,
+        )
     if recorded != current:
         return HotPath(
             False,
@@ -73,6 +80,12 @@ def sources_digest(directory: Path) -> str:
     for path in sorted(directory.glob("*.py")):
         h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()
+
+
+def pure_requested(value: str | None) -> bool:
+    """Whether a MIREN_PURE_PYTHON value asks for the sources (the words config booleans take
+    for true; `0`, `false`, `no`, `off` and unset do not)."""
+    return value is not None and value.strip().lower() in ("1", "true", "yes", "on")
 
 
 def _built(directory: Path, name: str) -> bool:
@@ -105,7 +118,7 @@ def select() -> HotPath:
     except OSError:
         recorded = None
     current = sources_digest(directory) if any(built.values()) else ""
-    choice = decide(built, recorded, current, bool(os.environ.get(PURE_ENV)))
+    choice = decide(built, recorded, current, pure_requested(os.environ.get(PURE_ENV)))
     if not choice.compiled and any(built[name] for name in HOT):
         sys.meta_path.insert(0, _SourceFinder(directory))
     return choice

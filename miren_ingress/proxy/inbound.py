@@ -35,7 +35,7 @@ import asyncio
 import socket
 from collections import deque
 from time import monotonic
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Final, cast
 
 from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade, HttpRequestParser
 
@@ -65,27 +65,39 @@ if TYPE_CHECKING:
     from .engine import Engine
     from .upstream import UpstreamConnection
 
-_INF = float("inf")
-OPEN, STOPPING, LINGERING, CLOSING, CLOSED = Life
-PARSE, UPGRADE_BODY, HOLD, TUNNEL, DISCARD = Input
-WAITING, ROUTING, RESPONDING, EX_TUNNEL = Ex.WAITING, Ex.ROUTING, Ex.RESPONDING, Ex.TUNNEL
+# (Final: compiled, each is a C constant, not a lookup in the module's dict per use.)
+_INF: Final = float("inf")
+OPEN: Final = Life.OPEN
+STOPPING: Final = Life.STOPPING
+LINGERING: Final = Life.LINGERING
+CLOSING: Final = Life.CLOSING
+CLOSED: Final = Life.CLOSED
+PARSE: Final = Input.PARSE
+UPGRADE_BODY: Final = Input.UPGRADE_BODY
+HOLD: Final = Input.HOLD
+TUNNEL: Final = Input.TUNNEL
+DISCARD: Final = Input.DISCARD
+WAITING: Final = Ex.WAITING
+ROUTING: Final = Ex.ROUTING
+RESPONDING: Final = Ex.RESPONDING
+EX_TUNNEL: Final = Ex.TUNNEL
 # Reasons to pause reading from the client (bits of `_blocked`).
-_BLOCK_UPSTREAM = 1  # the upstream's write buffer is above its high-water mark
-_BLOCK_PIPELINE = 2  # a pipelined request waits for the active one
-_BLOCK_BUFFER = 4  # request bytes pile up while no upstream connection is attached
-_BLOCK_CLOSED = 8  # the connection is closing
-_BLOCK_UPGRADE = 16  # an upgrade request waits for its answer (RFC 9931: nothing is forwarded)
-_BLOCK_DONE = 32  # a malformed request was seen: nothing more is read
-_READ_SLACK = 256 * 1024  # uvloop reads at most this much at once
+_BLOCK_UPSTREAM: Final = 1  # the upstream's write buffer is above its high-water mark
+_BLOCK_PIPELINE: Final = 2  # a pipelined request waits for the active one
+_BLOCK_BUFFER: Final = 4  # request bytes pile up while no upstream connection is attached
+_BLOCK_CLOSED: Final = 8  # the connection is closing
+_BLOCK_UPGRADE: Final = 16  # an upgrade request waits for its answer (RFC 9931: nothing forwarded)
+_BLOCK_DONE: Final = 32  # a malformed request was seen: nothing more is read
+_READ_SLACK: Final = 256 * 1024  # uvloop reads at most this much at once
 LINGER_IDLE = 5.0  # seconds: a lingering close ends when the client sends nothing this long...
 LINGER_MAX = 30.0  # ... or this long after it began
 # A read longer than this, outside a request body, is parsed in slices of it, so a head with
 # thousands of tiny header fields is refused after one slice, not after all its callbacks.
-_SLICE = 8 * 1024
+_SLICE: Final = 8 * 1024
 
 
-_ORDINARY = h.REQUEST_NAMES.ordinary  # spellings known to be ordinary (read directly: hot)
-_HOST_NAME = frozenset((b"host",))
+_ORDINARY: Final = h.REQUEST_NAMES.ordinary  # spellings known to be ordinary (read directly: hot)
+_HOST_NAME: Final = frozenset((b"host",))
 
 
 class _Reject(Exception):
@@ -116,6 +128,7 @@ class InboundConnection(asyncio.Protocol):
 
     __slots__ = (
         "_active",
+        "_advancing",
         "_body_deadline",
         "_body_left",
         "_body_timeout",
@@ -184,6 +197,7 @@ class InboundConnection(asyncio.Protocol):
         self.on_url = self._url_parts.append
         self._parser = HttpRequestParser(self)
         self._active: Exchange | None = None
+        self._advancing = False  # _start_queued is running (see there)
         self._parsing: Exchange | None = None  # the exchange whose body is being parsed
         self._queue: deque[Exchange] = deque()
         self.blocked = 0
@@ -783,15 +797,40 @@ class InboundConnection(asyncio.Protocol):
             self._upgrade_refused(now)
             return
         if self._queue:
-            nxt = self._active = self._queue.popleft()
-            if not self._queue:
-                self._unblock(_BLOCK_PIPELINE)
-            if nxt.request_complete or not nxt.buffered or nxt.pending_size >= self._request_buffer:
-                nxt.start()
-                if self._active is nxt and nxt.conn is not None and nxt.pending:
-                    nxt.flush()
+            if not self._advancing:  # (else the loop that started `ex` starts the next one)
+                self._start_queued()
             return
         self._idle_deadline = now + self._keepalive
+
+    def _start_queued(self) -> None:
+        """Start the pipelined requests in order, in a loop: one the proxy answers itself (a
+        404, a health check, a redirect) finishes inside its `start`, and its exchange_done
+        leaves the next one to this loop. (A recursion would nest one level per request: a
+        read of thousands of them overflowed Python's recursion limit, and the compiled hot
+        path's C stack.)"""
+        self._advancing = True
+        try:
+            while self._queue and self._active is None and self.life is OPEN:
+                nxt = self._active = self._queue.popleft()
+                if not self._queue:
+                    self._unblock(_BLOCK_PIPELINE)
+                if not (
+                    nxt.request_complete
+                    or not nxt.buffered
+                    or nxt.pending_size >= self._request_buffer
+                ):
+                    return  # (its body is buffered: data_received starts it)
+                nxt.start()
+                if self._is_active(nxt) and nxt.conn is not None and nxt.pending:
+                    nxt.flush()
+        finally:
+            self._advancing = False
+
+    def _is_active(self, ex: Exchange) -> bool:
+        """Whether `ex` is still the active exchange. (A call, not an inline test, after a
+        call that may have finished `ex`: there the type checker still takes `_active` for
+        the exchange just stored, and the compiled code would check that it is one.)"""
+        return self._active is ex
 
     def close(self) -> None:
         """Close after writing what is buffered; stop reading now. A client still sending a

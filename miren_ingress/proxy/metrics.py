@@ -15,6 +15,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections import defaultdict
 from collections.abc import Callable, Iterator
+from typing import Final
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
@@ -25,14 +26,14 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-KNOWN_METHODS = {
+KNOWN_METHODS: Final = {
     m: m.decode()
     for m in (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS", b"TRACE")
 }
 DURATION_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )  # fmt: skip
-FAST_BOUND = DURATION_BUCKETS[0]
+FAST_BOUND: Final = DURATION_BUCKETS[0]
 
 
 class _AppStats:

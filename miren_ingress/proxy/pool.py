@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from time import monotonic
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from .states import Up
 from .upstream import UpstreamConnection
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from .engine import Engine
 
 
-OPEN = Up.OPEN
+OPEN: Final = Up.OPEN  # (Final: compiled, a C constant)
 
 
 class UpstreamPool:

@@ -51,7 +51,7 @@ import logging
 import os
 import socket
 from time import monotonic
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Final, cast
 
 from httptools import (
     HttpParserCallbackError,
@@ -72,15 +72,19 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_INF = float("inf")
-_NO_BODY_STATUS = (204, 304)
-_ORDINARY = h.RESPONSE_NAMES.ordinary  # spellings known to be ordinary (read directly: hot)
-_KNOWN_HEAD_MAX = 2048  # longer response heads are never remembered (UpstreamPool.known)
-_NOVEL = 16  # heads in a row that never repeated, after which only every 16th is remembered
-_KEPT = (h.ORDINARY, h.CONTENT_LENGTH, h.DATE)  # forwarded as they are (see _ordinary_lines)
-_TIMER_SLACK = 0.001  # re-arm at least this far ahead (uvloop's timers have 1 ms resolution)
-OPEN, TUNNEL, CLOSED = Up
-SENDING, RESPONDING = Ex.SENDING, Ex.RESPONDING
+# (Final: compiled, each is a C constant, not a lookup in the module's dict per use.)
+_INF: Final = float("inf")
+_NO_BODY_STATUS: Final = (204, 304)
+_ORDINARY: Final = h.RESPONSE_NAMES.ordinary  # spellings known to be ordinary (read directly)
+_KNOWN_HEAD_MAX: Final = 2048  # longer response heads are never remembered (UpstreamPool.known)
+_NOVEL: Final = 16  # heads in a row that never repeated, after which every 16th is remembered
+_KEPT: Final = (h.ORDINARY, h.CONTENT_LENGTH, h.DATE)  # forwarded as they are (_ordinary_lines)
+_TIMER_SLACK: Final = 0.001  # re-arm at least this far ahead (uvloop's timers: 1 ms resolution)
+OPEN: Final = Up.OPEN
+TUNNEL: Final = Up.TUNNEL
+CLOSED: Final = Up.CLOSED
+SENDING: Final = Ex.SENDING
+RESPONDING: Final = Ex.RESPONDING
 
 
 class _Stop(Exception):

@@ -1,0 +1,83 @@
+"""Pipelined requests the proxy answers itself (health checks, 404s, redirects, login pages)
+finish inside their own start: the connection starts the next one in a loop, never by
+recursion, and stays open.
+
+Found on the compiled hot path: two pipelined health checks closed the connection with a
+TypeError (the compiled code checked a type the checker had narrowed across a call that
+changed it), and a read of thousands of them crashed the process on the C stack (on the
+sources: a RecursionError after about 250)."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import textwrap
+
+from miren_ingress.proxy import StaticRouter
+from miren_ingress.proxy.states import Life
+from miren_ingress.proxy.testing import Bench
+
+from .conftest import RawUpstream, parse_responses
+
+HEALTH = b"GET /.well-known/miren/health HTTP/1.1\r\nHost: a\r\n\r\n"
+UNKNOWN = b"GET / HTTP/1.1\r\nHost: nowhere.test\r\n\r\n"
+
+
+async def test_pipelined_local_answers_keep_the_connection_open() -> None:
+    bench = Bench(StaticRouter({}))
+    client, transport = bench.client()
+    client.data_received(HEALTH + HEALTH + UNKNOWN + UNKNOWN)
+    statuses = [status for status, _, _ in parse_responses(transport.take())]
+    assert statuses == [200, 200, 404, 404]
+    assert client.life is Life.OPEN and not transport.closed
+    client.data_received(HEALTH)  # the same connection serves on
+    assert [status for status, _, _ in parse_responses(transport.take())] == [200]
+    client.connection_lost(None)
+
+
+def test_twenty_thousand_pipelined_local_answers_in_one_read() -> None:
+    # In a child process: the recursion this guards against crashed the process when compiled.
+    script = textwrap.dedent(
+        """
+        import asyncio
+        from miren_ingress.proxy import StaticRouter
+        from miren_ingress.proxy.testing import Bench
+
+        async def main():
+            bench = Bench(StaticRouter({}))
+            client, transport = bench.client(record=False)
+            client.data_received(b"GET / HTTP/1.1\\r\\nHost: nowhere.test\\r\\n\\r\\n" * 20_000)
+            print(transport.writes, client.life.name)
+            client.connection_lost(None)
+
+        asyncio.run(main())
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["20000", "OPEN"]
+
+
+async def test_local_answers_pipelined_behind_a_proxied_request(
+    proxy, ok_upstream: RawUpstream
+) -> None:
+    # The queued health checks start from the upstream's response (its exchange_done), over
+    # real sockets; the connection then serves one more request.
+    p = await proxy({"*": ok_upstream.address})
+    reader, writer = await asyncio.open_connection("127.0.0.1", p.port)
+    try:
+        writer.write(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n" + HEALTH + HEALTH)
+        data = b""
+        async with asyncio.timeout(10):
+            while len(parse_responses(data)) < 3:
+                data += await reader.read(65536)
+        assert [s for s, _, _ in parse_responses(data)] == [200, 200, 200]
+        writer.write(b"GET /2 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        async with asyncio.timeout(10):
+            rest = await reader.read()
+        assert [(s, b) for s, _, b in parse_responses(rest)] == [(200, b"ok")]
+    finally:
+        writer.close()
