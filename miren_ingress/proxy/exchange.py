@@ -486,6 +486,9 @@ class Exchange:
         metrics are recorded, its lease is handed back and the client connection moves on."""
         self.conn = None
         self.state = DONE  # (FINISH: from RESPONDING; from WAITING when nothing is answered)
+        if self.pending is not None:  # (a local answer to a request with a body: never sent)
+            self.pending = None
+            self.pending_size = 0
         if not self.request_complete:
             self.keep_alive = False  # the rest of the request body cannot be skipped safely
         engine = self.engine

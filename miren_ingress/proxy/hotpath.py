@@ -1,7 +1,7 @@
 """Which hot path this process runs: the mypyc-compiled modules, or their Python sources.
 
 `pip install .` compiles the modules in `HOT` (setup.py); they are the same typed sources, as C
-extensions, about 40 % less CPU in the proxy's own code per request. This module is imported
+extensions, about a third less CPU in the proxy's own code per request. This module is imported
 first by the package (see __init__.py) and decides, before any hot module is imported:
 
 - **compiled** when every hot module and the group's shared library are built, and the

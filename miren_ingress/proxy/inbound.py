@@ -154,6 +154,7 @@ class InboundConnection(asyncio.Protocol):
         "_parsing",
         "_queue",
         "_rare",
+        "_refused",
         "_reject_with",
         "_request_buffer",
         "_seg",
@@ -198,6 +199,7 @@ class InboundConnection(asyncio.Protocol):
         self._parser = HttpRequestParser(self)
         self._active: Exchange | None = None
         self._advancing = False  # _start_queued is running (see there)
+        self._refused = False  # an upgrade was refused: its held bytes wait for _start_queued
         self._parsing: Exchange | None = None  # the exchange whose body is being parsed
         self._queue: deque[Exchange] = deque()
         self.blocked = 0
@@ -794,23 +796,29 @@ class InboundConnection(asyncio.Protocol):
         if self.blocked:
             self._unblock(_BLOCK_UPSTREAM | _BLOCK_BUFFER)
         if self._held is not None and ex.upgrade:
-            self._upgrade_refused(now)
+            self._refused = True  # (its held bytes are parsed by the loop, never nested)
+        elif not self._queue:
+            self._idle_deadline = now + self._keepalive
             return
-        if self._queue:
-            if not self._advancing:  # (else the loop that started `ex` starts the next one)
-                self._start_queued()
-            return
-        self._idle_deadline = now + self._keepalive
+        if not self._advancing:  # (else the loop that started `ex` goes on)
+            self._start_queued()
 
     def _start_queued(self) -> None:
         """Start the pipelined requests in order, in a loop: one the proxy answers itself (a
         404, a health check, a redirect) finishes inside its `start`, and its exchange_done
-        leaves the next one to this loop. (A recursion would nest one level per request: a
-        read of thousands of them overflowed Python's recursion limit, and the compiled hot
-        path's C stack.)"""
+        leaves the next one to this loop. The same for the bytes held behind an upgrade
+        request answered without a 101: they are parsed here (each may be one more refused
+        upgrade). (A recursion would nest one level per request: a read of thousands of them
+        overflowed Python's recursion limit, and the compiled hot path's C stack.)"""
         self._advancing = True
         try:
-            while self._queue and self._active is None and self.life is OPEN:
+            while self._active is None and self.life is OPEN:
+                if self._refused:  # parse what followed a refused upgrade (may start requests)
+                    self._refused = False
+                    self._upgrade_refused(monotonic())
+                    continue
+                if not self._queue:
+                    break
                 nxt = self._active = self._queue.popleft()
                 if not self._queue:
                     self._unblock(_BLOCK_PIPELINE)

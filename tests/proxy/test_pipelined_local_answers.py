@@ -14,6 +14,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from miren_ingress.proxy import StaticRouter
 from miren_ingress.proxy.states import Life
 from miren_ingress.proxy.testing import Bench
@@ -36,18 +38,28 @@ async def test_pipelined_local_answers_keep_the_connection_open() -> None:
     client.connection_lost(None)
 
 
-def test_twenty_thousand_pipelined_local_answers_in_one_read() -> None:
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        UNKNOWN,
+        # An upgrade request answered without a 101: what follows it is parsed once it is
+        # answered (RFC 9931), and each of these is one more.
+        b"GET / HTTP/1.1\r\nHost: nowhere.test\r\nConnection: upgrade\r\nUpgrade: a\r\n\r\n",
+    ],
+    ids=["plain", "refused-upgrades"],
+)
+def test_twenty_thousand_pipelined_local_answers_in_one_read(request_bytes: bytes) -> None:
     # In a child process: the recursion this guards against crashed the process when compiled.
     script = textwrap.dedent(
         """
-        import asyncio
+        import asyncio, sys
         from miren_ingress.proxy import StaticRouter
         from miren_ingress.proxy.testing import Bench
 
         async def main():
             bench = Bench(StaticRouter({}))
             client, transport = bench.client(record=False)
-            client.data_received(b"GET / HTTP/1.1\\r\\nHost: nowhere.test\\r\\n\\r\\n" * 20_000)
+            client.data_received(sys.stdin.buffer.read() * 20_000)
             print(transport.writes, client.life.name)
             client.connection_lost(None)
 
@@ -55,10 +67,33 @@ def test_twenty_thousand_pipelined_local_answers_in_one_read() -> None:
         """
     )
     proc = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False
+        [sys.executable, "-c", script],
+        input=request_bytes,
+        capture_output=True,
+        timeout=120,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.split() == ["20000", "OPEN"]
+    assert proc.stdout.split() == [b"20000", b"OPEN"]
+
+
+async def test_a_local_answer_to_a_long_body_leaves_the_connection_reading() -> None:
+    # The health check answers at its start; the rest of its 260 KiB body then arrives in one
+    # read, past buffer_limit: it is dropped with the finished exchange, and reading goes on.
+    bench = Bench(StaticRouter({}))
+    client, transport = bench.client()
+    body = 260 * 1024
+    client.data_received(
+        b"POST /.well-known/miren/health HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % body
+        + b"x" * 10_000
+    )
+    client.data_received(b"x" * (body - 10_000))
+    assert [status for status, _, _ in parse_responses(transport.take())] == [200]
+    assert client.life is Life.OPEN
+    assert client.blocked == 0 and transport.reading
+    client.data_received(HEALTH)
+    assert [status for status, _, _ in parse_responses(transport.take())] == [200]
+    client.connection_lost(None)
 
 
 async def test_local_answers_pipelined_behind_a_proxied_request(
