@@ -318,6 +318,13 @@ class InboundConnection(asyncio.Protocol):
         conn = self._tunnel or (self._active.conn if self._active is not None else None)
         if conn is not None:
             conn.resume_reading()
+        elif self._active is None and self._waiting() and not self._advancing:
+            self._start_queued()  # (they waited for the client to read: see _start_queued)
+
+    def _waiting(self) -> bool:
+        """Pipelined work waits to start: queued requests, or the bytes held behind a refused
+        upgrade."""
+        return bool(self._queue) or self._refused
 
     def data_received(self, data: bytes) -> None:
         if self.input:  # (not PARSE)
@@ -809,10 +816,13 @@ class InboundConnection(asyncio.Protocol):
         leaves the next one to this loop. The same for the bytes held behind an upgrade
         request answered without a 101: they are parsed here (each may be one more refused
         upgrade). (A recursion would nest one level per request: a read of thousands of them
-        overflowed Python's recursion limit, and the compiled hot path's C stack.)"""
+        overflowed Python's recursion limit, and the compiled hot path's C stack.) Nothing
+        starts while the client's write buffer is above its high-water mark (a client that
+        pipelines thousands of requests and reads no answer would otherwise have them all
+        rendered into its buffer at once): resume_writing goes on."""
         self._advancing = True
         try:
-            while self._active is None and self.life is OPEN:
+            while self._active is None and self.life is OPEN and not self.write_paused:
                 if self._refused:  # parse what followed a refused upgrade (may start requests)
                     self._refused = False
                     self._upgrade_refused(monotonic())
@@ -983,7 +993,7 @@ class InboundConnection(asyncio.Protocol):
                 self._arm(min(self._body_deadline, self._linger_until))
             return
         tick = now + self._tick
-        if self._active is None and self._tunnel is None:
+        if self._active is None and self._tunnel is None and not self._waiting():
             deadline = self._head_deadline if self._url_parts else self._idle_deadline
             if now >= deadline:
                 self.abort()  # slow or idle client: nothing to answer

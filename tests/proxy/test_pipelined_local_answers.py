@@ -116,3 +116,22 @@ async def test_local_answers_pipelined_behind_a_proxied_request(
         assert [(s, b) for s, _, b in parse_responses(rest)] == [(200, b"ok")]
     finally:
         writer.close()
+
+
+async def test_queued_requests_wait_while_the_client_does_not_read() -> None:
+    # A client that pipelines requests and reads no answer: once its write buffer is past the
+    # high-water mark (pause_writing), nothing more is rendered into it; the rest start when
+    # it drains (resume_writing). Meanwhile the connection is not idle.
+    bench = Bench(StaticRouter({}))
+    client, transport = bench.client()
+    client.pause_writing()
+    client.data_received(UNKNOWN * 3 + HEALTH)
+    assert [status for status, _, _ in parse_responses(transport.take())] == [404]
+    assert not transport.reading  # (the queued requests hold reading)
+    client._idle_deadline = 0.0  # (long past: a connection with nothing to do would close)
+    client._on_timer()
+    assert client.life is Life.OPEN and not transport.aborted
+    client.resume_writing()
+    assert [status for status, _, _ in parse_responses(transport.take())] == [404, 404, 200]
+    assert client.life is Life.OPEN and transport.reading
+    client.connection_lost(None)
